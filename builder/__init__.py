@@ -1,0 +1,1 @@
+"""makeDiskImage's builder: turns one JSON spec into a NixOS disk image."""

@@ -1,0 +1,105 @@
+"""Command line: prepare, finalize, convert, build, inspect, pin. User errors exit 2 without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import BuildError, UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    p = argparse.ArgumentParser(prog="python -m builder", description="Build NixOS disk images from a JSON spec.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="unprivileged: stage, size, partition and populate a raw image")
+    s.add_argument("spec", type=Path)
+    s.add_argument("--image", type=Path, required=True, help="raw image file to write")
+    s.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
+
+    s = sub.add_parser("finalize", help="as root in the VM: bootloader, owners by name, tune2fs")
+    s.add_argument("spec", type=Path)
+    s.add_argument("--device", default="/dev/vda", help="the image's block device (default /dev/vda)")
+    s.add_argument("--print", action="store_true", help="print the in-VM script instead of running it")
+
+    s = sub.add_parser("convert", help="write <baseName>.<ext> in the requested format and the Hydra product line")
+    s.add_argument("spec", type=Path)
+    s.add_argument("--image", type=Path, required=True, help="the raw image (moved when format is raw)")
+    s.add_argument("--out", type=Path, required=True)
+
+    s = sub.add_parser("build", help="the whole pipeline: prepare, finalize (in a VM when needed), convert")
+    s.add_argument("spec", type=Path)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
+
+    s = sub.add_parser("inspect", help="print what independent tools read from an image, as JSON")
+    s.add_argument("image", type=Path)
+
+    s = sub.add_parser("validate", help="validate a spec and print it normalized")
+    s.add_argument("spec", type=Path)
+
+    s = sub.add_parser("pin", help="refresh nix/pin.json (the nixpkgs pin for non-flake users)")
+    s.add_argument("--file", type=Path, default=Path("nix/pin.json"))
+    s.add_argument("--owner", default="NixOS")
+    s.add_argument("--repo", default="nixpkgs")
+    s.add_argument("--rev", default="nixos-25.11", help="branch, tag or commit to pin")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch one parsed command."""
+    from .spec import load_spec
+
+    if args.command == "validate":
+        spec = load_spec(args.spec)
+        print(json.dumps(spec.raw, indent=2, sort_keys=True))
+        return 0
+    if args.command == "prepare":
+        from .pipeline import prepare_image
+
+        prepare_image(load_spec(args.spec), args.image, args.work)
+        return 0
+    if args.command == "finalize":
+        from .finalize import finalize
+
+        return finalize(load_spec(args.spec), args.device, print_only=args.print)
+    if args.command == "convert":
+        from .convert import convert
+
+        print(convert(load_spec(args.spec), args.image, args.out))
+        return 0
+    if args.command == "build":
+        from .pipeline import build
+
+        print(build(load_spec(args.spec), args.out, args.work))
+        return 0
+    if args.command == "inspect":
+        from .inspection import inspect_image
+
+        print(json.dumps(inspect_image(args.image), indent=2, sort_keys=True))
+        return 0
+    if args.command == "pin":
+        from .pin import refresh_pin
+
+        refresh_pin(args.file, args.owner, args.repo, args.rev)
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors print a message and exit 2, build failures exit 1."""
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except BuildError as exc:
+        print(f"build failed: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,26 @@
+"""Step logging: each pipeline step prints its name and elapsed time to stderr."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+def info(message: str) -> None:
+    """Print one progress line to stderr (build logs)."""
+    print(f"[makeDiskImage] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def step(name: str) -> Iterator[None]:
+    """Log the start and the elapsed time of a named step."""
+    info(f"{name} ...")
+    started = time.monotonic()
+    try:
+        yield
+    except BaseException:
+        info(f"{name} failed after {time.monotonic() - started:.2f}s")
+        raise
+    info(f"{name} done in {time.monotonic() - started:.2f}s")

@@ -1,0 +1,285 @@
+"""Load the spec JSON, validate all of it (schema, then cross-field rules), and expose it typed."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from .errors import SpecError
+from .sizes import MiB, parse_iec
+
+SCHEMA_PATH = Path(__file__).with_name("spec.schema.json")
+
+TABLE_TYPES = ("legacy", "legacy+boot", "legacy+gpt", "efi", "efixbootldr", "hybrid", "none")
+EFI_VAR_TABLES = ("hybrid", "efi", "efixbootldr", "legacy+gpt")
+# Tables whose first partition ends at bootSize, with the offset it must lie beyond.
+BOOT_END_MINIMUM = {"legacy+boot": 1 * MiB, "efi": 8 * MiB, "hybrid": 8 * MiB, "efixbootldr": 100 * MiB}
+# Writable qemu-img formats; qcow2-compressed is qcow2 written with -c.
+FORMATS = ("raw", "qcow2", "qcow2-compressed", "vdi", "vpc", "vmdk", "vhdx", "qed", "qcow", "parallels")
+
+
+@dataclass(frozen=True)
+class Content:
+    """One `contents` entry: a source placed at target in the image."""
+
+    source: str
+    target: str
+    mode: int | None
+    user: str | None
+    group: str | None
+
+    @property
+    def is_glob(self) -> bool:
+        """Whether source holds a `*`, which copies every match into the target directory."""
+        return "*" in self.source
+
+    @property
+    def numeric_owner(self) -> tuple[int, int] | None:
+        """(uid, gid) when both are numbers, applied in prepare; names wait for the VM."""
+        if self.user is not None and self.group is not None and self.user.isdigit() and self.group.isdigit():
+            return int(self.user), int(self.group)
+        return None
+
+    @property
+    def named_owner(self) -> bool:
+        """Whether the owner must be resolved by name inside the image (finalize)."""
+        return self.user is not None and self.numeric_owner is None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The validated build spec; field names follow make-disk-image.nix in snake_case."""
+
+    raw: dict[str, Any]
+    name: str
+    base_name: str
+    format: str
+    partition_table_type: str
+    fs_type: str
+    label: str
+    disk_size: int | None  # bytes; None means "auto"
+    additional_space: int  # bytes
+    boot_size: int  # bytes, the END offset of the boot partition, rounded up to MiB
+    contents: tuple[Content, ...]
+    install_boot_loader: bool
+    touch_efi_vars: bool
+    efi_firmware: str | None
+    efi_variables: str | None
+    config_file: str | None
+    post_vm: str
+    mem_size: int
+    only_nix_store: bool
+    deterministic: bool
+    root_gpuid: str
+    root_fsuid: str | None
+    copy_channel: bool
+    toplevel: str
+    closure_info: str
+    channel: str | None
+    additional_paths: tuple[str, ...]
+    store_dir: str
+    grub_devices: tuple[str, ...]
+    source_date_epoch: int
+    enter_command: str
+
+    @property
+    def needs_vm(self) -> bool:
+        """Whether finalize must run as root in a VM: bootloader install, owners by name, EFI vars."""
+        if self.only_nix_store:
+            return False
+        return (
+            self.install_boot_loader
+            or self.touch_efi_vars
+            or any(c.named_owner for c in self.contents)
+        )
+
+    @property
+    def image_file_name(self) -> str:
+        """`<baseName>.<ext>` as nixpkgs names the output file."""
+        ext = {"raw": "img", "qcow2": "qcow2", "qcow2-compressed": "qcow2", "vdi": "vdi", "vpc": "vhd"}
+        return f"{self.base_name}.{ext.get(self.format, self.format)}"
+
+    @property
+    def hydra_format(self) -> str:
+        """The format word of the hydra-build-products line (qcow2 for qcow2-compressed)."""
+        return "qcow2" if self.format == "qcow2-compressed" else self.format
+
+
+def _path_str(path: Any) -> str:
+    """Render a jsonschema error path as $.a.b[0]."""
+    out = "$"
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _schema_problems(doc: Any) -> list[str]:
+    """Every schema violation, each as 'JSON path: value: what is allowed'."""
+    schema = json.loads(SCHEMA_PATH.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = []
+    for err in sorted(validator.iter_errors(doc), key=lambda e: (list(map(str, e.absolute_path)), e.message)):
+        where = _path_str(err.absolute_path)
+        if err.validator in ("oneOf", "anyOf") and err.context:
+            allowed = "; ".join(sorted({c.message for c in err.context}))
+            problems.append(f"{where}: {json.dumps(err.instance)[:200]} is not allowed ({allowed})")
+        elif err.validator == "additionalProperties":
+            problems.append(f"{where}: {err.message}")
+        elif err.validator == "required":
+            problems.append(f"{where}: {err.message}")
+        else:
+            problems.append(f"{where}: {json.dumps(err.instance)[:200]} is not allowed ({err.message[:300]})")
+    return problems
+
+
+def _target_problem(target: str) -> str | None:
+    """Why a contents target cannot be used, or None: it must stay inside the image root."""
+    parts = target.split("/")
+    if ".." in parts:
+        return "contains '..', which would leave the image root"
+    if posixpath.normpath(target) == "/":
+        return "is the image root itself"
+    if "\0" in target:
+        return "contains a NUL byte"
+    if any(len(p.encode()) > 255 for p in parts):
+        return "has a path component longer than 255 bytes"
+    return None
+
+
+def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
+    """The rules of make-disk-image.nix's asserts and what the builder needs beyond the schema."""
+    problems: list[str] = []
+    table = doc["partitionTableType"]
+    only_store = doc["onlyNixStore"]
+
+    if doc["fsType"] == "ext4" and doc["deterministic"] and doc["rootFSUID"] is None:
+        problems.append("$.rootFSUID: null is not allowed with deterministic = true and fsType = \"ext4\" (give a UUID)")
+    if doc["touchEFIVars"] and table not in EFI_VAR_TABLES:
+        problems.append(
+            f"$.touchEFIVars: true is not allowed with partitionTableType = {table!r} "
+            f"(allowed with: {', '.join(EFI_VAR_TABLES)})"
+        )
+    if doc["touchEFIVars"] and (doc["efiVariables"] is None or doc["efiFirmware"] is None):
+        problems.append("$.efiVariables: touchEFIVars = true needs efiFirmware and efiVariables (OVMF files)")
+    if only_store:
+        if doc["contents"]:
+            problems.append("$.contents: must be [] with onlyNixStore = true (the image holds only the store)")
+        if doc["configFile"] is not None:
+            problems.append("$.configFile: must be null with onlyNixStore = true")
+        if doc["installBootLoader"]:
+            problems.append("$.installBootLoader: must be false with onlyNixStore = true (pass installBootLoader = false)")
+    if doc["copyChannel"] and doc["system"]["channel"] is None and not only_store:
+        problems.append("$.system.channel: null is not allowed with copyChannel = true (the channel store path)")
+    if not doc["copyChannel"] and doc["system"]["channel"] is not None:
+        problems.append("$.system.channel: must be null with copyChannel = false")
+    if doc["format"] not in FORMATS:
+        problems.append(f"$.format: {doc['format']!r} is not allowed (allowed: {', '.join(FORMATS)})")
+
+    for key in ("additionalSpace", "bootSize"):
+        try:
+            parse_iec(doc[key])
+        except ValueError as exc:
+            problems.append(f"$.{key}: {exc}")
+    if table in BOOT_END_MINIMUM:
+        try:
+            boot_end = parse_iec(doc["bootSize"])
+        except ValueError:
+            boot_end = None
+        minimum = BOOT_END_MINIMUM[table]
+        if boot_end is not None and boot_end <= minimum:
+            problems.append(
+                f"$.bootSize: {doc['bootSize']!r} is not allowed with partitionTableType = {table!r}: it is the END "
+                f"offset of the boot partition, which starts at {minimum // MiB} MiB (give more than that, e.g. \"256M\")"
+            )
+        disk = doc["diskSize"]
+        if boot_end is not None and isinstance(disk, int) and disk * MiB <= boot_end + MiB:
+            problems.append(
+                f"$.bootSize: {doc['bootSize']!r} does not fit in diskSize = {disk} MiB "
+                "(the root partition starts after it)"
+            )
+
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(doc["contents"]):
+        if (entry["user"] is None) != (entry["group"] is None):
+            problems.append(f"$.contents[{i}]: user and group must both be set or both be null "
+                            f"(user = {json.dumps(entry['user'])}, group = {json.dumps(entry['group'])})")
+        why = _target_problem(entry["target"])
+        if why:
+            problems.append(f"$.contents[{i}].target: {json.dumps(entry['target'])} is not allowed: {why}")
+        norm = posixpath.normpath(entry["target"])
+        if norm in seen:
+            problems.append(f"$.contents[{i}].target: {json.dumps(entry['target'])} is a duplicate of "
+                            f"$.contents[{seen[norm]}].target")
+        else:
+            seen[norm] = i
+    return problems
+
+
+def load_spec_document(doc: Any) -> Spec:
+    """Validate a parsed spec document completely and return it typed; raise SpecError with every problem."""
+    problems = _schema_problems(doc)
+    if not problems:
+        problems = _cross_field_problems(doc)
+    if problems:
+        raise SpecError(problems)
+    boot_size = -(-parse_iec(doc["bootSize"]) // MiB) * MiB
+    return Spec(
+        raw=doc,
+        name=doc["name"],
+        base_name=doc["baseName"],
+        format=doc["format"],
+        partition_table_type=doc["partitionTableType"],
+        fs_type=doc["fsType"],
+        label=doc["label"],
+        disk_size=None if doc["diskSize"] == "auto" else doc["diskSize"] * MiB,
+        additional_space=parse_iec(doc["additionalSpace"]),
+        boot_size=boot_size,
+        contents=tuple(
+            Content(
+                source=c["source"],
+                target=posixpath.normpath(c["target"]),
+                mode=None if c["mode"] is None else int(c["mode"], 8),
+                user=c["user"],
+                group=c["group"],
+            )
+            for c in doc["contents"]
+        ),
+        install_boot_loader=doc["installBootLoader"],
+        touch_efi_vars=doc["touchEFIVars"],
+        efi_firmware=doc["efiFirmware"],
+        efi_variables=doc["efiVariables"],
+        config_file=doc["configFile"],
+        post_vm=doc["postVM"],
+        mem_size=doc["memSize"],
+        only_nix_store=doc["onlyNixStore"],
+        deterministic=doc["deterministic"],
+        root_gpuid=doc["rootGPUID"].upper(),
+        root_fsuid=None if doc["rootFSUID"] is None else doc["rootFSUID"].lower(),
+        copy_channel=doc["copyChannel"],
+        toplevel=doc["system"]["toplevel"],
+        closure_info=doc["system"]["closureInfo"],
+        channel=doc["system"]["channel"],
+        additional_paths=tuple(doc["system"]["additionalPaths"]),
+        store_dir=doc["system"]["storeDir"],
+        grub_devices=tuple(doc["bootLoader"]["grubDevices"]),
+        source_date_epoch=doc["sourceDateEpoch"],
+        enter_command=doc["enterCommand"],
+    )
+
+
+def load_spec(path: Path) -> Spec:
+    """Read and validate a spec file; unreadable or non-JSON files are user errors too."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([f"$: cannot read spec file {str(path)!r}: {exc}"]) from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError([f"$: {str(path)!r} is not JSON: {exc}"]) from None
+    return load_spec_document(doc)
