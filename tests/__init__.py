@@ -1,0 +1,1 @@
+"""Tests for the makeDiskImage builder (pytest, real tools)."""
