@@ -1,0 +1,1 @@
+"""Benchmark of the builder against systemd-repart, the seed's method and the mkfs.ext4 -d floor."""

@@ -1,0 +1,103 @@
+"""The benchmark's closure generator makes the tree it claims, deterministically, with a valid registration."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from bench.closure import Closure, generate
+
+SIZE = 3 << 20
+
+
+def tree_digest(store: Path) -> str:
+    """Hash every object's path, type, mode, mtime, size, contents or target, and the hard-link grouping."""
+    h = hashlib.sha256()
+    inode_names: dict[int, str] = {}
+    for dirpath, dirnames, filenames in sorted(os.walk(store)):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            p = os.path.join(dirpath, name)
+            rel = os.path.relpath(p, store)
+            st = os.lstat(p)
+            h.update(f"{rel}\0{stat.filemode(st.st_mode)}\0{st.st_mtime_ns}\0".encode())
+            if stat.S_ISLNK(st.st_mode):
+                h.update(os.readlink(p).encode())
+            elif stat.S_ISREG(st.st_mode):
+                first = inode_names.setdefault(st.st_ino, rel)
+                h.update(f"{st.st_size}\0link-of:{first}\0".encode())
+                h.update(hashlib.sha256(Path(p).read_bytes()).digest())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def closures(tmp_path_factory: pytest.TempPathFactory) -> tuple[Closure, Closure]:
+    base = tmp_path_factory.mktemp("bench")
+    return generate(base / "a", SIZE, 7), generate(base / "b", SIZE, 7)
+
+
+def test_generation_is_deterministic(closures: tuple[Closure, Closure]) -> None:
+    a, b = closures
+    assert tree_digest(a.store_dir) == tree_digest(b.store_dir)
+    assert (a.closure_info_nix / "registration").read_text() == (b.closure_info_nix / "registration").read_text()
+
+
+def test_other_seed_differs(tmp_path: Path, closures: tuple[Closure, Closure]) -> None:
+    other = generate(tmp_path / "c", SIZE, 8)
+    assert tree_digest(other.store_dir) != tree_digest(closures[0].store_dir)
+
+
+def test_tree_holds_what_the_manifest_claims(closures: tuple[Closure, Closure]) -> None:
+    c = closures[0]
+    kinds: Counter[str] = Counter()
+    modes: Counter[int] = Counter()
+    links_per_inode: dict[int, set[str]] = {}
+    data = 0
+    for dirpath, dirnames, filenames in os.walk(c.store_dir):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            assert st.st_mtime == 1, p
+            if stat.S_ISLNK(st.st_mode):
+                kinds["symlinks"] += 1
+                continue
+            modes[stat.S_IMODE(st.st_mode)] += 1
+            if stat.S_ISDIR(st.st_mode):
+                kinds["dirs"] += 1
+            else:
+                kinds["files"] += 1
+                store_path = os.path.relpath(p, c.store_dir).split("/")[0]
+                if st.st_ino not in links_per_inode:
+                    data += st.st_size
+                links_per_inode.setdefault(st.st_ino, set()).add(store_path)
+    counts = c.manifest["counts"]
+    assert kinds["files"] == counts["files"] > 100
+    assert kinds["dirs"] == counts["dirs"] > 10
+    assert kinds["symlinks"] == counts["symlinks"] > 5
+    assert data == counts["file_bytes"] >= SIZE
+    assert set(modes) == {0o444, 0o555}
+    # hard links as auto-optimise-store makes them: one inode in several store paths
+    assert any(len(paths) > 1 for paths in links_per_inode.values())
+    assert sum(len(paths) > 1 for paths in links_per_inode.values()) <= counts["hardlinked_inodes"]
+
+
+def test_closure_info_lists_the_store_and_nix_verifies_it(closures: tuple[Closure, Closure]) -> None:
+    c = closures[0]
+    on_disk = sorted(str(c.store_dir / n) for n in os.listdir(c.store_dir))
+    assert (c.closure_info / "store-paths").read_text().split() == on_disk
+    assert c.toplevel.name.endswith("-nixos-system-bench-25.11") and str(c.toplevel) in on_disk
+    subprocess.run(["nix-store", "--store", str(c.root), "--load-db"], check=True,
+                   stdin=(c.closure_info_nix / "registration").open())
+    verify = subprocess.run(["nix-store", "--store", str(c.root), "--verify", "--check-contents"],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
+    assert "modified" not in verify.stderr
+    check = subprocess.run(["nix-store", "--store", str(c.root), "-qR", f"/nix/store/{c.toplevel.name}"],
+                           check=True, capture_output=True, text=True)
+    assert len(check.stdout.split()) == len(on_disk)
