@@ -1,0 +1,129 @@
+{
+  description = "makeDiskImage: NixOS disk images from a validated spec; a drop-in for nixpkgs' make-disk-image.nix";
+
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
+
+  outputs =
+    { self, nixpkgs }:
+    let
+      inherit (nixpkgs) lib;
+      systems = [
+        "x86_64-linux"
+        "aarch64-linux"
+      ];
+      forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+
+      makeDiskImage = import ./nix/make-disk-image.nix;
+
+      exampleSystem =
+        pkgs: modules:
+        lib.nixosSystem {
+          system = pkgs.stdenv.hostPlatform.system;
+          modules = [ ./nix/example/configuration.nix ] ++ modules;
+        };
+
+      # The example system as an image; `args` overrides nix/example/image.nix, `modules` extend the system.
+      exampleImage =
+        pkgs:
+        {
+          args ? { },
+          modules ? [ ],
+        }:
+        makeDiskImage (
+          {
+            inherit pkgs;
+            inherit (pkgs) lib;
+            inherit (exampleSystem pkgs modules) config;
+          }
+          // import ./nix/example/image.nix
+          // args
+        );
+
+      # EFI layouts boot with systemd-boot from the ESP; hybrid keeps GRUB for BIOS and adds EFI.
+      espModule = {
+        fileSystems."/boot" = {
+          device = "/dev/disk/by-label/ESP";
+          fsType = "vfat";
+        };
+      };
+      systemdBoot = {
+        imports = [ espModule ];
+        boot.loader.grub.enable = false;
+        boot.loader.systemd-boot.enable = true;
+      };
+      grubHybrid = {
+        imports = [ espModule ];
+        boot.loader.grub.efiSupport = true;
+        boot.loader.grub.efiInstallAsRemovable = true;
+      };
+
+      # Hydra jobs: the example in several layouts and formats.
+      variants = {
+        legacy-qcow2 = { };
+        legacy-raw.args.format = "raw";
+        legacy-gpt-vdi.args = {
+          partitionTableType = "legacy+gpt";
+          format = "vdi";
+        };
+        efi-qcow2-compressed = {
+          args = {
+            partitionTableType = "efi";
+            format = "qcow2-compressed";
+          };
+          modules = [ systemdBoot ];
+        };
+        hybrid-vpc = {
+          args = {
+            partitionTableType = "hybrid";
+            format = "vpc";
+          };
+          modules = [ grubHybrid ];
+        };
+        store-only-raw.args = {
+          onlyNixStore = true;
+          installBootLoader = false;
+          partitionTableType = "none";
+          format = "raw";
+        };
+      };
+    in
+    {
+      lib = {
+        inherit makeDiskImage;
+      };
+
+      overlays.default = import ./nix/overlay.nix;
+
+      nixosModules.default = import ./nix/module.nix;
+
+      packages = forAllSystems (pkgs: rec {
+        builder = import ./nix/package.nix { inherit pkgs; };
+        image = exampleImage pkgs { };
+        default = image;
+      });
+
+      checks = forAllSystems (
+        pkgs:
+        {
+          # Evaluates the example image and writes its spec: argument handling and wiring, no image build.
+          eval = pkgs.writeText "make-disk-image-example-spec.json" (
+            builtins.unsafeDiscardStringContext (builtins.toJSON (exampleImage pkgs { }).spec)
+          );
+        }
+        # Boots the image; needs the NixOS test framework and KVM (`nix flake check` on such a machine).
+        // lib.optionalAttrs (pkgs ? testers && pkgs.testers ? runNixOSTest) {
+          boot = import ./nix/vm-test.nix {
+            inherit pkgs;
+            inherit (lib) nixosSystem;
+            module = self.nixosModules.default;
+          };
+        }
+      );
+
+      hydraJobs = lib.mapAttrs (
+        _: variant: lib.genAttrs [ "x86_64-linux" ] (system: exampleImage nixpkgs.legacyPackages.${system} variant)
+      ) variants;
+
+      formatter = forAllSystems (pkgs: pkgs.nixfmt-tree);
+    };
+}

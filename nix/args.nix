@@ -1,0 +1,713 @@
+# Argument handling for makeDiskImage, in builtins only so it evaluates without nixpkgs:
+# defaults as in nixpkgs' make-disk-image.nix, every check of the seed and of nixpkgs as an
+# evaluation error that names the argument, the value and what is allowed, and the spec
+# (builder/spec.schema.json) built from the checked arguments.
+let
+  inherit (builtins)
+    all
+    any
+    attrNames
+    concatStringsSep
+    elem
+    elemAt
+    filter
+    foldl'
+    genList
+    head
+    isAttrs
+    isBool
+    isFloat
+    isFunction
+    isInt
+    isList
+    isPath
+    isString
+    length
+    listToAttrs
+    match
+    removeAttrs
+    replaceStrings
+    sort
+    stringLength
+    substring
+    toJSON
+    ;
+
+  # --- small helpers --------------------------------------------------------
+
+  # Render any value for an error message without forcing derivations or failing on functions.
+  show =
+    v:
+    if isString v then
+      toJSON v
+    else if isInt v || isFloat v || isBool v || v == null then
+      toJSON v
+    else if isPath v then
+      toString v
+    else if isFunction v then
+      "<function>"
+    else if isList v then
+      "[ " + concatStringsSep " " (map show v) + " ]"
+    else if isAttrs v && (v.type or null) == "derivation" then
+      "<derivation ${v.name or "?"}>"
+    else if isAttrs v then
+      "{ " + concatStringsSep " " (map (n: n + " = ...;") (attrNames v)) + " }"
+    else
+      "<value>";
+
+  lower = replaceStrings (genList (i: substring i 1 "ABCDEFGHIJKLMNOPQRSTUVWXYZ") 26) (
+    genList (i: substring i 1 "abcdefghijklmnopqrstuvwxyz") 26
+  );
+
+  min2 = a: b: if a < b then a else b;
+
+  # Levenshtein distance between two strings (case-insensitive), one DP row at a time.
+  editDistance =
+    a': b':
+    let
+      a = lower a';
+      b = lower b';
+      lb = stringLength b;
+      charsB = genList (j: substring j 1 b) lb;
+      step =
+        prev: i:
+        let
+          ch = substring (i - 1) 1 a;
+          cell =
+            acc: j:
+            acc
+            ++ [
+              (min2 (min2 (elemAt prev j + 1) (elemAt acc (j - 1) + 1)) (
+                elemAt prev (j - 1) + (if ch == elemAt charsB (j - 1) then 0 else 1)
+              ))
+            ];
+        in
+        foldl' cell [ i ] (genList (j: j + 1) lb);
+      last = foldl' step (genList (j: j) (lb + 1)) (genList (i: i + 1) (stringLength a));
+    in
+    elemAt last lb;
+
+  # The known name closest to `name`, or null when none is reasonably close.
+  closest =
+    name: candidates:
+    let
+      scored = map (c: {
+        inherit c;
+        d = editDistance name c;
+      }) candidates;
+      best = foldl' (x: y: if y.d < x.d then y else x) (head scored) scored;
+      limit = if stringLength name < 6 then 2 else stringLength name / 3 + 1;
+    in
+    if candidates == [ ] || best.d > limit then null else best.c;
+
+  didYouMean =
+    name: candidates:
+    let
+      c = closest name candidates;
+    in
+    if c == null then "" else " (did you mean ${show c}?)";
+
+  oneOfText = values: concatStringsSep ", " (map show values);
+
+  # A store path or file argument as a string; paths are copied to the store and keep their context.
+  pathString =
+    v:
+    if isPath v then
+      "${v}"
+    else if isAttrs v && v ? outPath then
+      "${v}"
+    else
+      v;
+
+  isPathLike = v: isPath v || (isAttrs v && v ? outPath) || (isString v && match "/.*" v != null);
+
+  matches = re: s: isString s && match re s != null;
+
+  iecRegex = "([0-9]+)(\\.([0-9]+))?(([KMGTPE])(i?B)?)?";
+  guidRegex = "[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}";
+  fileNameRegex = "[A-Za-z0-9+._?=-]+";
+  ownerRegex = "[0-9]+|[A-Za-z_][A-Za-z0-9_.-]*\\$?";
+  modeRegex = "[0-7]{3,4}";
+
+  pow = base: n: foldl' (acc: _: acc * base) 1 (genList (x: x) n);
+
+  # Bytes meant by an IEC size string, as the builder's sizes.parse_iec reads it (fraction rounded up).
+  parseIEC =
+    s:
+    let
+      m = match iecRegex s;
+      whole = fromDecimal (elemAt m 0);
+      frac = elemAt m 2;
+      suffix = elemAt m 4;
+      scale = pow 1024 (
+        if suffix == null then
+          0
+        else
+          {
+            K = 1;
+            M = 2;
+            G = 3;
+            T = 4;
+            P = 5;
+            E = 6;
+          }
+          .${suffix}
+      );
+      fracBytes =
+        if frac == null then
+          0
+        else
+          let
+            den = pow 10 (stringLength frac);
+            num = fromDecimal frac * scale;
+          in
+          (num + den - 1) / den;
+    in
+    whole * scale + fracBytes;
+
+  # Decimal digits to an int (leading zeros allowed, unlike fromJSON).
+  fromDecimal =
+    s:
+    foldl' (acc: d: acc * 10 + d) 0 (
+      genList (
+        i:
+        {
+          "0" = 0;
+          "1" = 1;
+          "2" = 2;
+          "3" = 3;
+          "4" = 4;
+          "5" = 5;
+          "6" = 6;
+          "7" = 7;
+          "8" = 8;
+          "9" = 9;
+        }
+        .${substring i 1 s}
+      ) (stringLength s)
+    );
+
+  MiB = 1024 * 1024;
+
+  # --- the interface ----------------------------------------------------------
+
+  tableTypes = [
+    "legacy"
+    "legacy+boot"
+    "legacy+gpt"
+    "efi"
+    "efixbootldr"
+    "hybrid"
+    "none"
+  ];
+  efiVarTables = [
+    "hybrid"
+    "efi"
+    "efixbootldr"
+    "legacy+gpt"
+  ];
+  # Where the boot partition starts: bootSize (its END offset) must lie beyond it.
+  bootStart = {
+    "legacy+boot" = 1;
+    efi = 8;
+    hybrid = 8;
+    efixbootldr = 100;
+  };
+  # Writable qemu-img formats the builder accepts; qcow2-compressed is qcow2 written with -c.
+  formats = [
+    "raw"
+    "qcow2"
+    "qcow2-compressed"
+    "vdi"
+    "vpc"
+    "vmdk"
+    "vhdx"
+    "qed"
+    "qcow"
+    "parallels"
+  ];
+  fsTypes = [ "ext4" ];
+
+  defaults = {
+    diskSize = "auto";
+    additionalSpace = "512M";
+    bootSize = "256M";
+    contents = [ ];
+    partitionTableType = "legacy";
+    installBootLoader = true;
+    touchEFIVars = false;
+    OVMF = null;
+    efiFirmware = null;
+    efiVariables = null;
+    fsType = "ext4";
+    configFile = null;
+    postVM = "";
+    memSize = 1024;
+    onlyNixStore = false;
+    name = "nixos-disk-image";
+    format = "raw";
+    baseName = "nixos";
+    deterministic = true;
+    rootGPUID = "F222513B-DED1-49FA-B591-20CE86A2FE7F";
+    copyChannel = true;
+    additionalPaths = [ ];
+  };
+
+  # label and rootFSUID have defaults that depend on other arguments.
+  knownArgs = [
+    "pkgs"
+    "lib"
+    "config"
+    "label"
+    "rootFSUID"
+  ]
+  ++ attrNames defaults;
+
+  contentKeys = [
+    "source"
+    "target"
+    "mode"
+    "user"
+    "group"
+  ];
+
+  err = msg: "makeDiskImage: " + msg;
+  bad = arg: value: allowed: err "${arg} = ${show value} is not allowed: ${allowed}";
+
+  # Problems with one `contents` entry (index i), each a full message.
+  contentProblems =
+    i: e:
+    let
+      at = "contents[${toString i}]";
+      unknown = filter (k: !elem k contentKeys) (attrNames e);
+      owner =
+        k:
+        let
+          v = e.${k} or null;
+        in
+        if v == null || isInt v || matches ownerRegex v then
+          [ ]
+        else
+          [
+            (bad "${at}.${k}" v "a user/group name (letters, digits, _ . -) or a numeric id")
+          ];
+    in
+    if !isAttrs e then
+      [ (bad at e "each entry is an attribute set { source, target, mode?, user?, group? }") ]
+    else
+      map (
+        k:
+        err "${at} has an unknown attribute ${show k}${didYouMean k contentKeys}; allowed: ${oneOfText contentKeys}"
+      ) unknown
+      ++ (
+        if !(e ? source) then
+          [ (err "${at} has no source (the file or directory to copy; `*` globs into target)") ]
+        else if !isPathLike e.source then
+          [ (bad "${at}.source" e.source "an absolute path, a path literal or a derivation") ]
+        else
+          [ ]
+      )
+      ++ (
+        if !(e ? target) then
+          [ (err "${at} has no target (the absolute path in the image)") ]
+        else if !matches "/.*" e.target then
+          [ (bad "${at}.target" e.target "an absolute path inside the image, such as \"/etc/motd\"") ]
+        else if elem ".." (filter isString (builtins.split "/" e.target)) then
+          [ (bad "${at}.target" e.target "a path without \"..\" (it must stay inside the image root)") ]
+        else if match "/+" e.target != null then
+          [ (bad "${at}.target" e.target "a path below the image root, not the root itself") ]
+        else
+          [ ]
+      )
+      ++ (
+        let
+          m = e.mode or null;
+        in
+        if m == null || matches modeRegex m then
+          [ ]
+        else
+          [ (bad "${at}.mode" m "an octal mode string such as \"0644\" or \"755\"") ]
+      )
+      ++ owner "user"
+      ++ owner "group"
+      ++ (
+        if ((e.user or null) == null) != ((e.group or null) == null) then
+          [
+            (err "${at}: user = ${show (e.user or null)} and group = ${show (e.group or null)} are not allowed: set both user and group, or neither")
+          ]
+        else
+          [ ]
+      );
+
+  # Normalised target used to find duplicates: no trailing or repeated slashes.
+  normTarget =
+    t:
+    "/" + concatStringsSep "/" (filter (p: isString p && p != "" && p != ".") (builtins.split "/" t));
+
+  # Single-argument checks: a list of messages, empty when the argument is fine.
+  typeProblems =
+    a:
+    let
+      check = name: ok: allowed: if ok then [ ] else [ (bad name a.${name} allowed) ];
+      bool = name: check name (isBool a.${name}) "true or false";
+      iec =
+        name:
+        check name (matches iecRegex a.${name})
+          "a size string: digits with an optional K, M, G, T, P or E suffix (powers of 1024), such as \"512M\"";
+    in
+    (
+      if a.diskSize == "auto" || (isInt a.diskSize && a.diskSize >= 1) then
+        [ ]
+      else
+        [
+          (bad "diskSize" a.diskSize (
+            "a positive integer (MiB) or \"auto\""
+            + (if matches "[0-9]+" a.diskSize then " (write ${a.diskSize} without quotes)" else "")
+          ))
+        ]
+    )
+    ++ iec "additionalSpace"
+    ++ iec "bootSize"
+    ++ (
+      if !isList a.contents then
+        [ (bad "contents" a.contents "a list of { source, target, mode?, user?, group? }") ]
+      else
+        builtins.concatLists (genList (i: contentProblems i (elemAt a.contents i)) (length a.contents))
+    )
+    ++ check "partitionTableType" (elem a.partitionTableType tableTypes) (
+      "one of ${oneOfText tableTypes}"
+      + (if isString a.partitionTableType then didYouMean a.partitionTableType tableTypes else "")
+    )
+    ++ bool "installBootLoader"
+    ++ bool "touchEFIVars"
+    ++ bool "onlyNixStore"
+    ++ bool "deterministic"
+    ++ bool "copyChannel"
+    ++ check "OVMF" (
+      a.OVMF == null || isAttrs a.OVMF
+    ) "an OVMF package output with firmware and variables, such as pkgs.OVMF.fd"
+    ++ check "efiFirmware" (
+      a.efiFirmware == null || isPathLike a.efiFirmware
+    ) "an absolute path or derivation (the OVMF code image), or null for OVMF.firmware"
+    ++ check "efiVariables" (
+      a.efiVariables == null || isPathLike a.efiVariables
+    ) "an absolute path or derivation (the OVMF variables template), or null for OVMF.variables"
+    ++ check "fsType" (elem a.fsType fsTypes) (
+      "one of ${oneOfText fsTypes} (the only root filesystem supported so far)"
+    )
+    ++ check "label" (
+      a.label == null
+      || (
+        isString a.label
+        && stringLength a.label >= 1
+        && stringLength a.label <= 16
+        && matches "[^/[:cntrl:]]+" a.label
+      )
+    ) "a filesystem label of 1 to 16 characters without \"/\" or control characters"
+    ++ check "configFile" (
+      a.configFile == null || isPathLike a.configFile
+    ) "null or a path (copied to /etc/nixos/configuration.nix)"
+    ++ check "postVM" (isString a.postVM) "a string of shell commands (run after the image is in $out)"
+    ++ check "memSize" (
+      isInt a.memSize && a.memSize >= 128 && a.memSize <= 1048576
+    ) "an integer number of MiB between 128 and 1048576"
+    ++ check "name" (
+      matches fileNameRegex a.name && stringLength a.name <= 200
+    ) "a derivation name of 1 to 200 characters from A-Z a-z 0-9 + . _ ? = -"
+    ++ check "baseName" (
+      matches fileNameRegex a.baseName && stringLength a.baseName <= 200
+    ) "a file name of 1 to 200 characters from A-Z a-z 0-9 + . _ ? = -"
+    ++ check "format" (elem a.format formats) (
+      "one of ${oneOfText formats}" + (if isString a.format then didYouMean a.format formats else "")
+    )
+    ++ check "rootGPUID" (matches guidRegex a.rootGPUID) "a GUID such as \"F222513B-DED1-49FA-B591-20CE86A2FE7F\""
+    ++ check "rootFSUID" (
+      a.rootFSUID == null || matches guidRegex a.rootFSUID
+    ) "null or a UUID such as \"F222513B-DED1-49FA-B591-20CE86A2FE7F\""
+    ++ (
+      if !isList a.additionalPaths then
+        [ (bad "additionalPaths" a.additionalPaths "a list of store paths or derivations") ]
+      else
+        map (p: bad "additionalPaths" p "each entry must be a store path or derivation") (
+          filter (p: !isPathLike p) a.additionalPaths
+        )
+    );
+
+  # The seed's and nixpkgs' asserts, and what the builder needs beyond them.
+  crossProblems =
+    a:
+    let
+      table = a.partitionTableType;
+      boot = parseIEC a.bootSize;
+      targets = map (e: normTarget e.target) a.contents;
+      dups = filter (i: elem (elemAt targets i) (genList (j: elemAt targets j) i)) (
+        genList (i: i) (length targets)
+      );
+    in
+    (
+      if a.fsType == "ext4" && a.deterministic && a.rootFSUID == null then
+        [
+          (err "rootFSUID = null is not allowed with deterministic = true and fsType = \"ext4\": give a UUID, or set deterministic = false")
+        ]
+      else
+        [ ]
+    )
+    ++ (
+      if table != "none" && a.fsType != "ext4" then
+        [
+          (err "fsType = ${show a.fsType} is not allowed with partitionTableType = ${show table}: only \"ext4\" is written at a partition offset")
+        ]
+      else
+        [ ]
+    )
+    ++ (
+      if a.touchEFIVars && !elem table efiVarTables then
+        [
+          (err "touchEFIVars = true is not allowed with partitionTableType = ${show table}: it needs one of ${oneOfText efiVarTables}")
+        ]
+      else
+        [ ]
+    )
+    ++ (
+      if a.onlyNixStore then
+        (
+          if a.contents != [ ] then
+            [
+              (err "contents = ${show a.contents} is not allowed with onlyNixStore = true: the image holds only the store, give contents = []")
+            ]
+          else
+            [ ]
+        )
+        ++ (
+          if a.configFile != null then
+            [
+              (err "configFile = ${show a.configFile} is not allowed with onlyNixStore = true: give configFile = null")
+            ]
+          else
+            [ ]
+        )
+        ++ (
+          if a.installBootLoader then
+            [
+              (err "installBootLoader = true is not allowed with onlyNixStore = true: pass installBootLoader = false (there is no system to boot)")
+            ]
+          else
+            [ ]
+        )
+      else
+        [ ]
+    )
+    ++ (
+      if bootStart ? ${table} && boot <= bootStart.${table} * MiB then
+        [
+          (err "bootSize = ${show a.bootSize} is not allowed with partitionTableType = ${show table}: it is the END offset of the boot partition, which starts at ${
+            toString bootStart.${table}
+          } MiB (give more, such as \"256M\")")
+        ]
+      else
+        [ ]
+    )
+    ++ (
+      if bootStart ? ${table} && isInt a.diskSize && a.diskSize * MiB <= boot + MiB then
+        [
+          (err "diskSize = ${toString a.diskSize} is not allowed with bootSize = ${show a.bootSize}: the root partition starts after the boot partition (give a diskSize larger than bootSize + 1 MiB, or \"auto\")")
+        ]
+      else
+        [ ]
+    )
+    ++ map (
+      i:
+      err "contents[${toString i}].target = ${show (elemAt a.contents i).target} is not allowed: it duplicates an earlier entry's target"
+    ) dups;
+
+  fail = problems: throw (concatStringsSep "\n" problems);
+
+  # Check the user's arguments and return them complete (defaults applied, paths as strings).
+  # `defaultOVMF` is only forced when touchEFIVars needs it and neither OVMF nor efiFirmware/efiVariables is given.
+  normalize =
+    {
+      args,
+      defaultOVMF ? throw (err "touchEFIVars = true needs efiFirmware and efiVariables (or OVMF)"),
+    }:
+    let
+      unknown = filter (n: !elem n knownArgs) (attrNames args);
+      unknownProblems = map (
+        n:
+        err "unknown argument ${n}${didYouMean n knownArgs}; known arguments: ${
+          concatStringsSep ", " (sort (x: y: x < y) knownArgs)
+        }"
+      ) unknown;
+      missing = filter (n: !(args ? ${n})) [
+        "pkgs"
+        "lib"
+        "config"
+      ];
+      missingProblems = map (
+        n: err "argument ${n} is required (makeDiskImage { inherit pkgs lib config; ... })"
+      ) missing;
+      given = removeAttrs args [
+        "pkgs"
+        "lib"
+        "config"
+      ];
+      base = defaults // given;
+      a0 = base // {
+        label = args.label or null;
+        rootFSUID = if args ? rootFSUID then args.rootFSUID else null;
+      };
+      phase1 = unknownProblems ++ missingProblems ++ typeProblems a0;
+      withDerived = base // {
+        label =
+          if args ? label then
+            args.label
+          else if base.onlyNixStore then
+            "nix-store"
+          else
+            "nixos";
+        rootFSUID =
+          if args ? rootFSUID then
+            args.rootFSUID
+          else if base.fsType == "ext4" then
+            base.rootGPUID
+          else
+            null;
+      };
+      phase2 = crossProblems withDerived;
+      ovmf = if base.OVMF != null then base.OVMF else defaultOVMF;
+      efiFile =
+        argName: attr:
+        if !withDerived.touchEFIVars then
+          (if withDerived.${argName} == null then null else pathString withDerived.${argName})
+        else if withDerived.${argName} != null then
+          pathString withDerived.${argName}
+        else if isAttrs ovmf && ovmf ? ${attr} then
+          pathString ovmf.${attr}
+        else
+          throw (bad "OVMF" ovmf "an OVMF output with a ${attr} attribute, such as pkgs.OVMF.fd");
+      result = withDerived // {
+        contents = map (e: {
+          source = pathString e.source;
+          target = e.target;
+          mode = e.mode or null;
+          user = if (e.user or null) == null then null else toString e.user;
+          group = if (e.group or null) == null then null else toString e.group;
+        }) withDerived.contents;
+        configFile = if withDerived.configFile == null then null else pathString withDerived.configFile;
+        efiFirmware = efiFile "efiFirmware" "firmware";
+        efiVariables = efiFile "efiVariables" "variables";
+        additionalPaths = map pathString withDerived.additionalPaths;
+      };
+    in
+    if phase1 != [ ] then
+      fail phase1
+    else if phase2 != [ ] then
+      fail phase2
+    else
+      removeAttrs result [ "OVMF" ];
+
+  # Whether finalize must run as root in a VM (mirrors builder.spec.Spec.needs_vm).
+  needsVM =
+    a:
+    !a.onlyNixStore
+    && (
+      a.installBootLoader
+      || a.touchEFIVars
+      || any (
+        e: e.user != null && !(matches "[0-9]+" e.user && matches "[0-9]+" (toString e.group))
+      ) a.contents
+    );
+
+  # additionalPaths without those already among the base roots, as nixpkgs' subtractLists does.
+  extraPaths = basePaths: paths: filter (p: !elem p basePaths) paths;
+
+  # The output file name nixpkgs gives the image.
+  fileName =
+    a:
+    a.baseName
+    + "."
+    + (
+      {
+        raw = "img";
+        qcow2 = "qcow2";
+        qcow2-compressed = "qcow2";
+        vdi = "vdi";
+        vpc = "vhd";
+      }
+      .${a.format} or a.format
+    );
+
+  # The spec document (builder/spec.schema.json) from normalized arguments and what nixpkgs computed.
+  toSpec =
+    {
+      args,
+      toplevel,
+      closureInfo,
+      channel,
+      additionalPaths,
+      storeDir,
+      grubDevices,
+    }:
+    let
+      badDevices = filter (d: !matches "nodev|/dev/[^[:cntrl:]]+" d) grubDevices;
+    in
+    if badDevices != [ ] then
+      throw (bad "config.boot.loader.grub.devices" grubDevices "device paths under /dev, or \"nodev\"")
+    else
+      {
+        specVersion = 1;
+        inherit (args)
+          name
+          baseName
+          format
+          partitionTableType
+          fsType
+          label
+          diskSize
+          additionalSpace
+          bootSize
+          contents
+          installBootLoader
+          touchEFIVars
+          efiFirmware
+          efiVariables
+          configFile
+          postVM
+          memSize
+          onlyNixStore
+          deterministic
+          rootGPUID
+          rootFSUID
+          copyChannel
+          ;
+        system = {
+          inherit
+            toplevel
+            closureInfo
+            channel
+            additionalPaths
+            storeDir
+            ;
+        };
+        bootLoader = {
+          inherit grubDevices;
+        };
+        sourceDateEpoch = 1;
+        enterCommand = "nixos-enter";
+      };
+in
+{
+  inherit
+    knownArgs
+    defaults
+    normalize
+    needsVM
+    extraPaths
+    fileName
+    toSpec
+    editDistance
+    closest
+    parseIEC
+    tableTypes
+    formats
+    ;
+}

@@ -1,0 +1,54 @@
+# The Python builder packaged from this repository, with the tools it runs on PATH.
+{ pkgs }:
+let
+  inherit (pkgs) lib python3Packages;
+  root = ../.;
+  # Only what the package needs, so edits to tests or docs do not rebuild images.
+  wanted =
+    path: type:
+    let
+      rel = lib.removePrefix (toString root + "/") (toString path);
+    in
+    !(lib.hasInfix "__pycache__" rel)
+    && (
+      rel == "pyproject.toml"
+      || rel == "builder"
+      || lib.hasPrefix "builder/" rel
+      || rel == "templates"
+      || lib.hasPrefix "templates/" rel
+    );
+in
+python3Packages.buildPythonApplication {
+  pname = "make-disk-image";
+  version = "0.1.0";
+  pyproject = true;
+  src = builtins.path {
+    path = root;
+    name = "make-disk-image-src";
+    filter = wanted;
+  };
+  build-system = [ python3Packages.setuptools ];
+  dependencies = [
+    python3Packages.jinja2
+    python3Packages.jsonschema
+    python3Packages.pyparted
+  ];
+  makeWrapperArgs = [
+    "--prefix"
+    "PATH"
+    ":"
+    (lib.makeBinPath [
+      pkgs.e2fsprogs
+      pkgs.dosfstools
+      pkgs.mtools
+      pkgs.util-linux
+      pkgs.qemu-utils
+      pkgs.nix
+      pkgs.fakeroot
+    ])
+  ];
+  meta = {
+    description = "Builds NixOS disk images from a validated JSON spec (makeDiskImage's builder)";
+    mainProgram = "make-disk-image";
+  };
+}
