@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .sizes import MiB, SECTOR
+from .sizes import SECTOR, MiB
 from .spec import Spec
 
 GPT_BACKUP = 33 * SECTOR  # backup partition entries + header at the end of a GPT disk

@@ -15,7 +15,7 @@ def parse_iec(text: str) -> int:
     if match is None:
         raise ValueError(f"{text!r} is not a size (expected digits with an optional K, M, G, T, P or E suffix)")
     num = match.group("num")
-    scale = 1024 ** _POWERS[match.group("suffix")]
+    scale: int = 1024 ** _POWERS[match.group("suffix")]
     whole, _, frac = num.partition(".")
     value = int(whole) * scale
     if frac:

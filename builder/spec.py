@@ -158,7 +158,9 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
     only_store = doc["onlyNixStore"]
 
     if doc["fsType"] == "ext4" and doc["deterministic"] and doc["rootFSUID"] is None:
-        problems.append("$.rootFSUID: null is not allowed with deterministic = true and fsType = \"ext4\" (give a UUID)")
+        problems.append(
+            "$.rootFSUID: null is not allowed with deterministic = true and fsType = \"ext4\" (give a UUID)"
+        )
     if doc["touchEFIVars"] and table not in EFI_VAR_TABLES:
         problems.append(
             f"$.touchEFIVars: true is not allowed with partitionTableType = {table!r} "
@@ -172,7 +174,9 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
         if doc["configFile"] is not None:
             problems.append("$.configFile: must be null with onlyNixStore = true")
         if doc["installBootLoader"]:
-            problems.append("$.installBootLoader: must be false with onlyNixStore = true (pass installBootLoader = false)")
+            problems.append(
+                "$.installBootLoader: must be false with onlyNixStore = true (pass installBootLoader = false)"
+            )
     if doc["copyChannel"] and doc["system"]["channel"] is None and not only_store:
         problems.append("$.system.channel: null is not allowed with copyChannel = true (the channel store path)")
     if not doc["copyChannel"] and doc["system"]["channel"] is not None:
@@ -193,8 +197,9 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
         minimum = BOOT_END_MINIMUM[table]
         if boot_end is not None and boot_end <= minimum:
             problems.append(
-                f"$.bootSize: {doc['bootSize']!r} is not allowed with partitionTableType = {table!r}: it is the END "
-                f"offset of the boot partition, which starts at {minimum // MiB} MiB (give more than that, e.g. \"256M\")"
+                f"$.bootSize: {doc['bootSize']!r} is not allowed with partitionTableType = {table!r}: it is the "
+                f"END offset of the boot partition, which starts at {minimum // MiB} MiB "
+                "(give more than that, e.g. \"256M\")"
             )
         disk = doc["diskSize"]
         if boot_end is not None and isinstance(disk, int) and disk * MiB <= boot_end + MiB:

@@ -1,0 +1,143 @@
+"""Stage `contents` entries into the image root, as nixpkgs' rsync -a --chmod does, without leaving the root."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .spec import Content, Spec
+
+
+@dataclass(frozen=True)
+class OwnerFix:
+    """A path inside the image that gets a numeric owner once the filesystem exists."""
+
+    image_path: str
+    uid: int
+    gid: int
+
+
+def _safe_parent(root: Path, target: str, index: int) -> Path:
+    """Create the target's parent directories (0755) under root, refusing to pass through symlinks."""
+    current = root
+    for part in target.strip("/").split("/")[:-1]:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            os.mkdir(current, 0o755)
+            os.chmod(current, 0o755)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            raise UserError(f"contents[{index}].target {target!r}: {str(current.relative_to(root))!r} is a symlink "
+                            "in the image; a target must not reach through a symlink")
+        if not stat.S_ISDIR(st.st_mode):
+            raise UserError(f"contents[{index}].target {target!r}: {str(current.relative_to(root))!r} is not a "
+                            "directory in the image")
+    return current
+
+
+def _check_source_tree(source: Path, index: int) -> None:
+    """Refuse sources holding device nodes, sockets or FIFOs, which cannot be copied unprivileged."""
+    def bad(p: Path, mode: int) -> None:
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode):
+            raise UserError(f"contents[{index}].source: {str(p)!r} is a device node, socket or FIFO; "
+                            "only regular files, directories and symlinks can be placed in the image")
+
+    st = os.lstat(source)
+    bad(source, st.st_mode)
+    if stat.S_ISDIR(st.st_mode):
+        for dirpath, dirnames, filenames in os.walk(source):
+            for name in dirnames + filenames:
+                p = Path(dirpath) / name
+                bad(p, os.lstat(p).st_mode)
+
+
+def _copy(source: Path, dest: Path, index: int, target: str) -> None:
+    """Copy a file, symlink or directory tree to dest, keeping symlinks, modes and mtimes."""
+    if os.path.lexists(dest):
+        raise UserError(f"contents[{index}].target {target!r}: {dest.name!r} already exists in the image "
+                        "(duplicate target)")
+    _check_source_tree(source, index)
+    if source.is_symlink() or not source.is_dir():
+        shutil.copy2(source, dest, follow_symlinks=False)
+    else:
+        shutil.copytree(source, dest, symlinks=True, copy_function=shutil.copy2)
+
+
+def _chmod_tree(path: Path, mode: int) -> None:
+    """Apply mode to path and everything below it, symlinks excepted (rsync --chmod semantics)."""
+    if path.is_symlink():
+        return
+    os.chmod(path, mode)
+    if path.is_dir():
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in dirnames + filenames:
+                p = Path(dirpath) / name
+                if not p.is_symlink():
+                    os.chmod(p, mode)
+
+
+def _tree_paths(path: Path, root: Path) -> list[str]:
+    """Every image path at and below a staged path (for chown -R semantics)."""
+    out = ["/" + str(path.relative_to(root))]
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in sorted(dirnames + filenames):
+                out.append("/" + str((Path(dirpath) / name).relative_to(root)))
+    return out
+
+
+def _stage_entry(root: Path, entry: Content, index: int, store_dir: str) -> list[Path]:
+    """Copy one entry; return the staged top-level paths it created."""
+    if entry.target == store_dir or entry.target.startswith(store_dir.rstrip("/") + "/"):
+        raise UserError(f"contents[{index}].target {entry.target!r} is inside {store_dir}, which holds the "
+                        "closure; use additionalPaths for store paths")
+    parent = _safe_parent(root, entry.target, index)
+    dest = parent / entry.target.rstrip("/").rsplit("/", 1)[-1]
+    if entry.is_glob:
+        matches = sorted(glob.glob(entry.source))
+        if not matches:
+            raise UserError(f"contents[{index}].source {entry.source!r} matches nothing")
+        if os.path.lexists(dest) and (dest.is_symlink() or not dest.is_dir()):
+            raise UserError(f"contents[{index}].target {entry.target!r} exists and is not a directory")
+        if not os.path.lexists(dest):
+            os.mkdir(dest, 0o755)
+            os.chmod(dest, 0o755)
+        created = []
+        for match in matches:
+            item = dest / os.path.basename(match)
+            _copy(Path(match), item, index, entry.target)
+            created.append(item)
+        return created
+    source = Path(entry.source)
+    if not os.path.lexists(source):
+        raise UserError(f"contents[{index}].source {entry.source!r} does not exist")
+    _copy(source, dest, index, entry.target)
+    return [dest]
+
+
+def stage_contents(spec: Spec, root: Path) -> list[OwnerFix]:
+    """Place every contents entry under root; return the numeric owners to apply in the filesystem."""
+    fixes: list[OwnerFix] = []
+    for index, entry in enumerate(spec.contents):
+        try:
+            created = _stage_entry(root, entry, index, spec.store_dir)
+        except OSError as exc:
+            raise UserError(f"contents[{index}] ({entry.source!r} -> {entry.target!r}): {exc}") from None
+        for path in created:
+            if entry.mode is not None:
+                _chmod_tree(path, entry.mode)
+            owner = entry.numeric_owner
+            if owner is not None:
+                for image_path in _tree_paths(path, root):
+                    if "\n" in image_path:
+                        raise UserError(f"contents[{index}].target: {image_path!r} holds a newline, which cannot "
+                                        "be given a numeric owner")
+                    fixes.append(OwnerFix(image_path, owner[0], owner[1]))
+    return fixes

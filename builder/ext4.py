@@ -1,0 +1,150 @@
+"""The root ext4: created and populated at its partition offset with mkfs.ext4 -d, then normalised with debugfs.
+
+No root and no mount: mkfs.ext4 writes the tree at `-E offset`, and one debugfs pass sets owners (root,
+or the numeric owners contents asked for) and atime/ctime/crtime, which mkfs copies from the build's
+files. With deterministic, E2FSPROGS_FAKE_TIME pins every time mkfs writes and the UUID and directory
+hash seed are fixed (e2fsprogs 1.47.0 ignores SOURCE_DATE_EPOCH).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .contents import OwnerFix
+from .errors import BuildError
+from .namespace import run_with_binds
+from .sizing import BLOCK
+
+
+@dataclass(frozen=True)
+class Ext4Params:
+    """How to create the root ext4."""
+
+    label: str
+    uuid: str | None
+    hash_seed: str | None
+    inodes: int
+    fake_time: int | None
+
+
+def _mkfs_argv(params: Ext4Params, target: str, size_bytes: int, offset: int | None, source: str | None) -> list[str]:
+    """mkfs.ext4's command line; every -E option in one list since only the last -E counts."""
+    ext = ["nodiscard", "lazy_itable_init=1", "lazy_journal_init=1", "root_owner=0:0"]
+    if offset is not None:
+        ext.insert(0, f"offset={offset}")
+    if params.hash_seed:
+        ext.append(f"hash_seed={params.hash_seed}")
+    argv = ["mkfs.ext4", "-q", "-F", "-b", str(BLOCK), "-T", "default", "-m", "5", "-N", str(params.inodes),
+            "-L", params.label, "-E", ",".join(ext)]
+    if params.uuid:
+        argv += ["-U", params.uuid]
+    if source is not None:
+        argv += ["-d", source]
+    return [*argv, target, f"{size_bytes // 1024}k"]
+
+
+def _env(params: Ext4Params) -> dict[str, str]:
+    """Environment for e2fsprogs: fixed time when deterministic, no mke2fs.conf surprises."""
+    env = dict(os.environ)
+    if params.fake_time is not None:
+        env["E2FSPROGS_FAKE_TIME"] = str(params.fake_time)
+    env.pop("MKE2FS_CONFIG", None)
+    return env
+
+
+def superblock(target: str) -> dict[str, str]:
+    """dumpe2fs -h of a filesystem (target may carry '?offset=N'), as a dict."""
+    res = subprocess.run(["dumpe2fs", "-h", target], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BuildError(f"dumpe2fs -h {target} failed: {res.stderr.strip()}")
+    out: dict[str, str] = {}
+    for line in res.stdout.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def overhead_blocks(size_bytes: int, params: Ext4Params, scratch: Path) -> int:
+    """Blocks an EMPTY ext4 of this size and inode count uses (metadata, journal, root, lost+found)."""
+    with tempfile.NamedTemporaryFile(dir=scratch, prefix="probe-", suffix=".ext4") as f:
+        os.truncate(f.name, size_bytes)
+        res = subprocess.run(_mkfs_argv(params, f.name, size_bytes, None, None), capture_output=True, text=True,
+                             env=_env(params))
+        if res.returncode != 0:
+            raise BuildError(f"mkfs.ext4 probe failed: {res.stderr.strip()}")
+        sb = superblock(f.name)
+    return int(sb["Block count"]) - int(sb["Free blocks"])
+
+
+def populate(
+    image: Path, offset: int, size_bytes: int, root: Path, params: Ext4Params,
+    binds: Sequence[tuple[str, str]], scratch: Path,
+) -> None:
+    """Create the ext4 at offset in image and fill it from root (with store paths bound in when given)."""
+    argv = _mkfs_argv(params, str(image), size_bytes, offset, str(root))
+    if binds:
+        res = run_with_binds(binds, argv, scratch / "binds.json", _env(params))
+    else:
+        res = subprocess.run(argv, capture_output=True, text=True, env=_env(params))
+    if res.returncode != 0:
+        msg = (res.stderr or res.stdout).strip()
+        if "Could not allocate" in msg or "No space left" in msg:
+            raise BuildError(f"the root filesystem ({size_bytes} bytes) is too small for its contents: {msg}")
+        raise BuildError(f"mkfs.ext4 -d failed: {msg}")
+
+
+def _used_inodes(target: str) -> list[int]:
+    """Inode numbers in use, from dumpe2fs's per-group free inode ranges."""
+    res = subprocess.run(["dumpe2fs", target], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BuildError(f"dumpe2fs {target} failed: {res.stderr.strip()}")
+    per_group = int(re.search(r"^Inodes per group:\s+(\d+)", res.stdout, re.M).group(1))  # type: ignore[union-attr]
+    used: list[int] = []
+    group = 0
+    for m in re.finditer(r"^Group (\d+):.*?\n\s+Free inodes: ?([^\n]*)", res.stdout, re.M | re.S):
+        group = int(m.group(1))
+        first, last = group * per_group + 1, (group + 1) * per_group
+        free: set[int] = set()
+        for part in filter(None, (p.strip() for p in m.group(2).split(","))):
+            lo, _, hi = part.partition("-")
+            free.update(range(int(lo), int(hi or lo) + 1))
+        used.extend(i for i in range(first, last + 1) if i not in free)
+    return used
+
+
+def _quote(path: str) -> str:
+    """Quote a path for debugfs' command parser (doubled quotes inside quotes)."""
+    return '"' + path.replace('"', '""') + '"'
+
+
+def normalize(image: Path, offset: int, fixes: Sequence[OwnerFix], epoch: int, scratch: Path) -> None:
+    """Owners to root (or the contents' numeric owners) and atime/ctime/crtime to the epoch, in one debugfs run."""
+    target = f"{image}?offset={offset}"
+    lines: list[str] = []
+    for ino in _used_inodes(target):
+        if ino != 2 and ino < 11:
+            continue
+        lines += [f"sif <{ino}> {field} {value}" for field, value in
+                  (("uid", 0), ("gid", 0), ("atime", f"@{epoch}"), ("ctime", f"@{epoch}"), ("crtime", f"@{epoch}"))]
+    for fix in fixes:
+        lines += [f"sif {_quote(fix.image_path)} uid {fix.uid}", f"sif {_quote(fix.image_path)} gid {fix.gid}"]
+    cmd_file = scratch / "debugfs.cmds"
+    cmd_file.write_text("\n".join(lines) + "\n")
+    res = subprocess.run(["debugfs", "-w", "-f", str(cmd_file), target], capture_output=True, text=True)
+    errors = [ln for ln in res.stderr.splitlines() if ln and not ln.startswith("debugfs ")]
+    if res.returncode != 0 or errors:
+        raise BuildError(f"debugfs could not set owners and times: {'; '.join(errors[:5]) or res.returncode}")
+
+
+def check(image: Path, offset: int) -> None:
+    """e2fsck -fn must find the filesystem clean; the build fails otherwise."""
+    res = subprocess.run(["e2fsck", "-fn", f"{image}?offset={offset}"], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BuildError(f"e2fsck found problems in the root filesystem:\n{res.stdout[-2000:]}{res.stderr[-1000:]}")

@@ -1,0 +1,270 @@
+"""The build pipeline as plain functions called in order: prepare (unprivileged), finalize (VM), convert."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import ext4, fat, layout, sizing, store, table
+from .contents import OwnerFix, stage_contents
+from .errors import BuildError, UserError
+from .log import info, step
+from .namespace import userns_available
+from .sizes import MiB, align_up, human
+from .spec import Spec
+
+
+@dataclass(frozen=True)
+class StagedRoot:
+    """The staged root: a directory of everything but the store, and where each store path goes in it."""
+
+    root: Path
+    store_binds: tuple[tuple[str, str], ...]  # (store path, placeholder in root)
+    owner_fixes: tuple[OwnerFix, ...]
+
+
+@contextmanager
+def scratch_dir(work: Path | None) -> Iterator[Path]:
+    """A scratch directory: the given one (kept), or a temporary one removed afterwards."""
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+        return
+    with tempfile.TemporaryDirectory(prefix="mdi-") as tmp:
+        yield Path(tmp)
+
+
+def _set_times(root: Path, epoch: int, keep: set[str]) -> None:
+    """Give every staged entry the epoch as mtime, except contents copies (they keep their sources' times)."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            if p not in keep and not any(p.startswith(k + "/") for k in keep):
+                os.utime(p, (epoch, epoch), follow_symlinks=False)
+    os.utime(root, (epoch, epoch))
+
+
+def _placeholders(spec: Spec, regs: list[store.Registration], store_root: Path) -> list[tuple[str, str]]:
+    """Create an empty file or directory per store path where it will be bound in; copy symlinks directly."""
+    store_root.mkdir(parents=True, exist_ok=True)
+    binds = []
+    for r in regs:
+        dest = store_root / os.path.basename(r.path)
+        if os.path.islink(r.path):
+            os.symlink(os.readlink(r.path), dest)
+        elif os.path.isdir(r.path):
+            dest.mkdir()
+            binds.append((r.path, str(dest)))
+        else:
+            dest.touch()
+            binds.append((r.path, str(dest)))
+    return binds
+
+
+def stage_root(spec: Spec, regs: list[store.Registration], root: Path) -> StagedRoot:
+    """Build the staging root: contents, Nix state and store placeholders (or the store alone with onlyNixStore)."""
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(mode=0o755)
+    os.chmod(root, 0o755)
+    fixes: list[OwnerFix] = []
+    keep: set[str] = set()
+    if spec.only_nix_store:
+        binds = _placeholders(spec, regs, root)
+    else:
+        fixes = stage_contents(spec, root)
+        keep = {str(root / c.target.lstrip("/")) for c in spec.contents}
+        store.write_nix_state(spec, root, regs)
+        store_root = root / spec.store_dir.lstrip("/")
+        binds = _placeholders(spec, regs, store_root)
+        os.chmod(store_root, 0o1775)
+    keep |= {dest for _, dest in binds}
+    _set_times(root, spec.source_date_epoch, keep)
+    return StagedRoot(root, tuple(binds), tuple(fixes))
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """The chosen disk and root filesystem sizes and how they were reached."""
+
+    disk_size: int
+    fs_size: int
+    inodes: int
+    usage: sizing.Usage
+
+
+def _fs_bytes_for(disk_size: int, spec: Spec) -> int:
+    """The root filesystem size a disk of disk_size leaves (partition size floored to 4 KiB)."""
+    start, end = layout.root_start(spec), layout.root_end(spec, disk_size)
+    return (end - start) // sizing.BLOCK * sizing.BLOCK
+
+
+def _ext4_params(spec: Spec, inodes: int) -> ext4.Ext4Params:
+    """ext4 creation parameters from the spec."""
+    det = spec.deterministic
+    return ext4.Ext4Params(
+        label=spec.label, uuid=spec.root_fsuid, hash_seed=spec.root_fsuid if det else None,
+        inodes=inodes, fake_time=spec.source_date_epoch if det else None,
+    )
+
+
+def _needed_fs_bytes(spec: Spec, usage: sizing.Usage, free: int, scratch: Path) -> tuple[int, int]:
+    """Smallest ext4 size (and inode count) holding usage with at least `free` bytes left, by measuring mkfs."""
+    want = usage.blocks * sizing.BLOCK + free
+    size = align_up(int(want * 1.05) + 8 * MiB, sizing.BLOCK)
+    for _ in range(6):
+        inodes = sizing.inode_count(size, usage.inodes, free)
+        over = ext4.overhead_blocks(size, _ext4_params(spec, inodes), scratch)
+        new = align_up(want + over * sizing.BLOCK, sizing.BLOCK)
+        if new == size:
+            break
+        size = new
+    return size, sizing.inode_count(size, usage.inodes, free)
+
+
+def choose_size(spec: Spec, staged: StagedRoot, scratch: Path) -> Sizing:
+    """diskSize: auto from the measured tree + additionalSpace + table space, or the fixed size if it fits."""
+    subs = {dest: src for src, dest in staged.store_binds}
+    usage = sizing.measure(staged.root, subs)
+    extra = layout.root_start(spec) + layout.tail_reserve(spec)
+    if spec.disk_size is None:
+        fs_size, inodes = _needed_fs_bytes(spec, usage, spec.additional_space, scratch)
+        disk = align_up(fs_size + extra, MiB)
+    else:
+        disk = spec.disk_size
+        need, _ = _needed_fs_bytes(spec, usage, 0, scratch)
+        if _fs_bytes_for(disk, spec) < need:
+            minimum = align_up(need + extra, MiB) // MiB
+            raise UserError(
+                f"diskSize = {disk // MiB} MiB is too small: the root filesystem needs {human(need)} "
+                f"({human(usage.blocks * sizing.BLOCK)} of files and directories in {usage.inodes} inodes, plus "
+                f"ext4 metadata); use diskSize >= {minimum} or \"auto\""
+            )
+        fs_size = _fs_bytes_for(disk, spec)
+        inodes = sizing.inode_count(fs_size, usage.inodes, 0)
+    fs_size = _fs_bytes_for(disk, spec)
+    info(f"content: {usage.inodes} inodes, {human(usage.file_bytes)} of file data, "
+         f"{human(usage.blocks * sizing.BLOCK)} in 4 KiB blocks")
+    info(f"root filesystem {human(fs_size)} ({inodes} inodes); disk {human(disk)} "
+         f"({'auto, additionalSpace ' + human(spec.additional_space) if spec.disk_size is None else 'fixed'})")
+    return Sizing(disk, fs_size, inodes, usage)
+
+
+def _populate_binds(staged: StagedRoot) -> list[tuple[str, str]]:
+    """Store binds for mkfs, or [] after copying the store into the staging root when namespaces are unavailable."""
+    if userns_available():
+        return list(staged.store_binds)
+    info("user namespaces unavailable: copying the closure into the staging root")
+    for src, dest in staged.store_binds:
+        if os.path.isdir(dest):
+            os.rmdir(dest)
+            shutil.copytree(src, dest, symlinks=True)
+        else:
+            os.unlink(dest)
+            shutil.copy2(src, dest, follow_symlinks=False)
+    return []
+
+
+def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scratch: Path) -> layout.Layout:
+    """Create the sparse image, its table, the root ext4 (populated) and empty FAT partitions; check them."""
+    plan = layout.plan(spec, size.disk_size)
+    with open(image, "wb") as f:
+        f.truncate(size.disk_size)
+    with step("partition table"):
+        table.write_table(image, plan)
+    root = plan.root
+    params = _ext4_params(spec, size.inodes)
+    with step("root filesystem (mkfs.ext4 -d)"):
+        binds = _populate_binds(staged)
+        ext4.populate(image, root.start, size.fs_size, staged.root, params, binds, scratch)
+    with step("owners and times (debugfs)"):
+        ext4.normalize(image, root.start, staged.owner_fixes, spec.source_date_epoch, scratch)
+    with step("boot filesystems"):
+        for p in plan.partitions:
+            if p.fs == "vfat":
+                fat.make(image, p, spec.deterministic)
+    with step("check filesystems"):
+        ext4.check(image, root.start)
+        for p in plan.partitions:
+            if p.fs == "vfat":
+                fat.check(image, p)
+    sb = ext4.superblock(f"{image}?offset={root.start}")
+    free = int(sb["Free blocks"]) * sizing.BLOCK
+    info(f"root filesystem free: {human(free)}")
+    if spec.disk_size is None and free < spec.additional_space:
+        raise BuildError(f"auto sizing left {human(free)} free, less than additionalSpace "
+                         f"{human(spec.additional_space)} (estimate too low; please report)")
+    return plan
+
+
+def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.Layout:
+    """Unprivileged part: stage, size, partition, create and populate every filesystem into a raw image."""
+    partial = image.with_name(image.name + ".partial")
+    with scratch_dir(work) as scratch:
+        try:
+            with step("read closure"):
+                regs = store.read_closure(spec)
+            with step("stage root"):
+                staged = stage_root(spec, regs, scratch / "root")
+            with step("size"):
+                size = choose_size(spec, staged, scratch)
+            plan = write_image(spec, staged, size, partial, scratch)
+            os.replace(partial, image)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        finally:
+            _remove_tree(scratch / "root")
+    return plan
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a staging tree even where modes forbid writing (read-only dirs copied from the store)."""
+    if not path.exists():
+        return
+    for dirpath, dirnames, _ in os.walk(path):
+        for d in dirnames:
+            p = os.path.join(dirpath, d)
+            if not os.path.islink(p):
+                os.chmod(p, 0o755)
+    os.chmod(path, 0o755)
+    shutil.rmtree(path)
+
+
+def run_post_vm(spec: Spec, image: Path) -> None:
+    """Run the user's postVM shell code with $diskImage naming the image, as nixpkgs does."""
+    if not spec.post_vm.strip():
+        return
+    env = dict(os.environ, diskImage=str(image))
+    res = subprocess.run(["bash", "-euo", "pipefail", "-c", spec.post_vm], env=env, cwd=image.parent)
+    if res.returncode != 0:
+        raise BuildError(f"postVM exited with status {res.returncode}")
+
+
+def build(spec: Spec, out: Path, work: Path | None = None) -> Path:
+    """The whole pipeline outside Nix: prepare, finalize in a VM when needed, convert, postVM."""
+    from .convert import convert
+
+    out.mkdir(parents=True, exist_ok=True)
+    with scratch_dir(work) as scratch:
+        raw = scratch / "nixos.raw"
+        prepare_image(spec, raw, scratch)
+        if spec.needs_vm:
+            with step("finalize (VM)"):
+                from .vm import run_finalize
+
+                run_finalize(spec, raw, scratch)
+            vars_file = scratch / "efi-vars.fd"
+            if spec.touch_efi_vars and vars_file.exists():
+                shutil.copyfile(vars_file, out / "efi-vars.fd")
+        with step("convert"):
+            final = convert(spec, raw, out)
+        with step("postVM"):
+            run_post_vm(spec, final)
+    return final
