@@ -1,0 +1,228 @@
+"""builder.convert checked by qemu-img: every format checks clean, compares identical, is named as nixpkgs does."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from builder.convert import convert
+from builder.errors import BuildError, UserError
+from builder.spec import FORMATS, Spec, load_spec_document
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
+RAW_SIZE = 64 * MiB
+ROOT_START = 10 * MiB
+GUID = "F222513B-DED1-49FA-B591-20CE86A2FE7F"
+
+EXTENSIONS = {
+    "raw": "img", "qcow2": "qcow2", "qcow2-compressed": "qcow2", "vdi": "vdi", "vpc": "vhd",
+    "vmdk": "vmdk", "vhdx": "vhdx", "qed": "qed", "qcow": "qcow", "parallels": "parallels",
+}
+# What `qemu-img info` calls the written format.
+DRIVER = {**{f: f for f in FORMATS}, "qcow2-compressed": "qcow2"}
+# Formats whose qemu-img driver implements `qemu-img check` (the others answer exit 63, "not supported").
+CHECKABLE = {"qcow2", "qcow2-compressed", "vdi", "vmdk", "vhdx", "qed", "parallels"}
+
+
+def spec_doc(**overrides: Any) -> dict[str, Any]:
+    """A minimal valid spec document; convert reads only format, baseName and deterministic (and hashes all)."""
+    doc: dict[str, Any] = {
+        "specVersion": 1, "name": "convert-test", "baseName": "nixos", "format": "raw",
+        "partitionTableType": "efi", "fsType": "ext4", "label": "nixos", "diskSize": 64,
+        "additionalSpace": "512M", "bootSize": "9M", "contents": [], "installBootLoader": False,
+        "touchEFIVars": False, "efiFirmware": None, "efiVariables": None, "configFile": None, "postVM": "",
+        "memSize": 1024, "onlyNixStore": False, "deterministic": True, "rootGPUID": GUID, "rootFSUID": GUID,
+        "copyChannel": False,
+        "system": {"toplevel": "/nix/store/00000000000000000000000000000000-toplevel",
+                   "closureInfo": "/nix/store/00000000000000000000000000000000-closure-info",
+                   "channel": None, "additionalPaths": [], "storeDir": "/nix/store"},
+        "bootLoader": {"grubDevices": []}, "sourceDateEpoch": 1700000000, "enterCommand": "chroot",
+    }
+    doc.update(overrides)
+    return doc
+
+
+def make_spec(**overrides: Any) -> Spec:
+    """A validated Spec with the overrides applied."""
+    return load_spec_document(spec_doc(**overrides))
+
+
+@pytest.fixture(scope="module")
+def raw_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64 MiB GPT disk with an ESP-typed p1 and an ext4 p2 holding a few files (made by sfdisk and mkfs.ext4)."""
+    d = tmp_path_factory.mktemp("raw")
+    tree = d / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hostname").write_text("convert-test\n")
+    (tree / "data").write_bytes(bytes(range(256)) * 4096 * 2)  # 2 MiB, compressible
+    img = d / "disk.img"
+    with img.open("wb") as f:
+        f.truncate(RAW_SIZE)
+    table = f"label: gpt\nstart=2048, size=16384, type=U\nstart={ROOT_START // 512}, size=100352, type=L\n"
+    subprocess.run(["sfdisk", "-q", str(img)], input=table, text=True, check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "nixos", "-d", str(tree),
+                    "-E", f"offset={ROOT_START}", str(img), str(100352 * 512 // 4096)], check=True)
+    return img
+
+
+def fresh_raw(raw_image: Path, where: Path) -> Path:
+    """A private sparse copy of the shared raw image (convert moves or consumes its input)."""
+    where.mkdir(parents=True, exist_ok=True)
+    copy = where / "input.img"
+    subprocess.run(["cp", "--sparse=always", str(raw_image), str(copy)], check=True)
+    return copy
+
+
+def qemu_img_json(*args: str) -> dict[str, Any]:
+    """Run qemu-img with --output=json and parse it."""
+    out = subprocess.run(["qemu-img", *args, "--output=json"], check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_is_valid_and_identical_to_the_raw_image(fmt: str, raw_image: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    image = convert(make_spec(format=fmt), fresh_raw(raw_image, tmp_path / "in"), out)
+    assert image == out / f"nixos.{EXTENSIONS[fmt]}"
+    assert sorted(p.name for p in out.iterdir()) == sorted([image.name, "nix-support"]), "no temporary left over"
+    info = qemu_img_json("info", str(image))
+    assert info["format"] == DRIVER[fmt]
+    assert info["virtual-size"] == RAW_SIZE
+    check = subprocess.run(["qemu-img", "check", str(image)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    if fmt in CHECKABLE:
+        assert check.returncode == 0, check.stdout
+        assert "No errors were found on the image." in check.stdout
+    else:
+        assert check.returncode == 63 and "does not support checks" in check.stdout
+    subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", DRIVER[fmt], str(raw_image), str(image)], check=True)
+    hydra = "qcow2" if fmt == "qcow2-compressed" else fmt
+    assert (out / "nix-support" / "hydra-build-products").read_text() == f"file {hydra}-image {image}\n"
+
+
+def test_qcow2_compressed_has_compressed_clusters(raw_image: Path, tmp_path: Path) -> None:
+    image = convert(make_spec(format="qcow2-compressed"), fresh_raw(raw_image, tmp_path), tmp_path / "out")
+    check = qemu_img_json("check", str(image))
+    assert check["compressed-clusters"] > 0
+    plain = convert(make_spec(format="qcow2"), fresh_raw(raw_image, tmp_path), tmp_path / "plain")
+    assert qemu_img_json("check", str(plain)).get("compressed-clusters", 0) == 0
+
+
+def test_raw_is_moved_and_stays_sparse(raw_image: Path, tmp_path: Path) -> None:
+    src = fresh_raw(raw_image, tmp_path / "in")
+    image = convert(make_spec(format="raw"), src, tmp_path / "out")
+    assert not src.exists()
+    assert image.stat().st_size == RAW_SIZE
+    assert image.stat().st_blocks * 512 < RAW_SIZE // 2
+    subprocess.run(["cmp", str(raw_image), str(image)], check=True)
+
+
+def test_raw_moves_across_filesystems_sparse(raw_image: Path, tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    assert os.stat(shm).st_dev != os.stat(tmp_path).st_dev, "needs /dev/shm on another filesystem than the tmp dir"
+    where = Path(tempfile.mkdtemp(dir=shm, prefix="mdi-convert-"))
+    try:
+        src = fresh_raw(raw_image, where)
+        image = convert(make_spec(format="raw"), src, tmp_path / "out")
+        assert not src.exists()
+        assert image.stat().st_blocks * 512 < RAW_SIZE // 2
+        subprocess.run(["cmp", str(raw_image), str(image)], check=True)
+    finally:
+        shutil.rmtree(where)
+
+
+def test_hydra_products_are_appended(raw_image: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "nix-support").mkdir(parents=True)
+    (out / "nix-support" / "hydra-build-products").write_text("file other /nix/store/x\n")
+    image = convert(make_spec(format="vpc", baseName="disk"), fresh_raw(raw_image, tmp_path), out)
+    assert (out / "nix-support" / "hydra-build-products").read_text() == (
+        f"file other /nix/store/x\nfile vpc-image {out}/disk.vhd\n"
+    )
+    assert image == out / "disk.vhd"
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f not in ("raw", "vhdx")])
+def test_deterministic_conversions_are_bit_identical(fmt: str, raw_image: Path, tmp_path: Path) -> None:
+    spec = make_spec(format=fmt)
+    first = convert(spec, fresh_raw(raw_image, tmp_path), tmp_path / "a")
+    second = convert(spec, fresh_raw(raw_image, tmp_path), tmp_path / "b")
+    subprocess.run(["cmp", str(first), str(second)], check=True)
+
+
+@pytest.mark.parametrize("fmt", ["vdi", "vpc", "vmdk"])
+def test_pinned_identifiers_differ_between_specs(fmt: str, raw_image: Path, tmp_path: Path) -> None:
+    a = convert(make_spec(format=fmt), fresh_raw(raw_image, tmp_path), tmp_path / "a")
+    b = convert(make_spec(format=fmt, name="another-image"), fresh_raw(raw_image, tmp_path), tmp_path / "b")
+    assert a.read_bytes() != b.read_bytes()
+    subprocess.run(["qemu-img", "compare", str(a), str(b)], check=True)
+
+
+def test_vpc_footer_time_is_source_date_epoch(raw_image: Path, tmp_path: Path) -> None:
+    image = convert(make_spec(format="vpc"), fresh_raw(raw_image, tmp_path), tmp_path / "out")
+    described = subprocess.run(["file", "-b", str(image)], check=True, stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "TZ": "UTC"}).stdout
+    assert "Tue Nov 14 22:13:20 2023" in described  # date -u -d @1700000000
+    assert f"{RAW_SIZE} bytes" in described
+
+
+def fake_qemu_img(bindir: Path, script: str) -> dict[str, str]:
+    """An environment whose PATH starts with a qemu-img shell script wrapping the real one."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    real = shutil.which("qemu-img")
+    assert real is not None
+    tool = bindir / "qemu-img"
+    tool.write_text(f"#!/bin/sh\nREAL={real}\n{script}\n")
+    tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
+    return {"PATH": f"{bindir}:{os.environ['PATH']}"}
+
+
+def test_failed_conversion_leaves_no_partial_image(raw_image: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # qemu-img writes half an output file, then fails (as when the disk fills up).
+    env = fake_qemu_img(tmp_path / "bin", 'for a; do last=$a; done\nhead -c 1000000 /dev/zero > "$last"\n'
+                        'echo "qemu-img: write failed: No space left on device" >&2\nexit 1')
+    monkeypatch.setenv("PATH", env["PATH"])
+    src = fresh_raw(raw_image, tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(BuildError, match="No space left on device"):
+        convert(make_spec(format="qcow2"), src, out)
+    assert list(out.iterdir()) == [], "no image, no temporary, no hydra line"
+    assert src.exists()
+
+
+def test_vpc_with_a_wrong_virtual_size_fails(raw_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A qemu-img that ignores force_size=on rounds the size to CHS geometry: convert must notice.
+    env = fake_qemu_img(tmp_path / "bin", 'if [ "$1" = convert ]; then\n'
+                        '  exec "$REAL" convert -f raw -O vpc "$8" "$9"\nfi\nexec "$REAL" "$@"')
+    monkeypatch.setenv("PATH", env["PATH"])
+    out = tmp_path / "out"
+    with pytest.raises(BuildError, match=f"virtual size 67125248 bytes, the raw image has {RAW_SIZE}"):
+        convert(make_spec(format="vpc"), fresh_raw(raw_image, tmp_path / "in"), out)
+    assert list(out.iterdir()) == []
+
+
+def test_missing_raw_image_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such raw image"):
+        convert(make_spec(format="qcow2"), tmp_path / "missing.img", tmp_path / "out")
+
+
+def test_cli_convert(raw_image: Path, tmp_path: Path) -> None:
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(spec_doc(format="qcow2", baseName="cli")))
+    done = subprocess.run(
+        [sys.executable, "-m", "builder", "convert", str(spec), "--image", str(fresh_raw(raw_image, tmp_path)),
+         "--out", str(tmp_path / "out")], check=True, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert done.stdout.strip() == str(tmp_path / "out" / "cli.qcow2")
+    subprocess.run(["qemu-img", "compare", "-f", "raw", str(raw_image), done.stdout.strip()], check=True)
