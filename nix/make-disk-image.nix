@@ -39,7 +39,7 @@ let
   efiVars = "$out/efi-vars.fd";
 
   passthru = {
-    inherit spec specFile needsVM builder;
+    inherit spec specFile needsVM builder closureInfo;
     filePath = fileName;
   };
 

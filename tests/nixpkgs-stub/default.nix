@@ -1,0 +1,175 @@
+# The nixpkgs stand-in: a lib subset and the pkgs attributes makeDiskImage uses, made from host tools
+# (builder /bin/sh, needs `--option sandbox false`). host.json is written by the test that assembles
+# this directory: the venv's python, the VM stand-in command (or null), the fixture system to use.
+{ system }:
+let
+  host = builtins.fromJSON (builtins.readFile ./host.json);
+  hostPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+  lib = import ./lib.nix { inherit nixosSystem; };
+
+  # Every host executable under one bin/, so `${pkg}/bin` works for any tool package.
+  hostBin = derivation {
+    name = "host-tools";
+    inherit system;
+    builder = "/bin/sh";
+    args = [
+      "-ec"
+      ''
+        PATH=${hostPath}
+        mkdir -p $out/bin
+        for d in ${builtins.replaceStrings [ ":" ] [ " " ] hostPath}; do
+          for f in $d/*; do
+            [ -x "$f" ] && [ ! -e "$out/bin/''${f##*/}" ] && ln -s "$f" "$out/bin/" || true
+          done
+        done
+      ''
+    ];
+  };
+
+  # A derivation plus passthru, like nixpkgs' (passthru never reaches the builder).
+  mkDrv =
+    attrs:
+    let
+      passthru = attrs.passthru or { };
+      drv = derivation (removeAttrs attrs [ "passthru" ] // { inherit system; });
+    in
+    drv // passthru // { inherit passthru; };
+
+  writeText =
+    name: text:
+    mkDrv {
+      inherit name text;
+      builder = "/bin/sh";
+      passAsFile = [ "text" ];
+      args = [
+        "-ec"
+        "PATH=${hostPath}; cp \"$textPath\" \"$out\""
+      ];
+    };
+
+  # runCommand: nativeBuildInputs' bin on PATH before the host's, then the script.
+  runCommand =
+    name: env: buildCommand:
+    mkDrv (
+      env
+      // {
+        inherit name buildCommand;
+        builder = "/bin/bash";
+        args = [
+          "-e"
+          ./run-command.sh
+        ];
+        hostPath = hostPath;
+        nativeBuildInputs = env.nativeBuildInputs or [ ];
+      }
+    );
+
+  closureInfo =
+    { rootPaths }:
+    mkDrv {
+      name = "closure-info";
+      __structuredAttrs = true;
+      exportReferencesGraph.closure = rootPaths;
+      builder = host.python;
+      args = [ ./closure-info.py ];
+    };
+
+  # Like nixpkgs' vmTools.runInLinuxVM: takes a derivation, runs preVM on the host, the original
+  # builder as root in a VM with the image at /dev/vda, then postVM; requires the kvm feature.
+  vmTools.runInLinuxVM =
+    drv:
+    mkDrv (
+      drv.drvAttrs
+      // {
+        passthru = drv.passthru or { };
+        builder = "/bin/bash";
+        args = [
+          "-e"
+          ./vm-run.sh
+        ];
+        origBuilder = drv.drvAttrs.builder;
+        origArgs = drv.drvAttrs.args;
+        vmRunner = if host.vmRunner == null then "" else host.vmRunner;
+        requiredSystemFeatures = [ "kvm" ];
+      }
+    );
+
+  toplevel = if host.system == null then import ./system.nix { inherit system; } else import host.system;
+
+  nixosSystem =
+    { system, modules }:
+    {
+      config = {
+        system.build.toplevel = toplevel;
+        system.build.nixos-enter = hostBin;
+        system.nixos = {
+          version = "25.11-stub";
+          versionSuffix = "pre-stub";
+        };
+        boot.loader.grub = {
+          enable = true;
+          devices = [ "/dev/vda" ];
+        };
+      };
+    };
+
+  python3Packages = {
+    setuptools = null;
+    jinja2 = null;
+    jsonschema = null;
+    pyparted = null;
+    # The venv's Python running the package's source, with the wrapper's PATH prefix.
+    buildPythonApplication =
+      {
+        pname,
+        version,
+        src,
+        makeWrapperArgs ? [ ],
+        meta ? { },
+        ...
+      }:
+      runCommand "${pname}-${version}"
+        {
+          inherit src;
+          binPath = builtins.elemAt makeWrapperArgs 3;
+          python = host.python;
+          program = meta.mainProgram or pname;
+        }
+        ''
+          mkdir -p $out/bin $out/lib
+          cp -r "$src" $out/lib/src
+          {
+            echo '#!/bin/sh'
+            echo "export PATH=$binPath:\$PATH"
+            echo "export PYTHONPATH=$out/lib/src"
+            echo "exec $python -m builder \"\$@\""
+          } > $out/bin/$program
+          chmod +x $out/bin/$program
+        '';
+  };
+in
+{
+  inherit
+    lib
+    writeText
+    runCommand
+    closureInfo
+    vmTools
+    python3Packages
+    ;
+  path = ./.;
+  stdenv.hostPlatform.system = system;
+  OVMF.fd = {
+    firmware = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+    variables = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+  };
+  e2fsprogs = hostBin;
+  dosfstools = hostBin;
+  mtools = hostBin;
+  util-linux = hostBin;
+  qemu-utils = hostBin;
+  nix = hostBin;
+  fakeroot = hostBin;
+  nixfmt-tree = hostBin;
+}

@@ -1,0 +1,30 @@
+# The subset of nixpkgs' lib this flake uses, in builtins, with nixpkgs' semantics.
+{ nixosSystem }:
+let
+  inherit (builtins) filter concatStringsSep stringLength substring listToAttrs attrNames;
+in
+rec {
+  inherit nixosSystem;
+  genAttrs = names: f: listToAttrs (map (n: { name = n; value = f n; }) names);
+  mapAttrs = builtins.mapAttrs;
+  filterAttrs = pred: set: listToAttrs (map (n: { name = n; value = set.${n}; }) (filter (n: pred n set.${n}) (attrNames set)));
+  optional = cond: x: if cond then [ x ] else [ ];
+  optionals = cond: xs: if cond then xs else [ ];
+  optionalString = cond: s: if cond then s else "";
+  optionalAttrs = cond: set: if cond then set else { };
+  hasPrefix = pre: s: substring 0 (stringLength pre) s == pre;
+  removePrefix = pre: s: if hasPrefix pre s then substring (stringLength pre) (stringLength s) s else s;
+  hasInfix = infix: s: builtins.match ".*${escapeRegex infix}.*" s != null;
+  escapeRegex = builtins.replaceStrings
+    [ "\\" "." "*" "+" "?" "(" ")" "[" "]" "{" "}" "|" "^" "$" ]
+    [ "\\\\" "\\." "\\*" "\\+" "\\?" "\\(" "\\)" "\\[" "\\]" "\\{" "\\}" "\\|" "\\^" "\\$" ];
+  makeBinPath = pkgs: concatStringsSep ":" (map (p: "${p}/bin") pkgs);
+  escapeShellArg = s: "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] (toString s) + "'";
+  cleanSource = src: {
+    outPath = builtins.path {
+      path = src;
+      name = "source";
+      filter = path: type: baseNameOf path != ".git" && baseNameOf path != "result";
+    };
+  };
+}

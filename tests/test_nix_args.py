@@ -1,0 +1,468 @@
+"""makeDiskImage's argument handling, evaluated by real Nix (nix-instantiate --eval --strict --json).
+
+nix/make-disk-image.nix is called with tests/fake-nixpkgs.nix (fake store paths, nothing built): valid
+argument sets must give a spec that both the JSON Schema and the builder's loader accept, with the
+expected values; invalid ones must fail evaluation with a message naming the argument.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from builder.spec import SCHEMA_PATH, load_spec_document
+
+pytestmark = pytest.mark.nix
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE = REPO / "tests" / "fake-nixpkgs.nix"
+STORE = "/nix/store"
+DEFAULT_GUID = "F222513B-DED1-49FA-B591-20CE86A2FE7F"
+
+
+def nix_eval(expr: str) -> subprocess.CompletedProcess[str]:
+    """Evaluate a Nix expression strictly to JSON with the real nix-instantiate."""
+    return subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "--option", "substituters", "", "--expr", expr],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def image_expr(args: str, fake: str = "{ }") -> str:
+    """An expression calling makeDiskImage with fake pkgs/config and returning what tests look at."""
+    return f"""
+let
+  fake = import {FAKE} {fake};
+  image = import {REPO}/nix/make-disk-image.nix ({{ inherit (fake) pkgs lib config; }} // ({args}));
+in {{
+  spec = image.spec;
+  specFileText = image.specFile.text;
+  inVM = image.inVM or false;
+  filePath = image.filePath;
+  env = removeAttrs image.env [ "passthru" ];
+  buildCommand = image.buildCommand;
+  closureRoots = image.closureInfo.rootPaths;
+  toplevel = fake.toplevel;
+  channel = fake.channel;
+}}"""
+
+
+def evaluate(args: str, fake: str = "{ }") -> dict[str, Any]:
+    """Evaluate makeDiskImage with these arguments; fail the test with Nix's message if it errors."""
+    done = nix_eval(image_expr(args, fake))
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def schema_errors(doc: Any) -> list[str]:
+    """Every JSON Schema violation of the spec document."""
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
+    return [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+ENTRY = f"{STORE}/0123456789abcdfghijklmnpqrsvwxyz-pkg"
+EXTRA = f"{STORE}/abcdfghijklmnpqrsvwxyz0123456789-extra"
+
+# (id, Nix arguments, fake-nixpkgs arguments, expected spec values, expected extras)
+VALID: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
+    (
+        "defaults",
+        "{ }",
+        "{ }",
+        {
+            "specVersion": 1, "name": "nixos-disk-image", "baseName": "nixos", "format": "raw",
+            "partitionTableType": "legacy", "fsType": "ext4", "label": "nixos", "diskSize": "auto",
+            "additionalSpace": "512M", "bootSize": "256M", "contents": [], "installBootLoader": True,
+            "touchEFIVars": False, "efiFirmware": None, "efiVariables": None, "configFile": None,
+            "postVM": "", "memSize": 1024, "onlyNixStore": False, "deterministic": True,
+            "rootGPUID": DEFAULT_GUID, "rootFSUID": DEFAULT_GUID, "copyChannel": True,
+            "bootLoader": {"grubDevices": ["/dev/vda"]}, "sourceDateEpoch": 1, "enterCommand": "nixos-enter",
+        },
+        {"inVM": True, "filePath": "nixos.img"},
+    ),
+    (
+        "only-nix-store",
+        '{ onlyNixStore = true; installBootLoader = false; partitionTableType = "none"; }',
+        "{ }",
+        {"label": "nix-store", "onlyNixStore": True, "partitionTableType": "none"},
+        {"inVM": False},
+    ),
+    (
+        "efi-vars-from-ovmf",
+        '{ partitionTableType = "efi"; touchEFIVars = true; }',
+        "{ }",
+        {"touchEFIVars": True},
+        {"inVM": True, "efiFrom": "OVMF-fd"},
+    ),
+    (
+        "efi-vars-explicit-ovmf-not-forced",
+        '{ partitionTableType = "hybrid"; touchEFIVars = true; efiFirmware = "/fw/code.fd";'
+        ' efiVariables = "/fw/vars.fd"; }',
+        "{ touchOVMF = false; }",
+        {"efiFirmware": "/fw/code.fd", "efiVariables": "/fw/vars.fd"},
+        {"inVM": True},
+    ),
+    (
+        "ovmf-untouched-without-efi-vars",
+        '{ partitionTableType = "efi"; }',
+        "{ touchOVMF = false; }",
+        {"efiFirmware": None, "efiVariables": None, "touchEFIVars": False},
+        {},
+    ),
+    (
+        "efi-vars-from-ovmf-argument",
+        '{ partitionTableType = "legacy+gpt"; touchEFIVars = true;'
+        ' OVMF = { firmware = "/ovmf/CODE.fd"; variables = "/ovmf/VARS.fd"; }; }',
+        "{ touchOVMF = false; }",
+        {"efiFirmware": "/ovmf/CODE.fd", "efiVariables": "/ovmf/VARS.fd"},
+        {},
+    ),
+    (
+        "root-fs-uuid-follows-gpuid",
+        '{ rootGPUID = "11111111-2222-3333-4444-555555555555"; }',
+        "{ }",
+        {"rootGPUID": "11111111-2222-3333-4444-555555555555", "rootFSUID": "11111111-2222-3333-4444-555555555555"},
+        {},
+    ),
+    (
+        "not-deterministic-no-uuid",
+        "{ deterministic = false; rootFSUID = null; }",
+        "{ }",
+        {"deterministic": False, "rootFSUID": None},
+        {},
+    ),
+    (
+        "contents-numeric-owner-no-vm",
+        f'{{ installBootLoader = false; contents = [ {{ source = {FAKE}; target = "/etc/fake.nix"; mode = "0644";'
+        f' user = 1000; group = 100; }} {{ source = "{ENTRY}/share/*"; target = "/usr/share/"; }} ]; }}',
+        "{ }",
+        {"installBootLoader": False},
+        {"inVM": False, "contents": [("/etc/fake.nix", "0644", "1000", "100"), ("/usr/share/", None, None, None)]},
+    ),
+    (
+        "contents-named-owner-needs-vm",
+        f'{{ installBootLoader = false; contents = [ {{ source = "{ENTRY}"; target = "/srv/www";'
+        ' user = "nginx"; group = "nginx"; } ]; }',
+        "{ }",
+        {"contents": [{"source": ENTRY, "target": "/srv/www", "mode": None, "user": "nginx", "group": "nginx"}]},
+        {"inVM": True},
+    ),
+    (
+        "no-bootloader-no-vm",
+        "{ installBootLoader = false; }",
+        "{ }",
+        {"installBootLoader": False},
+        {"inVM": False},
+    ),
+    (
+        "qcow2-compressed-basename",
+        '{ diskSize = 2048; format = "qcow2-compressed"; baseName = "disk"; }',
+        "{ }",
+        {"diskSize": 2048, "format": "qcow2-compressed", "baseName": "disk"},
+        {"filePath": "disk.qcow2"},
+    ),
+    ("vpc-is-vhd", '{ format = "vpc"; }', "{ }", {"format": "vpc"}, {"filePath": "nixos.vhd"}),
+    ("vmdk-passes-through", '{ format = "vmdk"; }', "{ }", {"format": "vmdk"}, {"filePath": "nixos.vmdk"}),
+    ("vdi", '{ format = "vdi"; }', "{ }", {"format": "vdi"}, {"filePath": "nixos.vdi"}),
+    (
+        "no-channel",
+        "{ copyChannel = false; }",
+        "{ }",
+        {"copyChannel": False},
+        {"channel": None, "roots": ["toplevel"]},
+    ),
+    (
+        "additional-paths-minus-base",
+        f'{{ additionalPaths = [ fake.config.system.build.toplevel "{EXTRA}" ]; }}',
+        "{ }",
+        {},
+        {"additionalPaths": [EXTRA], "roots": ["toplevel", "channel", EXTRA]},
+    ),
+    (
+        "grub-disabled",
+        "{ }",
+        '{ grub = { enable = false; devices = [ "/dev/sda" ]; }; }',
+        {"bootLoader": {"grubDevices": []}},
+        {},
+    ),
+    (
+        "grub-nodev",
+        '{ partitionTableType = "efi"; }',
+        '{ grub = { enable = true; devices = [ "nodev" ]; }; }',
+        {"bootLoader": {"grubDevices": ["nodev"]}},
+        {},
+    ),
+    (
+        "label-and-config-file",
+        f'{{ label = "root"; configFile = {FAKE}; }}',
+        "{ }",
+        {"label": "root"},
+        {"configFileInStore": True},
+    ),
+    (
+        "mem-size-and-post-vm",
+        '{ memSize = 2048; postVM = "echo done > $out/done"; }',
+        "{ }",
+        {"memSize": 2048, "postVM": "echo done > $out/done"},
+        {"inVM": True, "memSize": 2048, "postVMTail": "echo done > $out/done"},
+    ),
+    (
+        "efixbootldr-boot-1G",
+        '{ partitionTableType = "efixbootldr"; bootSize = "1G"; }',
+        "{ }",
+        {"partitionTableType": "efixbootldr", "bootSize": "1G"},
+        {},
+    ),
+    (
+        "legacy-boot-sizes",
+        '{ partitionTableType = "legacy+boot"; bootSize = "512MiB"; additionalSpace = "1.5G"; }',
+        "{ }",
+        {"bootSize": "512MiB", "additionalSpace": "1.5G"},
+        {},
+    ),
+    ("name-characters", '{ name = "nixos-image+x.y_z"; }', "{ }", {"name": "nixos-image+x.y_z"}, {}),
+    (
+        "fixed-size-just-fits-boot",
+        '{ partitionTableType = "efi"; diskSize = 258; bootSize = "256M"; }',
+        "{ }",
+        {"diskSize": 258},
+        {},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "fake", "expected", "extra"),
+    [pytest.param(a, f, e, x, id=i) for i, a, f, e, x in VALID],
+)
+def test_valid_arguments_give_a_spec_both_sides_accept(
+    args: str, fake: str, expected: dict[str, Any], extra: dict[str, Any]
+) -> None:
+    result = evaluate(args, fake)
+    spec = result["spec"]
+    assert schema_errors(spec) == []
+    loaded = load_spec_document(spec)  # the builder's own loader: schema and cross-field rules
+    assert json.loads(result["specFileText"]) == spec, "the spec file must hold exactly the spec"
+    for key, value in expected.items():
+        assert spec[key] == value, key
+    assert spec["system"]["toplevel"] == result["toplevel"]
+    assert spec["system"]["storeDir"] == STORE
+    assert spec["system"]["closureInfo"].startswith(f"{STORE}/")
+    assert spec["system"]["channel"] == (result["channel"] if spec["copyChannel"] else None)
+    assert loaded.needs_vm == result["inVM"], "Nix and the builder must agree on whether a VM is needed"
+
+    if "inVM" in extra:
+        assert result["inVM"] == extra["inVM"]
+    if "filePath" in extra:
+        assert result["filePath"] == extra["filePath"] == loaded.image_file_name
+    if "efiFrom" in extra:
+        assert "OVMF-fd/FV/OVMF_CODE.fd" in spec["efiFirmware"]
+        assert "OVMF-fd/FV/OVMF_VARS.fd" in spec["efiVariables"]
+        assert spec["efiFirmware"] in result["env"]["QEMU_OPTS"]
+        assert "$out/efi-vars.fd" in result["env"]["QEMU_OPTS"]
+    if "contents" in extra:
+        got = [(c["target"], c["mode"], c["user"], c["group"]) for c in spec["contents"]]
+        assert got == extra["contents"]
+        assert spec["contents"][0]["source"].startswith(f"{STORE}/"), "a path literal is copied to the store"
+        assert spec["contents"][0]["source"].endswith("-fake-nixpkgs.nix")
+        assert spec["contents"][1]["source"] == f"{ENTRY}/share/*"
+    if "roots" in extra:
+        names = {"toplevel": result["toplevel"], "channel": result["channel"]}
+        assert result["closureRoots"] == [names.get(r, r) for r in extra["roots"]]
+    if "additionalPaths" in extra:
+        assert spec["system"]["additionalPaths"] == extra["additionalPaths"]
+    if extra.get("configFileInStore"):
+        assert spec["configFile"].startswith(f"{STORE}/") and spec["configFile"].endswith("-fake-nixpkgs.nix")
+    if "memSize" in extra:
+        assert result["env"]["memSize"] == extra["memSize"]
+    if "postVMTail" in extra:
+        assert result["env"]["postVM"].rstrip().endswith(extra["postVMTail"])
+
+
+def test_vm_derivation_runs_prepare_finalize_convert_in_vmtools_order() -> None:
+    result = evaluate('{ format = "qcow2"; postVM = "echo user-post-vm"; }')
+    env = result["env"]
+    assert result["inVM"] is True
+    assert "make-disk-image prepare" in env["preVM"] and "diskImage=nixos.raw" in env["preVM"]
+    assert "make-disk-image finalize" in result["buildCommand"] and "--device /dev/vda" in result["buildCommand"]
+    post = env["postVM"]
+    assert post.index("make-disk-image convert") < post.index("diskImage=$out/nixos.qcow2") < post.index(
+        "echo user-post-vm"
+    )
+
+
+def test_plain_derivation_when_no_vm_is_needed() -> None:
+    result = evaluate('{ installBootLoader = false; postVM = "echo user-post-vm"; }')
+    assert result["inVM"] is False
+    cmd = result["buildCommand"]
+    assert "preVM" not in result["env"] and "memSize" not in result["env"]
+    order = ["make-disk-image prepare", "make-disk-image convert", "diskImage=$out/nixos.img", "echo user-post-vm"]
+    positions = [cmd.index(s) for s in order]
+    assert positions == sorted(positions)
+
+
+# (id, Nix arguments, fragments the error message must contain)
+INVALID: list[tuple[str, str, list[str]]] = [
+    ("unknown-close", '{ partitionTabletype = "efi"; }',
+     ["unknown argument partitionTabletype", 'did you mean "partitionTableType"']),
+    ("unknown-typo", "{ diskSise = 100; }", ["unknown argument diskSise", 'did you mean "diskSize"']),
+    ("unknown-case", "{ memsize = 100; }", ["unknown argument memsize", 'did you mean "memSize"']),
+    ("unknown-far", "{ frobnicate = true; }", ["unknown argument frobnicate", "known arguments:", "diskSize"]),
+    ("disk-size-quoted", '{ diskSize = "10"; }', ['diskSize = "10"', "positive integer", "without quotes"]),
+    ("disk-size-zero", "{ diskSize = 0; }", ["diskSize = 0", "positive integer"]),
+    ("disk-size-negative", "{ diskSize = -5; }", ["diskSize = -5", '"auto"']),
+    ("disk-size-word", '{ diskSize = "big"; }', ['diskSize = "big"', '"auto"']),
+    ("additional-space-word", '{ additionalSpace = "lots"; }', ['additionalSpace = "lots"', "size string"]),
+    ("additional-space-int", "{ additionalSpace = 512; }", ["additionalSpace = 512", "size string"]),
+    ("boot-size-space", '{ bootSize = "256 M"; }', ['bootSize = "256 M"', "size string"]),
+    ("boot-size-below-esp", '{ partitionTableType = "efi"; bootSize = "8M"; }',
+     ['bootSize = "8M"', "END offset", "8 MiB"]),
+    ("boot-size-below-xbootldr", '{ partitionTableType = "efixbootldr"; bootSize = "64M"; }',
+     ['bootSize = "64M"', "100 MiB"]),
+    ("disk-smaller-than-boot", '{ partitionTableType = "efi"; diskSize = 200; }',
+     ["diskSize = 200", 'bootSize = "256M"']),
+    ("table-unknown", '{ partitionTableType = "gpt"; }', ['partitionTableType = "gpt"', '"legacy+gpt"']),
+    ("table-case", '{ partitionTableType = "EFI"; }', ['partitionTableType = "EFI"', 'did you mean "efi"']),
+    ("format-typo", '{ format = "qcow3"; }', ['format = "qcow3"', 'did you mean "qcow2"']),
+    ("format-unknown", '{ format = "iso"; }', ['format = "iso"', '"raw"', '"vpc"']),
+    ("fs-type", '{ fsType = "btrfs"; }', ['fsType = "btrfs"', '"ext4"']),
+    ("fs-type-none-table", '{ fsType = "xfs"; partitionTableType = "none"; }', ['fsType = "xfs"']),
+    ("bool-string", '{ installBootLoader = "yes"; }', ['installBootLoader = "yes"', "true or false"]),
+    ("bool-int", "{ copyChannel = 1; }", ["copyChannel = 1", "true or false"]),
+    ("efi-vars-on-legacy", "{ touchEFIVars = true; }", ["touchEFIVars = true", 'partitionTableType = "legacy"']),
+    ("store-only-bootloader", "{ onlyNixStore = true; }", ["installBootLoader = true", "onlyNixStore = true"]),
+    ("store-only-contents",
+     f'{{ onlyNixStore = true; installBootLoader = false; contents = [ {{ source = "{ENTRY}"; target = "/x"; }} ]; }}',
+     ["contents = ", "onlyNixStore = true"]),
+    ("store-only-config", f'{{ onlyNixStore = true; installBootLoader = false; configFile = "{ENTRY}"; }}',
+     ["configFile = ", "onlyNixStore = true"]),
+    ("deterministic-no-uuid", "{ rootFSUID = null; }", ["rootFSUID = null", "deterministic = true"]),
+    ("gpuid-malformed", '{ rootGPUID = "not-a-guid"; }', ['rootGPUID = "not-a-guid"', "GUID"]),
+    ("fsuid-malformed", '{ rootFSUID = "1234"; }', ['rootFSUID = "1234"', "UUID"]),
+    ("label-long", '{ label = "a-label-that-is-too-long"; }', ['label = "a-label-that-is-too-long"', "16"]),
+    ("label-slash", '{ label = "a/b"; }', ['label = "a/b"', '"/"']),
+    ("mem-small", "{ memSize = 64; }", ["memSize = 64", "128"]),
+    ("mem-string", '{ memSize = "1024"; }', ['memSize = "1024"', "integer"]),
+    ("name-space", '{ name = "my image"; }', ['name = "my image"', "derivation name"]),
+    ("basename-slash", '{ baseName = "../x"; }', ['baseName = "../x"', "file name"]),
+    ("contents-not-list", '{ contents = "file"; }', ['contents = "file"', "list"]),
+    ("contents-no-target", f'{{ contents = [ {{ source = "{ENTRY}"; }} ]; }}', ["contents[0] has no target"]),
+    ("contents-no-source", '{ contents = [ { target = "/x"; } ]; }', ["contents[0] has no source"]),
+    ("contents-relative-target", f'{{ contents = [ {{ source = "{ENTRY}"; target = "etc/x"; }} ]; }}',
+     ['contents[0].target = "etc/x"', "absolute path"]),
+    ("contents-dotdot", f'{{ contents = [ {{ source = "{ENTRY}"; target = "/a/../../x"; }} ]; }}',
+     ['contents[0].target = "/a/../../x"', '".."']),
+    ("contents-root-target", f'{{ contents = [ {{ source = "{ENTRY}"; target = "/"; }} ]; }}',
+     ['contents[0].target = "/"', "image root"]),
+    ("contents-user-only", f'{{ contents = [ {{ source = "{ENTRY}"; target = "/x"; user = "root"; }} ]; }}',
+     ["contents[0]", 'user = "root"', "group = null", "both"]),
+    ("contents-mode", f'{{ contents = [ {{ source = "{ENTRY}"; target = "/x"; mode = "rwx"; }} ]; }}',
+     ['contents[0].mode = "rwx"', "octal"]),
+    ("contents-unknown-key", f'{{ contents = [ {{ source = "{ENTRY}"; target = "/x"; mod = "0644"; }} ]; }}',
+     ['contents[0] has an unknown attribute "mod"', 'did you mean "mode"']),
+    ("contents-duplicate",
+     f'{{ contents = [ {{ source = "{ENTRY}"; target = "/x"; }} {{ source = "{EXTRA}"; target = "/x/"; }} ]; }}',
+     ['contents[1].target = "/x/"', "duplicates"]),
+    ("contents-bad-owner", f'{{ contents = [ {{ source = "{ENTRY}"; target = "/x"; user = "a b"; group = "c"; }} ]; }}',
+     ['contents[0].user = "a b"', "user/group name"]),
+    ("contents-relative-source", '{ contents = [ { source = "relative/file"; target = "/x"; } ]; }',
+     ['contents[0].source = "relative/file"', "absolute path"]),
+    ("additional-paths-relative", '{ additionalPaths = [ "relative" ]; }',
+     ['additionalPaths = "relative"', "store path"]),
+    ("additional-paths-not-list", f'{{ additionalPaths = "{ENTRY}"; }}', ["additionalPaths = ", "list"]),
+    ("config-file-relative", '{ configFile = "configuration.nix"; }', ['configFile = "configuration.nix"', "path"]),
+    ("post-vm-list", '{ postVM = [ "x" ]; }', ['postVM = [ "x" ]', "shell commands"]),
+    ("efi-firmware-int", "{ efiFirmware = 3; }", ["efiFirmware = 3", "path"]),
+    ("ovmf-string", '{ OVMF = "ovmf"; }', ['OVMF = "ovmf"', "pkgs.OVMF.fd"]),
+    ("ovmf-without-variables", '{ partitionTableType = "efi"; touchEFIVars = true; OVMF = { firmware = "/f"; }; }',
+     ["OVMF = ", "variables"]),
+]
+
+
+def test_at_least_thirty_invalid_argument_sets() -> None:
+    assert len(INVALID) >= 30
+
+
+@pytest.mark.parametrize(("args", "fragments"), [pytest.param(a, f, id=i) for i, a, f in INVALID])
+def test_invalid_arguments_fail_evaluation_naming_the_argument(args: str, fragments: list[str]) -> None:
+    done = nix_eval(image_expr(args))
+    assert done.returncode != 0, f"evaluation succeeded: {done.stdout[:300]}"
+    message = done.stderr
+    assert "makeDiskImage: " in message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+    assert "assertion" not in message.lower() and "Traceback" not in message
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    done = nix_eval(image_expr('{ diskSize = "x"; format = "iso"; memSize = 1; }'))
+    assert done.returncode != 0
+    for arg in ('diskSize = "x"', 'format = "iso"', "memSize = 1"):
+        assert arg in done.stderr
+
+
+def test_missing_required_argument_is_named() -> None:
+    done = nix_eval(f"import {REPO}/nix/make-disk-image.nix {{ pkgs = {{ }}; lib = {{ }}; }}")
+    assert done.returncode != 0
+    assert "config" in done.stderr
+
+
+def test_bad_grub_devices_from_config_are_named() -> None:
+    done = nix_eval(image_expr("{ }", '{ grub = { enable = true; devices = [ "sda" ]; }; }'))
+    assert done.returncode != 0
+    assert 'config.boot.loader.grub.devices = [ "sda" ]' in done.stderr
+
+
+def test_every_nixpkgs_argument_is_accepted() -> None:
+    # DESIGN §2 / nixpkgs-notes §1.1: every argument of the seed and of current nixpkgs, same names.
+    nixpkgs_args = {
+        "pkgs", "lib", "config", "diskSize", "additionalSpace", "bootSize", "contents", "partitionTableType",
+        "installBootLoader", "touchEFIVars", "OVMF", "efiFirmware", "efiVariables", "fsType", "label",
+        "configFile", "postVM", "memSize", "onlyNixStore", "name", "format", "baseName", "deterministic",
+        "rootGPUID", "rootFSUID", "copyChannel", "additionalPaths",
+    }
+    done = nix_eval(f"(import {REPO}/nix/args.nix).knownArgs")
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(done.stdout)) == nixpkgs_args
+
+
+def _levenshtein(a: str, b: str) -> int:
+    """Reference edit distance (case-insensitive) to check the Nix one against."""
+    a, b = a.lower(), b.lower()
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def test_edit_distance_matches_a_reference() -> None:
+    pairs = [("kitten", "sitting"), ("", "abc"), ("abc", ""), ("diskSize", "disksise"), ("flaw", "lawn"),
+             ("partitionTableType", "partitiontabletype"), ("qcow3", "qcow2"), ("a", "a")]
+    expr = "let A = import {}/nix/args.nix; in [ {} ]".format(
+        REPO, " ".join(f"(A.editDistance {json.dumps(a)} {json.dumps(b)})" for a, b in pairs)
+    )
+    done = nix_eval(expr)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [_levenshtein(a, b) for a, b in pairs]
+
+
+def test_iec_parsing_matches_the_builder() -> None:
+    from builder.sizes import parse_iec
+
+    sizes = ["512M", "1.5G", "256MiB", "1", "0.5K", "3.333M", "1E", "100MB"]
+    expr = "let A = import {}/nix/args.nix; in map A.parseIEC [ {} ]".format(
+        REPO, " ".join(json.dumps(s) for s in sizes)
+    )
+    done = nix_eval(expr)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [parse_iec(s) for s in sizes]
