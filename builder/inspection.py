@@ -115,7 +115,7 @@ def _partitions(raw: Path, table: dict[str, Any]) -> list[dict[str, Any]]:
             "start": start,
             "size": size,
             "end": start + size,
-            "type": str(p["type"]).upper(),
+            "type": str(p["type"]).upper() if table["label"] == "gpt" else str(p["type"]),
             "guid": p.get("uuid"),
             "name": p.get("name"),
             "attrs": p.get("attrs"),
