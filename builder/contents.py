@@ -122,14 +122,24 @@ def _stage_entry(root: Path, entry: Content, index: int, store_dir: str) -> list
     return [dest]
 
 
-def stage_contents(spec: Spec, root: Path) -> list[OwnerFix]:
-    """Place every contents entry under root; return the numeric owners to apply in the filesystem."""
+@dataclass(frozen=True)
+class StagedContents:
+    """What staging the contents produced: the copies (which keep their sources' times) and owners to set."""
+
+    copies: tuple[Path, ...]
+    owner_fixes: tuple[OwnerFix, ...]
+
+
+def stage_contents(spec: Spec, root: Path) -> StagedContents:
+    """Place every contents entry under root; return the copies made and the numeric owners to apply."""
     fixes: list[OwnerFix] = []
+    copies: list[Path] = []
     for index, entry in enumerate(spec.contents):
         try:
             created = _stage_entry(root, entry, index, spec.store_dir)
         except OSError as exc:
             raise UserError(f"contents[{index}] ({entry.source!r} -> {entry.target!r}): {exc}") from None
+        copies += created
         for path in created:
             if entry.mode is not None:
                 _chmod_tree(path, entry.mode)
@@ -140,4 +150,4 @@ def stage_contents(spec: Spec, root: Path) -> list[OwnerFix]:
                         raise UserError(f"contents[{index}].target: {image_path!r} holds a newline, which cannot "
                                         "be given a numeric owner")
                     fixes.append(OwnerFix(image_path, owner[0], owner[1]))
-    return fixes
+    return StagedContents(tuple(copies), tuple(fixes))

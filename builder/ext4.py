@@ -124,7 +124,9 @@ def _quote(path: str) -> str:
     return '"' + path.replace('"', '""') + '"'
 
 
-def normalize(image: Path, offset: int, fixes: Sequence[OwnerFix], epoch: int, scratch: Path) -> None:
+def normalize(
+    image: Path, offset: int, fixes: Sequence[OwnerFix], epoch: int, scratch: Path, params: Ext4Params
+) -> None:
     """Owners to root (or the contents' numeric owners) and atime/ctime/crtime to the epoch, in one debugfs run."""
     target = f"{image}?offset={offset}"
     lines: list[str] = []
@@ -137,7 +139,8 @@ def normalize(image: Path, offset: int, fixes: Sequence[OwnerFix], epoch: int, s
         lines += [f"sif {_quote(fix.image_path)} uid {fix.uid}", f"sif {_quote(fix.image_path)} gid {fix.gid}"]
     cmd_file = scratch / "debugfs.cmds"
     cmd_file.write_text("\n".join(lines) + "\n")
-    res = subprocess.run(["debugfs", "-w", "-f", str(cmd_file), target], capture_output=True, text=True)
+    res = subprocess.run(["debugfs", "-w", "-f", str(cmd_file), target], capture_output=True, text=True,
+                         env=_env(params))
     errors = [ln for ln in res.stderr.splitlines() if ln and not ln.startswith("debugfs ")]
     if res.returncode != 0 or errors:
         raise BuildError(f"debugfs could not set owners and times: {'; '.join(errors[:5]) or res.returncode}")

@@ -78,8 +78,9 @@ def stage_root(spec: Spec, regs: list[store.Registration], root: Path) -> Staged
     if spec.only_nix_store:
         binds = _placeholders(spec, regs, root)
     else:
-        fixes = stage_contents(spec, root)
-        keep = {str(root / c.target.lstrip("/")) for c in spec.contents}
+        staged_contents = stage_contents(spec, root)
+        fixes = list(staged_contents.owner_fixes)
+        keep = {str(p) for p in staged_contents.copies}
         store.write_nix_state(spec, root, regs)
         store_root = root / spec.store_dir.lstrip("/")
         binds = _placeholders(spec, regs, store_root)
@@ -156,18 +157,25 @@ def choose_size(spec: Spec, staged: StagedRoot, scratch: Path) -> Sizing:
     return Sizing(disk, fs_size, inodes, usage)
 
 
-def _populate_binds(staged: StagedRoot) -> list[tuple[str, str]]:
+def _populate_binds(staged: StagedRoot, epoch: int) -> list[tuple[str, str]]:
     """Store binds for mkfs, or [] after copying the store into the staging root when namespaces are unavailable."""
     if userns_available():
         return list(staged.store_binds)
     info("user namespaces unavailable: copying the closure into the staging root")
+    by_parent: dict[str, list[str]] = {}
     for src, dest in staged.store_binds:
         if os.path.isdir(dest):
             os.rmdir(dest)
-            shutil.copytree(src, dest, symlinks=True)
         else:
             os.unlink(dest)
-            shutil.copy2(src, dest, follow_symlinks=False)
+        by_parent.setdefault(os.path.dirname(dest), []).append(src)
+    for parent, sources in by_parent.items():
+        # One cp for all paths keeps hard links between store paths (auto-optimise-store) as links.
+        res = subprocess.run(["cp", "-a", "--reflink=auto", "-t", parent, *sources], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise BuildError(f"copying the closure failed: {res.stderr.strip()}")
+    for parent in {os.path.dirname(dest) for _, dest in staged.store_binds}:
+        os.utime(parent, (epoch, epoch))
     return []
 
 
@@ -181,10 +189,10 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
     root = plan.root
     params = _ext4_params(spec, size.inodes)
     with step("root filesystem (mkfs.ext4 -d)"):
-        binds = _populate_binds(staged)
+        binds = _populate_binds(staged, spec.source_date_epoch)
         ext4.populate(image, root.start, size.fs_size, staged.root, params, binds, scratch)
     with step("owners and times (debugfs)"):
-        ext4.normalize(image, root.start, staged.owner_fixes, spec.source_date_epoch, scratch)
+        ext4.normalize(image, root.start, staged.owner_fixes, spec.source_date_epoch, scratch, params)
     with step("boot filesystems"):
         for p in plan.partitions:
             if p.fs == "vfat":
