@@ -1,0 +1,198 @@
+"""`python -m bench`: generate the closures, time every method in alternated runs, write the results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .closure import Closure, ensure_closure, remove_tree
+from .machine import machine_facts
+from .measure import image_facts
+from .methods import (
+    BOOT_MIB,
+    METHODS,
+    ROOT_ONLY,
+    Plan,
+    builder_plan,
+    ensure_loop_nodes,
+    floor_plan,
+    repart_plan,
+    seed_plan,
+)
+from .report import render, summarise
+from .seedsize import seed_auto_size
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'256M', '1G', '4G' -> bytes."""
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in _UNITS:
+        return int(float(text[:-1]) * _UNITS[text[-1]])
+    return int(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Command line options."""
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--sizes", default="256M,1G,4G", help="closure sizes to generate and time (default 256M,1G,4G)")
+    p.add_argument("--runs", type=int, default=3, help="alternated runs per method and size; medians are reported")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    p.add_argument("--work", type=Path, default=Path(os.environ.get("BENCH_WORK", "/var/tmp/mdi-bench")),
+                   help="work dir: cached closures and scratch space (default $BENCH_WORK or /var/tmp/mdi-bench)")
+    p.add_argument("--cache", choices=("warm", "drop"), default="warm",
+                   help="before every timed run: read the whole tree (warm) or sync and drop the page cache (drop)")
+    p.add_argument("--seed-staging", choices=("disk", "tmpfs"), default="disk",
+                   help="where the seed's method stages its copy of the closure (disk: in --work; tmpfs: /dev/shm)")
+    p.add_argument("--seed", type=int, default=1, help="PRNG seed of the closure generator")
+    p.add_argument("--out", type=Path, default=REPO / "bench/results.md", help="results table (markdown)")
+    p.add_argument("--python", default=sys.executable, help="interpreter that runs the builder")
+    p.add_argument("--builder-src", type=Path, default=REPO,
+                   help="directory holding the `builder` package to time (default: this checkout)")
+    return p
+
+
+def prepare_cache(closure: Closure, mode: str) -> None:
+    """Make the page cache state the same before every timed run."""
+    subprocess.run(["sync"], check=True)
+    if mode == "drop":
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    else:
+        subprocess.run(f"find {closure.root!s} -type f -print0 | xargs -0 -r cat > /dev/null", shell=True,
+                       check=True)
+
+
+def run_plan(plan: Plan) -> dict[str, Any]:
+    """Time a plan in a fresh child (bench.runner), so its rusage covers exactly these commands."""
+    proc = subprocess.run([sys.executable, "-m", "bench.runner"], input=json.dumps(plan.steps),
+                          capture_output=True, text=True, cwd=REPO)
+    if not proc.stdout.strip():
+        return {"error": f"runner failed: {proc.stderr[-2000:]}"}
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def cleanup(scratch: Path) -> None:
+    """Undo what a failed run may leave: mounts under scratch, loop devices on its images, files."""
+    mnt = scratch / "mnt"
+    if mnt.is_dir() and subprocess.run(["mountpoint", "-q", str(mnt)]).returncode == 0:
+        subprocess.run(["umount", str(mnt)])
+    loops = subprocess.run(["losetup", "-nO", "NAME,BACK-FILE", "-l"], capture_output=True, text=True).stdout
+    for line in loops.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[1].startswith(str(scratch)):
+            subprocess.run(["losetup", "-d", parts[0]])
+    remove_tree(scratch)
+
+
+def time_method(method: str, closure: Closure, work: Path, args: argparse.Namespace,
+                ref: dict[str, int], measure_all: bool) -> dict[str, Any]:
+    """One timed run of one method, then its image measured (outside the timing) and removed."""
+    scratch = work / "scratch" / method
+    cleanup(scratch)
+    scratch.mkdir(parents=True)
+    staging = (Path("/dev/shm/mdi-bench-staging") if args.seed_staging == "tmpfs" else work / "staging")
+    remove_tree(staging)
+    if method == "builder":
+        plan = builder_plan(closure, scratch, args.python, args.builder_src, os.geteuid() == 0)
+    elif method == "floor":
+        plan = floor_plan(closure, scratch, ref["disk"], ref["root_offset"], ref["root_size"])
+    elif method == "repart":
+        plan = repart_plan(closure, scratch, ref["repart_disk"], ref["repart_root"])
+    else:
+        plan = seed_plan(closure, scratch, staging, REPO)
+    if method in ROOT_ONLY:
+        ensure_loop_nodes()
+    prepare_cache(closure, args.cache)
+    result = run_plan(plan)
+    record: dict[str, Any] = {"method": method, **result}
+    if result.get("error") is None:
+        try:
+            facts = image_facts(plan.image, fsck=measure_all, scan=measure_all, offset=plan.root_offset)
+            record["facts"] = facts.as_dict()
+        except (OSError, subprocess.CalledProcessError, RuntimeError, KeyError) as exc:
+            record["error"] = f"measuring {plan.image}: {exc}"
+    if method == "repart":
+        record["repart_root_request"] = ref["repart_root"]
+    cleanup(scratch)
+    remove_tree(staging)
+    return record
+
+
+def bench_size(label: str, args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
+    """Generate (or reuse) one closure and time every method on it in alternated runs."""
+    t0 = time.monotonic()
+    closure = ensure_closure(args.work, parse_size(label), args.seed, label)
+    print(f"== {label}: closure ready in {time.monotonic() - t0:.1f}s "
+          f"({closure.manifest['store_paths']} store paths, {closure.manifest['counts']['inodes']} inodes)",
+          flush=True)
+    formula = seed_auto_size(closure.root, BOOT_MIB * MiB, 512 * MiB)
+    # the floor and repart get the builder's sizes; until (or unless) the builder ran, the seed formula's
+    ref = {"disk": formula["disk"], "root_offset": BOOT_MIB * MiB, "root_size": formula["root_fs"]}
+    records: list[dict[str, Any]] = []
+    for run in range(args.runs):
+        order = methods[run % len(methods):] + methods[:run % len(methods)]
+        if run == 0 and "builder" in order:
+            order.remove("builder")
+            order.insert(0, "builder")
+        for method in order:
+            if method == "repart" and "repart_root" not in ref:
+                ref["repart_disk"], ref["repart_root"] = ref["disk"], ref["root_size"]
+            record = time_method(method, closure, args.work, args, ref, measure_all=(run == 0))
+            while method == "repart" and run == 0 and record.get("error") and \
+                    ref["repart_root"] < 3 * closure.manifest["counts"]["du_bytes"]:
+                # hand sizing: grow the root by 10% of the tree until repart's copy fits
+                print(f"   repart failed with root {ref['repart_root'] // MiB} MiB; growing it", flush=True)
+                ref["repart_root"] += closure.manifest["counts"]["du_bytes"] // 10 // MiB * MiB
+                ref["repart_disk"] += closure.manifest["counts"]["du_bytes"] // 10 // MiB * MiB
+                record = time_method(method, closure, args.work, args, ref, measure_all=True)
+            record["run"] = run
+            records.append(record)
+            status = "FAILED: " + record["error"][-1500:] if record.get("error") else \
+                f"{record['wall']:.2f}s wall, {record['user'] + record['sys']:.2f}s cpu, " \
+                f"{record['maxrss_kib'] / 1024:.0f} MiB peak"
+            print(f"   run {run + 1}/{args.runs} {method:8s} {status}", flush=True)
+            if method == "builder" and run == 0 and not record.get("error"):
+                f = record["facts"]
+                ref.update(disk=f["apparent"], root_offset=f["root_offset"], root_size=f["root_size"])
+    return {"label": label, "manifest": closure.manifest, "seed_formula": formula, "records": records,
+            "ref": ref}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write bench/results.md and results.json."""
+    args = _parser().parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or args.runs < 1:
+        print(f"error: --methods {args.methods!r}: allowed {', '.join(METHODS)}; --runs must be >= 1",
+              file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        dropped = [m for m in methods if m in ROOT_ONLY]
+        if dropped:
+            print(f"note: not root, so {', '.join(dropped)} (loop devices and mount) are skipped", file=sys.stderr)
+        methods = [m for m in methods if m not in ROOT_ONLY]
+    args.work.mkdir(parents=True, exist_ok=True)
+    facts = machine_facts(args.work, REPO)
+    config = {"builder_src": str(args.builder_src), "sizes": args.sizes, "runs": args.runs, "methods": methods,
+              "cache": args.cache, "seed_staging": args.seed_staging, "seed": args.seed, "work": str(args.work)}
+    sizes = [bench_size(label.strip(), args, methods) for label in args.sizes.split(",") if label.strip()]
+    summary = summarise(sizes, methods)
+    text = render(facts, config, sizes, summary)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"machine": facts, "config": config, "sizes": sizes, "summary": summary}, indent=1) + "\n")
+    print(text)
+    print(f"written: {args.out} and {args.out.with_suffix('.json')}")
+    return 0

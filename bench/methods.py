@@ -1,0 +1,128 @@
+"""The four ways to build the same `efi` image with an ext4 root, each as a list of commands to time."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .closure import LOGICAL_STORE, Closure
+
+METHODS = ("builder", "floor", "repart", "seed")
+ROOT_ONLY = ("repart", "seed")
+BOOT_MIB = 256
+ADDITIONAL_SPACE = "512M"
+LABEL = "nixos"
+ROOT_GUID = "F222513B-DED1-49FA-B591-20CE86A2FE7F"
+REPART_SEED = "6e1f2a52-3c4d-4e5f-8a9b-0c1d2e3f4a5b"
+Step = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One method run: the commands to time and the image file they leave."""
+
+    steps: list[Step]
+    image: Path
+    root_offset: int | None = None  # where the root fs starts when the image has no partition table
+
+
+def spec_document(closure: Closure, logical_store: bool) -> dict[str, Any]:
+    """The builder's spec for the closure: efi, ext4, auto size, no VM (no bootloader, contents or channel).
+
+    With logical_store the spec names /nix/store (the tree is bind-mounted there), else the tree's own
+    store directory, which the builder then also uses as the store's place inside the image.
+    """
+    store = LOGICAL_STORE if logical_store else str(closure.store_dir)
+    info = closure.closure_info_nix if logical_store else closure.closure_info
+    return {
+        "specVersion": 1, "name": "bench-disk-image", "baseName": "nixos", "format": "raw",
+        "partitionTableType": "efi", "fsType": "ext4", "label": LABEL, "diskSize": "auto",
+        "additionalSpace": ADDITIONAL_SPACE, "bootSize": f"{BOOT_MIB}M", "contents": [],
+        "installBootLoader": False, "touchEFIVars": False, "efiFirmware": None, "efiVariables": None,
+        "configFile": None, "postVM": "", "memSize": 1024, "onlyNixStore": False, "deterministic": True,
+        "rootGPUID": ROOT_GUID, "rootFSUID": ROOT_GUID.lower(), "copyChannel": False,
+        "system": {
+            "toplevel": f"{store}/{closure.toplevel.name}", "closureInfo": str(info), "channel": None,
+            "additionalPaths": [], "storeDir": store,
+        },
+        "bootLoader": {"grubDevices": []}, "sourceDateEpoch": 1, "enterCommand": "chroot",
+    }
+
+
+def builder_plan(closure: Closure, scratch: Path, python: str, src: Path, as_root: bool) -> Plan:
+    """`python -m builder prepare` then `convert` to raw, as a Nix build would run them.
+
+    As root the closure is bind-mounted on /nix/store in a private mount namespace (what a Nix build
+    sandbox sees), so the image holds /nix/store like the other methods' images; `src` is the directory
+    holding the `builder` package to time.
+    """
+    spec = scratch / "spec.json"
+    spec.write_text(json.dumps(spec_document(closure, logical_store=as_root), indent=2) + "\n")
+    raw, out, work = scratch / "prepared.raw", scratch / "out", scratch / "builder-work"
+    work.mkdir()
+    env = {"PYTHONPATH": str(src)}
+    prepare = [python, "-m", "builder", "prepare", str(spec), "--image", str(raw), "--work", str(work)]
+    if as_root:
+        prepare = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   'mount --bind "$0" /nix/store && exec "$@"', str(closure.store_dir), *prepare]
+    return Plan([
+        {"name": "prepare", "argv": prepare, "env": env, "cwd": str(src)},
+        {"name": "convert", "argv": [python, "-m", "builder", "convert", str(spec), "--image", str(raw),
+                                     "--out", str(out)], "env": env, "cwd": str(src)},
+        {"name": "sync", "argv": ["sync"]},
+    ], out / "nixos.img")
+
+
+def floor_plan(closure: Closure, scratch: Path, disk_size: int, root_offset: int, root_size: int) -> Plan:
+    """`mkfs.ext4 -d` straight from the closure tree at the builder's root offset, in a file of its size."""
+    image = scratch / "floor.img"
+    return Plan([
+        {"name": "truncate", "argv": ["truncate", "-s", str(disk_size), str(image)]},
+        {"name": "mkfs-d", "argv": ["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", LABEL, "-d", str(closure.root),
+                                    "-E", f"offset={root_offset}", str(image), f"{root_size // 1024}k"]},
+        {"name": "sync", "argv": ["sync"]},
+    ], image, root_offset)
+
+
+def repart_plan(closure: Closure, scratch: Path, disk_size: int, root_size: int) -> Plan:
+    """systemd-repart 252: ESP + root with CopyFiles=, sized by hand (its --size=auto ignores CopyFiles)."""
+    defs = scratch / "repart.d"
+    defs.mkdir()
+    (defs / "10-esp.conf").write_text(
+        f"[Partition]\nType=esp\nFormat=vfat\nSizeMinBytes={BOOT_MIB - 8}M\nSizeMaxBytes={BOOT_MIB - 8}M\n")
+    (defs / "20-root.conf").write_text(
+        f"[Partition]\nType=root\nFormat=ext4\nLabel={LABEL}\nCopyFiles={closure.root}/nix:/nix\n"
+        f"SizeMinBytes={root_size}\n")
+    image = scratch / "repart.img"
+    return Plan([
+        {"name": "repart", "argv": ["systemd-repart", "--empty=create", f"--size={disk_size}", "--dry-run=no",
+                                    f"--definitions={defs}", f"--seed={REPART_SEED}", "--no-pager", str(image)]},
+        {"name": "sync", "argv": ["sync"]},
+    ], image)
+
+
+def seed_plan(closure: Closure, scratch: Path, staging: Path, repo: Path) -> Plan:
+    """The seed's method (bench/seed_method.sh): staging copy, DB, auto size, parted, mkfs, loop mount, cp -a."""
+    image = scratch / "seed.img"
+    env = {
+        "TREE": str(closure.root), "STAGE": str(staging), "IMG": str(image), "MNT": str(scratch / "mnt"),
+        "REG": str(closure.closure_info_nix / "registration"),
+        "TOPLEVEL": f"{LOGICAL_STORE}/{closure.toplevel.name}", "BOOT_MIB": str(BOOT_MIB),
+        "ADDITIONAL": ADDITIONAL_SPACE, "LABEL": LABEL, "HOME": str(scratch), "LC_ALL": "C",
+    }
+    return Plan([
+        {"name": "seed", "argv": ["bash", str(repo / "bench/seed_method.sh")], "env": env},
+        {"name": "sync", "argv": ["sync"]},
+    ], image)
+
+
+def ensure_loop_nodes(count: int = 32) -> None:
+    """Recreate /dev/loopN nodes: systemd-repart 252 deletes the ones it used, which breaks the next losetup."""
+    for n in range(count):
+        node = Path(f"/dev/loop{n}")
+        if not node.exists():
+            os.mknod(node, 0o660 | stat.S_IFBLK, os.makedev(7, n))

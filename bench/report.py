@@ -1,0 +1,177 @@
+"""Medians, ratios within the run, the issue's targets (PASS/FAIL) and the markdown results table."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+MiB = 1 << 20
+ADDITIONAL = 512 * MiB
+TARGET_SIZES = ("1G", "4G")  # where the builder/floor target applies
+
+
+def _median(values: list[float]) -> float:
+    """Median, or NaN for no values."""
+    return statistics.median(values) if values else float("nan")
+
+
+def _method_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the successful runs of one method, with the first run's image facts."""
+    ok = [r for r in records if not r.get("error")]
+    out: dict[str, Any] = {"runs": len(ok), "failures": len(records) - len(ok),
+                           "errors": [r["error"][:500] for r in records if r.get("error")]}
+    if not ok:
+        return out
+    walls = [r["wall"] for r in ok]
+    out.update(
+        wall=_median(walls), wall_min=min(walls), wall_max=max(walls),
+        cpu=_median([r["user"] + r["sys"] for r in ok]),
+        rss_mib=_median([r["maxrss_kib"] / 1024 for r in ok]),
+        rss_max_mib=max(r["maxrss_kib"] / 1024 for r in ok),
+        facts=next((r["facts"] for r in ok if r["facts"]["fsck_ok"] is not None), ok[0]["facts"]),
+    )
+    steps: dict[str, list[float]] = {}
+    for r in ok:
+        for name, seconds in r["steps"]:
+            steps.setdefault(name, []).append(seconds)
+    out["steps"] = {name: _median(v) for name, v in steps.items()}
+    return out
+
+
+def summarise(sizes: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+    """Per size: each method's medians, the ratios between them, and the auto-size numbers."""
+    result: dict[str, Any] = {}
+    for size in sizes:
+        per = {m: _method_summary([r for r in size["records"] if r["method"] == m]) for m in methods}
+        wall = {m: s["wall"] for m, s in per.items() if "wall" in s}
+        ratios = {}
+        for a, b in (("builder", "floor"), ("builder", "repart"), ("seed", "builder"), ("seed", "floor"),
+                     ("repart", "floor")):
+            if a in wall and b in wall:
+                ratios[f"{a}/{b}"] = wall[a] / wall[b]
+        closure = size["manifest"]["counts"]["du_bytes"]
+        result[size["label"]] = {"methods": per, "ratios": ratios, "closure_bytes": closure,
+                                 "free_window": [ADDITIONAL, ADDITIONAL + max(16 * MiB, closure // 50)]}
+    return result
+
+
+def targets(summary: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
+    """The issue's targets as (target, size, measured, passed); None when it cannot be judged."""
+    rows: list[tuple[str, str, str, bool | None]] = []
+    builder_rss: list[tuple[str, float]] = []
+    per_gib: list[tuple[str, float]] = []
+    for label, s in summary.items():
+        b = s["methods"].get("builder", {})
+        r = s["ratios"]
+        if "builder/floor" in r:
+            rows.append(("builder wall <= 1.10x floor" + ("" if label in TARGET_SIZES else " (info only)"), label,
+                         f"{r['builder/floor']:.2f}x", r["builder/floor"] <= 1.10 if label in TARGET_SIZES else None))
+        if "seed/builder" in r:
+            rows.append(("builder >= 2.5x faster than the seed", label, f"{r['seed/builder']:.2f}x",
+                         r["seed/builder"] >= 2.5))
+        if "facts" not in b:
+            if "builder" in s["methods"]:
+                rows.append(("builder ran", label, "failed: " + "; ".join(b.get("errors", []))[:200], False))
+            continue
+        f = b["facts"]
+        builder_rss.append((label, b["rss_max_mib"]))
+        rows.append(("builder peak memory < 200 MiB", label, f"{b['rss_max_mib']:.0f} MiB", b["rss_max_mib"] < 200))
+        free = f["fs_free_blocks"] * f["fs_block_size"]
+        lo, hi = s["free_window"]
+        rows.append((f"free space in [{lo // MiB}, {hi // MiB}] MiB", label, f"{free / MiB:.1f} MiB",
+                     lo <= free <= hi))
+        if f["nonzero"] > 0:
+            ratio = f["allocated"] / f["nonzero"]
+            rows.append(("image sparse: allocated <= 1.05x data written", label,
+                         f"{f['allocated'] / MiB:.0f} / {f['nonzero'] / MiB:.0f} MiB = {ratio:.3f}", ratio <= 1.05))
+        per_gib.append((label, b["wall"] / (s["closure_bytes"] / (1 << 30))))
+    if len(builder_rss) >= 2:
+        lo_rss, hi_rss = builder_rss[0][1], builder_rss[-1][1]
+        rows.append(("builder peak memory not growing with the closure", "all",
+                     " -> ".join(f"{lbl}: {v:.0f}" for lbl, v in builder_rss) + " MiB", hi_rss <= 1.25 * lo_rss))
+    if len(per_gib) >= 2:
+        grows = all(per_gib[i][1] <= 1.15 * per_gib[i - 1][1] for i in range(1, len(per_gib)))
+        rows.append(("cost linear: builder s/GiB does not grow (15% noise)", "all",
+                     " -> ".join(f"{lbl}: {v:.1f}" for lbl, v in per_gib) + " s/GiB", grows))
+    return rows
+
+
+def _fmt_method(name: str, s: dict[str, Any]) -> str:
+    """One table row."""
+    if "facts" not in s:
+        return f"| {name} | failed ({s['failures']}x): {'; '.join(s['errors'])[:160]} |" + " |" * 9
+    f = s["facts"]
+    free = f["fs_free_blocks"] * f["fs_block_size"]
+    used_inodes = f["fs_inodes"] - f["fs_free_inodes"]
+    fsck = {True: "clean", False: "ERRORS", None: "-"}[f["fsck_ok"]]
+    return (f"| {name} | {s['wall']:.2f} ({s['wall_min']:.2f}-{s['wall_max']:.2f}) | {s['cpu']:.2f} "
+            f"| {s['rss_max_mib']:.0f} | {f['apparent'] / MiB:.0f} | {f['allocated'] / MiB:.0f} "
+            f"| {f['nonzero'] / MiB:.0f} | {f['root_size'] / MiB:.0f} | {free / MiB:.1f} "
+            f"| {used_inodes} | {fsck} |")
+
+
+def render(machine: dict[str, str], config: dict[str, Any], sizes: list[dict[str, Any]],
+           summary: dict[str, Any]) -> str:
+    """The results as markdown: machine, method, per-size tables, ratios, auto size and targets."""
+    out = ["# makeDiskImage benchmark results", "",
+           "Generated by `bench/run` (`python -m bench`); raw data in `results.json`.", "", "## Machine", ""]
+    out += [f"- {k}: {v}" for k, v in machine.items()]
+    out += ["", "## Method", "",
+            f"- sizes {config['sizes']}, {config['runs']} alternated runs per method (order rotated each run; "
+            f"medians shown with min-max), methods {', '.join(config['methods'])}",
+            f"- page cache: `{config['cache']}` before every timed run "
+            "(warm: the whole tree read once, so every method reads it from memory; drop: sync + drop_caches)",
+            "- every method ends with `sync` inside its timing, so data still in the page cache "
+            "(images, the seed's staging copy) is written to disk and counted; scratch is deleted afterwards",
+            f"- seed staging on {config['seed_staging']}; CPU = user+sys of the method's processes "
+            "(kernel loop-device and writeback threads are not included, which flatters repart and the seed)",
+            "- peak RSS = largest ru_maxrss among the method's processes (worst run)",
+            "- layout: efi (ESP 8 MiB-256 MiB, ext4 root), additionalSpace 512M; the floor and repart get the "
+            "builder's disk size (repart grown by 10% steps of the tree when its copy does not fit)", ""]
+    for size in sizes:
+        label = size["label"]
+        s = summary[label]
+        c = size["manifest"]["counts"]
+        out += [f"## {label} closure", "",
+                f"{size['manifest']['store_paths']} store paths, {c['files']} file names ({c['extra_links']} of them "
+                f"extra hard links to {c['hardlinked_inodes']} inodes), {c['dirs']} directories, {c['symlinks']} "
+                f"symlinks, {c['executables']} executables, {c['large_files']} files >= 1 MiB; "
+                f"{c['file_bytes'] / MiB:.0f} MiB of file data, {c['du_bytes'] / MiB:.0f} MiB allocated (du), "
+                f"{c['inodes']} distinct inodes.", "",
+                "| method | wall s (min-max) | CPU s | peak RSS MiB | image MiB | on disk MiB | non-zero MiB "
+                "| root fs MiB | root free MiB | used inodes | e2fsck -fn |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += [_fmt_method(m, ms) for m, ms in s["methods"].items()]
+        out += ["", "Ratios (wall, medians of this run): " +
+                ", ".join(f"{k} = {v:.2f}" for k, v in s["ratios"].items()), ""]
+        for m, ms in s["methods"].items():
+            if ms.get("steps"):
+                out.append(f"- {m} steps (median s): " +
+                           ", ".join(f"{k} {v:.2f}" for k, v in ms["steps"].items()))
+        f = size["seed_formula"]
+        b = s["methods"].get("builder", {}).get("facts")
+        sd = s["methods"].get("seed", {}).get("facts")
+        out += ["", f"Auto size: free-space window [{s['free_window'][0] // MiB}, {s['free_window'][1] // MiB}] MiB "
+                "(additionalSpace .. + max(16 MiB, 2% of the closure's du))."]
+        if b:
+            out.append(f"- builder: disk {b['apparent'] / MiB:.0f} MiB, root fs {b['root_size'] / MiB:.0f} MiB, "
+                       f"free {b['fs_free_blocks'] * b['fs_block_size'] / MiB:.1f} MiB "
+                       f"({b['fs_reserved_blocks'] * b['fs_block_size'] / MiB:.1f} MiB of it root-reserved)")
+        out.append(f"- seed formula on the same tree: disk {f['disk'] / MiB:.0f} MiB (closure usage "
+                   f"{f['usage'] / MiB:.0f} MiB incl. 2 blocks x {f['inodes']} inodes, fudge {f['fudge'] / MiB:.0f} "
+                   f"MiB), root fs about {f['root_fs'] / MiB:.0f} MiB")
+        if sd:
+            out.append(f"- seed's own image (formula on its staged copy): disk {sd['apparent'] / MiB:.0f} MiB, free "
+                       f"{sd['fs_free_blocks'] * sd['fs_block_size'] / MiB:.1f} MiB")
+        rp = [r for r in size["records"] if r["method"] == "repart"]
+        if rp:
+            asked = max(r["repart_root_request"] for r in rp)
+            out.append(f"- repart root partition requested: {asked / MiB:.0f} MiB "
+                       f"({asked / max(1, size['manifest']['counts']['du_bytes']):.2f}x the tree's du)")
+        out.append("")
+    out += ["## Targets (issue 6)", "", "| target | size | measured | result |", "|---|---|---|---|"]
+    for name, label, measured, passed in targets(summary):
+        out.append(f"| {name} | {label} | {measured} | {'-' if passed is None else 'PASS' if passed else 'FAIL'} |")
+    out += ["", "Notes: store path hashes are random but well-formed; narHash/narSize are real (computed from the "
+            "tree), so the registration passes `nix-store --verify --check-contents`.", ""]
+    return "\n".join(out)
