@@ -1,0 +1,261 @@
+"""The flake end to end under real Nix 2.8, with tests/nixpkgs-stub standing in for nixpkgs.
+
+The stub (assembled into a temporary directory with this venv's python baked in) provides host-tool
+versions of the pkgs attributes makeDiskImage uses. `nix build .#image --override-input nixpkgs path:<stub>`
+then runs real evaluation and real derivations with the real builder; the image is read back with
+independent tools (qemu-img, sfdisk via inspect, e2fsck, debugfs, nix-store --verify).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import imagecheck
+
+pytestmark = pytest.mark.nix
+
+REPO = Path(__file__).resolve().parent.parent
+STUB_SOURCE = REPO / "tests" / "nixpkgs-stub"
+NIX = ["nix", "--extra-experimental-features", "nix-command flakes"]
+COMMON = ["--no-write-lock-file", "--option", "substituters", "", "--option", "sandbox", "false"]
+
+
+@dataclass(frozen=True)
+class Glue:
+    """A copy of this flake and the assembled nixpkgs stand-in it is built against."""
+
+    flake: Path
+    stub: Path
+    work: Path
+    vm_standin: bool
+
+    def ref(self, attr: str) -> str:
+        """A flake reference to an output of the copied flake."""
+        return f"path:{self.flake}#{attr}"
+
+    def nix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a nix subcommand against the copy with nixpkgs overridden by the stand-in."""
+        cmd = [*NIX, *args, "--override-input", "nixpkgs", f"path:{self.stub}", *COMMON]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=self.work)
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        return done
+
+    def eval_json(self, attr: str) -> Any:
+        """`nix eval --json` of an output."""
+        return json.loads(self.nix("eval", "--json", self.ref(attr)).stdout)
+
+    def build(self, attr: str, link: str) -> Path:
+        """`nix build` an output; returns the resolved out path (via the -o link)."""
+        out_link = self.work / link
+        self.nix("build", "-o", str(out_link), self.ref(attr))
+        return out_link.resolve()
+
+
+def _copy_tracked(dest: Path) -> None:
+    """Copy the files git tracks (what a git flake would see), as they are in the working tree."""
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in names.decode().split("\0"):
+        if not name or not (REPO / name).exists():
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target, follow_symlinks=False)
+
+
+@pytest.fixture(scope="module")
+def glue(tmp_path_factory: pytest.TempPathFactory) -> Glue:
+    """Assemble the stand-in and a copy of the flake; without a VM stand-in the example skips the bootloader."""
+    base = tmp_path_factory.mktemp("nix-glue")
+    stub = base / "nixpkgs"
+    shutil.copytree(STUB_SOURCE, stub)
+    host = {"python": sys.executable, "vmRunner": None, "system": None}
+    (stub / "host.json").write_text(json.dumps(host, indent=2))
+    flake = base / "flake"
+    _copy_tracked(flake)
+    vm_standin = host["vmRunner"] is not None
+    if not vm_standin:
+        # Only packages.image skips the bootloader; hydraJobs keep the example's arguments (and need the VM).
+        flake_nix = flake / "flake.nix"
+        text = flake_nix.read_text()
+        assert text.count("image = exampleImage pkgs { };") == 1
+        patched = "image = exampleImage pkgs { args.installBootLoader = false; };"
+        flake_nix.write_text(text.replace("image = exampleImage pkgs { };", patched))
+    work = base / "work"
+    work.mkdir()
+    return Glue(flake=flake, stub=stub, work=work, vm_standin=vm_standin)
+
+
+def test_flake_show_lists_every_output(glue: Glue) -> None:
+    shown = json.loads(glue.nix("flake", "show", "--json", f"path:{glue.flake}").stdout)
+    for system in ("x86_64-linux", "aarch64-linux"):
+        assert set(shown["packages"][system]) == {"builder", "image", "default"}
+        assert shown["packages"][system]["image"]["name"] == "nixos-disk-image"
+        assert "eval" in shown["checks"][system]
+        assert system in shown["formatter"]
+    assert shown["nixosModules"]["default"]["type"] == "nixos-module"
+    assert shown["overlays"]["default"]["type"] == "nixpkgs-overlay"
+    assert "lib" in shown
+    assert set(shown["hydraJobs"]) >= {"legacy-qcow2", "legacy-raw", "legacy-gpt-vdi", "efi-qcow2-compressed",
+                                       "hybrid-vpc", "store-only-raw"}
+
+
+def test_flake_check_evaluates_everything(glue: Glue) -> None:
+    done = glue.nix("flake", "check", "--no-build", f"path:{glue.flake}", check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_lib_make_disk_image_is_the_function(glue: Glue) -> None:
+    expr = (
+        "let f = builtins.getFlake " + json.dumps(f"path:{glue.flake}") + "; in "
+        "builtins.functionArgs f.lib.makeDiskImage"
+    )
+    done = subprocess.run([*NIX, "eval", "--json", "--impure", "--expr", expr], capture_output=True, text=True,
+                          check=False, cwd=glue.work)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"pkgs": False, "lib": False, "config": False}
+
+
+@pytest.fixture(scope="module")
+def image(glue: Glue) -> Path:
+    """`nix build .#image`: the project's main job, built against the stand-in."""
+    return glue.build("image", "result-image")
+
+
+def test_image_has_the_file_and_the_hydra_product_line(image: Path) -> None:
+    assert sorted(p.name for p in image.iterdir()) == ["nix-support", "nixos.qcow2"]
+    products = (image / "nix-support" / "hydra-build-products").read_text()
+    assert products == f"file qcow2-image {image}/nixos.qcow2\n"
+
+
+def test_image_matches_the_arguments(glue: Glue, image: Path) -> None:
+    spec = glue.eval_json("image.spec")
+    described = json.loads(subprocess.run([sys.executable, "-m", "builder", "inspect", str(image / "nixos.qcow2")],
+                                          capture_output=True, text=True, check=True, cwd=REPO).stdout)
+    assert described["format"] == "qcow2"
+    assert described["table"] == "dos"
+    (part,) = described["partitions"]
+    assert part["start"] == 1024 * 1024 and part["type"] == "83"
+    assert described["root"]["fsType"] == "ext4"
+    assert described["root"]["label"] == spec["label"] == "nixos"
+    assert described["root"]["uuid"] == spec["rootFSUID"].lower()
+    # diskSize = "auto" with additionalSpace = "64M": at least that much is free in the root filesystem.
+    assert described["root"]["freeBytes"] >= 64 * 1024 * 1024 * 0.9
+
+
+def test_image_holds_the_installed_system(glue: Glue, image: Path, tmp_path: Path) -> None:
+    spec = glue.eval_json("image.spec")
+    raw = tmp_path / "image.raw"
+    subprocess.run(["qemu-img", "check", str(image / "nixos.qcow2")], check=True, capture_output=True)
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image / "nixos.qcow2"), str(raw)], check=True)
+    offset = imagecheck.part_offset(raw, 1)
+    fsck = imagecheck.e2fsck_clean(raw, offset)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+    root = imagecheck.extract_root(raw, offset, tmp_path / "root")
+    try:
+        _check_installed_system(root, spec["system"])
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(root)], check=True)
+        shutil.rmtree(root)
+    assert "Type: regular" in imagecheck.debugfs(raw, offset, 'stat "/etc/NIXOS"')
+
+
+def _check_installed_system(root: Path, system: dict[str, Any]) -> None:
+    """What nixos-install leaves (DESIGN §2): profiles, channel, /etc/NIXOS, exactly the closure, a valid DB."""
+    profiles = root / "nix" / "var" / "nix" / "profiles"
+    assert os.readlink(profiles / "system") == "system-1-link"
+    assert os.readlink(profiles / "system-1-link") == system["toplevel"]
+    assert os.readlink(profiles / "per-user" / "root" / "channels") == "channels-1-link"
+    assert os.readlink(profiles / "per-user" / "root" / "channels-1-link") == system["channel"]
+    assert (root / "etc" / "NIXOS").is_file() and not (root / "etc" / "NIXOS").is_symlink()
+
+    closure = (Path(system["closureInfo"]) / "store-paths").read_text().split()
+    assert system["toplevel"] in closure and system["channel"] in closure
+    assert sorted(p.name for p in (root / "nix" / "store").iterdir() if not p.name.startswith(".")) == sorted(
+        Path(p).name for p in closure
+    )
+    verify = subprocess.run(["nix-store", "--store", str(root), "--verify", "--check-contents"],
+                            capture_output=True, text=True, check=False)
+    assert verify.returncode == 0 and "error" not in verify.stderr.lower(), verify.stderr
+    in_image = subprocess.run(["nix-store", "--store", str(root), "--query", "--requisites", system["toplevel"]],
+                              capture_output=True, text=True, check=True).stdout.split()
+    on_host = subprocess.run(["nix-store", "--query", "--requisites", system["toplevel"]],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(in_image) == sorted(on_host), "the image's database registers the system with its references"
+
+
+def test_spec_file_depends_on_every_store_path_it_names(glue: Glue) -> None:
+    spec_file = glue.build("image.specFile", "result-spec")
+    spec = json.loads(spec_file.read_text())
+    refs = subprocess.run(["nix-store", "--query", "--references", str(spec_file)],
+                          capture_output=True, text=True, check=True).stdout.split()
+    system = spec["system"]
+    assert set(refs) == {system["toplevel"], system["closureInfo"], system["channel"]}
+
+
+def test_derivations_ask_for_kvm_only_when_a_vm_is_needed(glue: Glue) -> None:
+    def drv(attr: str) -> dict[str, Any]:
+        shown: dict[str, Any] = json.loads(glue.nix("show-derivation", glue.ref(attr)).stdout)
+        (only,) = shown.values()
+        assert isinstance(only, dict)
+        return only
+
+    with_vm = drv("hydraJobs.legacy-raw.x86_64-linux")  # installBootLoader = true
+    assert with_vm["env"]["requiredSystemFeatures"] == "kvm"
+    assert "make-disk-image prepare" in with_vm["env"]["preVM"]
+    assert "make-disk-image finalize" in with_vm["env"]["buildCommand"]
+    assert with_vm["env"]["memSize"] == "1024"
+
+    without_vm = drv("hydraJobs.store-only-raw.x86_64-linux")
+    assert "requiredSystemFeatures" not in without_vm["env"]
+    assert "preVM" not in without_vm["env"]
+
+
+def test_store_only_image(glue: Glue, tmp_path: Path) -> None:
+    out = glue.build("hydraJobs.store-only-raw.x86_64-linux", "result-store-only")
+    assert (out / "nix-support" / "hydra-build-products").read_text() == f"file raw-image {out}/nixos.img\n"
+    described = json.loads(subprocess.run([sys.executable, "-m", "builder", "inspect", str(out / "nixos.img")],
+                                          capture_output=True, text=True, check=True, cwd=REPO).stdout)
+    assert described["table"] is None
+    assert described["root"]["label"] == "nix-store"
+    assert imagecheck.e2fsck_clean(out / "nixos.img", 0).returncode == 0
+    listing = imagecheck.debugfs(out / "nixos.img", 0, "ls -p /")
+    spec = glue.eval_json("hydraJobs.store-only-raw.x86_64-linux.spec")
+    assert Path(spec["system"]["toplevel"]).name in listing, "the store paths are the filesystem's top level"
+    assert "/nix/" not in listing and "\tnix\t" not in listing.replace("/", "\t")
+
+
+def test_default_nix_gives_the_same_derivations_as_the_flake(glue: Glue) -> None:
+    # Non-flake users: default.nix with the same nixpkgs must give the flake's image and builder exactly.
+    args = (
+        f"{{ nixpkgs = {glue.stub}; "
+        f'pkgs = import {glue.stub}/default.nix {{ system = "x86_64-linux"; }}; system = "x86_64-linux"; }}'
+    )
+    expr = f"let d = import {glue.flake}/default.nix {args}; in [ d.image.drvPath d.builder.drvPath ]"
+    done = subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    image_drv, builder_drv = json.loads(done.stdout)
+    assert image_drv == glue.eval_json("hydraJobs.legacy-qcow2.x86_64-linux.drvPath")
+    assert builder_drv == glue.eval_json("packages.x86_64-linux.builder.drvPath")
+
+
+def test_flake_lock_and_pin_json_pin_the_same_nixpkgs() -> None:
+    lock = json.loads((REPO / "flake.lock").read_text())["nodes"]["nixpkgs"]
+    pin = json.loads((REPO / "nix" / "pin.json").read_text())
+    assert lock["locked"]["rev"] == pin["rev"] == "8fd9daa3db09ced9700431c5b7ad0e8ba199b575"
+    assert lock["locked"]["narHash"] == pin["hash"]
+    assert lock["original"]["ref"] == pin["branch"] == "nixos-25.11"
+    nix32 = subprocess.run([*NIX, "hash", "to-base32", pin["hash"]], capture_output=True, text=True, check=True)
+    assert nix32.stdout.strip() == pin["sha256"]
+    assert pin["url"] == f"https://github.com/NixOS/nixpkgs/archive/{pin['rev']}.tar.gz"
