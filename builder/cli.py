@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import BuildError, UserError
+from .errors import BuildError, Interrupted, UserError
+from .signals import handle_termination
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,16 +91,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; user errors print a message and exit 2, build failures exit 1."""
+    """Run the CLI; user errors exit 2, build failures 1, SIGINT/SIGTERM/SIGHUP 128+signal after cleanup."""
     args = _parser().parse_args(argv)
     try:
-        return run(args)
+        with handle_termination():
+            return run(args)
+    except Interrupted as exc:
+        print(f"{exc}: stopped, temporary files removed", file=sys.stderr)
+        return exc.exit_status
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_status
     except BuildError as exc:
         print(f"build failed: {exc}", file=sys.stderr)
         return exc.exit_status
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # SIGINT before the handlers were installed
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,5 +1,7 @@
 """Errors the builder reports to users without a traceback."""
 
+import signal
+
 
 class UserError(Exception):
     """A problem with the user's input: reported as a message, exit status 2."""
@@ -19,3 +21,12 @@ class BuildError(Exception):
     """A step failed while building (a tool failed, a check did not pass): exit status 1."""
 
     exit_status = 1
+
+
+class Interrupted(BaseException):
+    """A termination signal stopped the build; a BaseException so it unwinds past `except Exception`."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.exit_status = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")

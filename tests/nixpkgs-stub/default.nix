@@ -1,6 +1,7 @@
 # The nixpkgs stand-in: a lib subset and the pkgs attributes makeDiskImage uses, made from host tools
 # (builder /bin/sh, needs `--option sandbox false`). host.json is written by the test that assembles
-# this directory: the venv's python, the VM stand-in command (or null), the fixture system to use.
+# this directory: the venv's python, whether the VM stand-in (builder.vm from builderSource) is used, and
+# the fixture system directory to use (null: the small closure of system.nix).
 { system }:
 let
   host = builtins.fromJSON (builtins.readFile ./host.json);
@@ -90,19 +91,30 @@ let
         ];
         origBuilder = drv.drvAttrs.builder;
         origArgs = drv.drvAttrs.args;
-        vmRunner = if host.vmRunner == null then "" else host.vmRunner;
+        vmRunner = if host.vmRunner then "${host.python} ${./vm-runner.py} ${./host.json}" else "";
         requiredSystemFeatures = [ "kvm" ];
       }
     );
 
-  toplevel = if host.system == null then import ./system.nix { inherit system; } else import host.system;
+  # The bootable fixture system (tests/fixtures/system, copied in by the test) when given, else a small closure.
+  toplevel =
+    if host.system == null then
+      import ./system.nix { inherit system; }
+    else
+      (import (./. + "/${host.system}") { inherit system; }).toplevel;
+
+  nixosEnter = runCommand "nixos-enter-stand-in" { } ''
+    mkdir -p $out/bin
+    { echo '#!/bin/sh'; cat ${./nixos-enter.sh}; } > $out/bin/nixos-enter
+    chmod +x $out/bin/nixos-enter
+  '';
 
   nixosSystem =
     { system, modules }:
     {
       config = {
         system.build.toplevel = toplevel;
-        system.build.nixos-enter = hostBin;
+        system.build.nixos-enter = nixosEnter;
         system.nixos = {
           version = "25.11-stub";
           versionSuffix = "pre-stub";
