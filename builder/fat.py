@@ -1,8 +1,11 @@
-"""FAT boot partitions (ESP, XBOOTLDR, BOOT): made at their offset with mkfs.vfat, checked with fsck.vfat."""
+"""FAT boot partitions (ESP, XBOOTLDR, BOOT): made at their offset with mkfs.vfat, checked with fsck.vfat -n."""
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 from .errors import BuildError
@@ -29,8 +32,43 @@ def make(image: Path, partition: Partition, deterministic: bool, fake_time: int 
         raise BuildError(f"mkfs.vfat for {partition.label} failed: {res.stderr.strip() or res.stdout.strip()}")
 
 
+def _copy_range_sparse(image: Path, start: int, size: int, dest: Path) -> None:
+    """Copy bytes [start, start+size) of image to dest, copying only data regions so holes stay holes."""
+    with open(image, "rb") as src, open(dest, "wb") as dst:
+        dst.truncate(size)
+        fd, pos, end = src.fileno(), start, start + size
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole is left
+                    break
+                raise
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            src.seek(data)
+            dst.seek(data - start)
+            remaining = hole - data
+            while remaining:
+                chunk = src.read(min(remaining, 1 << 20))
+                if not chunk:
+                    break
+                dst.write(chunk)
+                remaining -= len(chunk)
+            pos = hole
+
+
 def check(image: Path, partition: Partition) -> None:
-    """fsck.vfat -n on the partition (through a sparse-free byte range read by mtools' offset syntax)."""
-    res = subprocess.run(["minfo", "-i", f"{image}@@{partition.start}"], capture_output=True, text=True)
+    """fsck.vfat -n must find the partition clean; it takes no offset, so it reads a sparse copy of the range."""
+    with tempfile.TemporaryDirectory(prefix="mdi-fsck-") as tmp:
+        copy = Path(tmp) / "partition.fat"
+        try:
+            _copy_range_sparse(image, partition.start, partition.size, copy)
+        except OSError as exc:
+            raise BuildError(f"cannot read the {partition.label} FAT partition for checking: {exc}") from None
+        res = subprocess.run(["fsck.vfat", "-n", str(copy)], capture_output=True, text=True)
     if res.returncode != 0:
-        raise BuildError(f"the {partition.label} FAT filesystem is unreadable: {res.stderr.strip()}")
+        out = (res.stdout + res.stderr).strip()
+        raise BuildError(f"fsck.vfat found problems in the {partition.label} FAT filesystem "
+                         f"(partition {partition.number}):\n{out[-2000:]}")
