@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
+from .signals import die_with_parent
+
 MS_RDONLY = 1
 MS_REMOUNT = 32
 MS_BIND = 4096
@@ -45,7 +47,8 @@ def run_with_binds(
     pythonpath = str(Path(__file__).resolve().parent.parent)
     full_env = dict(os.environ if env is None else env)
     full_env["PYTHONPATH"] = pythonpath + (":" + full_env["PYTHONPATH"] if full_env.get("PYTHONPATH") else "")
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True)
+    # The helper (and mkfs it execs) gets SIGKILL if the builder dies, so a killed build leaves no writer behind.
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, preexec_fn=die_with_parent)
 
 
 def _mount_binds(binds: list[list[str]]) -> None:

@@ -27,6 +27,7 @@ from types import FrameType
 from .errors import BuildError
 from .initramfs import host_kernel, vm_initramfs
 from .log import info, step
+from .signals import die_with_parent
 from .spec import Spec
 
 QEMU = "qemu-system-x86_64"
@@ -112,7 +113,9 @@ def run_in_vm(command: list[str], disk: Path, *, mem_mib: int, xchg: Path,
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_term) if in_main else None
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # die_with_parent: qemu gets SIGKILL if the builder dies (even by SIGKILL), so no VM outlives a build.
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=die_with_parent)
     pump = threading.Thread(target=_pump, args=(proc.stdout, console_log, tail, echo), daemon=True)
     pump.start()
     started = time.monotonic()
