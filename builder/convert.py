@@ -106,7 +106,7 @@ def pin_vdi(path: Path, image_uuid: uuid.UUID, last_snap_uuid: uuid.UUID) -> Non
 
 
 def pin_vmdk(path: Path, cid: int) -> None:
-    """Set the CID in the descriptor embedded in a monolithicSparse VMDK (same width, so nothing moves)."""
+    """Set the CID in the descriptor embedded in a monolithicSparse VMDK (qemu writes it unpadded: `%x`)."""
     with path.open("r+b") as f:
         header = f.read(512)
         if header[:4] != b"KDMV":
@@ -114,9 +114,13 @@ def pin_vmdk(path: Path, cid: int) -> None:
         desc_offset, desc_size = struct.unpack_from("<QQ", header, 28)
         f.seek(desc_offset * 512)
         desc = f.read(desc_size * 512)
-        new, count = re.subn(rb"^CID=[0-9a-fA-F]{8}$", b"CID=%08x" % cid, desc, count=1, flags=re.MULTILINE)
+        new, count = re.subn(rb"^CID=[0-9a-fA-F]{1,8}$", b"CID=%08x" % cid, desc, count=1, flags=re.MULTILINE)
         if count != 1:
             raise BuildError(f"{path}: no CID line in the VMDK descriptor")
+        # The descriptor area is NUL-padded text: keep its size, the line may have grown by up to 7 bytes.
+        if new[len(desc):].strip(b"\0"):
+            raise BuildError(f"{path}: no room for the CID in the VMDK descriptor")
+        new = new[:len(desc)].ljust(len(desc), b"\0")
         f.seek(desc_offset * 512)
         f.write(new)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from builder.convert import convert
+from builder.convert import convert, pin_vmdk
 from builder.errors import BuildError, UserError
 from builder.spec import FORMATS, Spec, load_spec_document
 
@@ -34,7 +34,7 @@ DRIVER = {**{f: f for f in FORMATS}, "qcow2-compressed": "qcow2"}
 CHECKABLE = {"qcow2", "qcow2-compressed", "vdi", "vmdk", "vhdx", "qed", "parallels"}
 
 
-def spec_doc(**overrides: Any) -> dict[str, Any]:
+def convert_doc(**overrides: Any) -> dict[str, Any]:
     """A minimal valid spec document; convert reads only format, baseName and deterministic (and hashes all)."""
     doc: dict[str, Any] = {
         "specVersion": 1, "name": "convert-test", "baseName": "nixos", "format": "raw",
@@ -52,9 +52,9 @@ def spec_doc(**overrides: Any) -> dict[str, Any]:
     return doc
 
 
-def make_spec(**overrides: Any) -> Spec:
+def convert_spec(**overrides: Any) -> Spec:
     """A validated Spec with the overrides applied."""
-    return load_spec_document(spec_doc(**overrides))
+    return load_spec_document(convert_doc(**overrides))
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def qemu_img_json(*args: str) -> dict[str, Any]:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_is_valid_and_identical_to_the_raw_image(fmt: str, raw_image: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    image = convert(make_spec(format=fmt), fresh_raw(raw_image, tmp_path / "in"), out)
+    image = convert(convert_spec(format=fmt), fresh_raw(raw_image, tmp_path / "in"), out)
     assert image == out / f"nixos.{EXTENSIONS[fmt]}"
     assert sorted(p.name for p in out.iterdir()) == sorted([image.name, "nix-support"]), "no temporary left over"
     info = qemu_img_json("info", str(image))
@@ -111,16 +111,16 @@ def test_every_format_is_valid_and_identical_to_the_raw_image(fmt: str, raw_imag
 
 
 def test_qcow2_compressed_has_compressed_clusters(raw_image: Path, tmp_path: Path) -> None:
-    image = convert(make_spec(format="qcow2-compressed"), fresh_raw(raw_image, tmp_path), tmp_path / "out")
+    image = convert(convert_spec(format="qcow2-compressed"), fresh_raw(raw_image, tmp_path), tmp_path / "out")
     check = qemu_img_json("check", str(image))
     assert check["compressed-clusters"] > 0
-    plain = convert(make_spec(format="qcow2"), fresh_raw(raw_image, tmp_path), tmp_path / "plain")
+    plain = convert(convert_spec(format="qcow2"), fresh_raw(raw_image, tmp_path), tmp_path / "plain")
     assert qemu_img_json("check", str(plain)).get("compressed-clusters", 0) == 0
 
 
 def test_raw_is_moved_and_stays_sparse(raw_image: Path, tmp_path: Path) -> None:
     src = fresh_raw(raw_image, tmp_path / "in")
-    image = convert(make_spec(format="raw"), src, tmp_path / "out")
+    image = convert(convert_spec(format="raw"), src, tmp_path / "out")
     assert not src.exists()
     assert image.stat().st_size == RAW_SIZE
     assert image.stat().st_blocks * 512 < RAW_SIZE // 2
@@ -133,7 +133,7 @@ def test_raw_moves_across_filesystems_sparse(raw_image: Path, tmp_path: Path) ->
     where = Path(tempfile.mkdtemp(dir=shm, prefix="mdi-convert-"))
     try:
         src = fresh_raw(raw_image, where)
-        image = convert(make_spec(format="raw"), src, tmp_path / "out")
+        image = convert(convert_spec(format="raw"), src, tmp_path / "out")
         assert not src.exists()
         assert image.stat().st_blocks * 512 < RAW_SIZE // 2
         subprocess.run(["cmp", str(raw_image), str(image)], check=True)
@@ -145,7 +145,7 @@ def test_hydra_products_are_appended(raw_image: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     (out / "nix-support").mkdir(parents=True)
     (out / "nix-support" / "hydra-build-products").write_text("file other /nix/store/x\n")
-    image = convert(make_spec(format="vpc", baseName="disk"), fresh_raw(raw_image, tmp_path), out)
+    image = convert(convert_spec(format="vpc", baseName="disk"), fresh_raw(raw_image, tmp_path), out)
     assert (out / "nix-support" / "hydra-build-products").read_text() == (
         f"file other /nix/store/x\nfile vpc-image {out}/disk.vhd\n"
     )
@@ -154,7 +154,7 @@ def test_hydra_products_are_appended(raw_image: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if f not in ("raw", "vhdx")])
 def test_deterministic_conversions_are_bit_identical(fmt: str, raw_image: Path, tmp_path: Path) -> None:
-    spec = make_spec(format=fmt)
+    spec = convert_spec(format=fmt)
     first = convert(spec, fresh_raw(raw_image, tmp_path), tmp_path / "a")
     second = convert(spec, fresh_raw(raw_image, tmp_path), tmp_path / "b")
     subprocess.run(["cmp", str(first), str(second)], check=True)
@@ -162,14 +162,14 @@ def test_deterministic_conversions_are_bit_identical(fmt: str, raw_image: Path, 
 
 @pytest.mark.parametrize("fmt", ["vdi", "vpc", "vmdk"])
 def test_pinned_identifiers_differ_between_specs(fmt: str, raw_image: Path, tmp_path: Path) -> None:
-    a = convert(make_spec(format=fmt), fresh_raw(raw_image, tmp_path), tmp_path / "a")
-    b = convert(make_spec(format=fmt, name="another-image"), fresh_raw(raw_image, tmp_path), tmp_path / "b")
+    a = convert(convert_spec(format=fmt), fresh_raw(raw_image, tmp_path), tmp_path / "a")
+    b = convert(convert_spec(format=fmt, name="another-image"), fresh_raw(raw_image, tmp_path), tmp_path / "b")
     assert a.read_bytes() != b.read_bytes()
     subprocess.run(["qemu-img", "compare", str(a), str(b)], check=True)
 
 
 def test_vpc_footer_time_is_source_date_epoch(raw_image: Path, tmp_path: Path) -> None:
-    image = convert(make_spec(format="vpc"), fresh_raw(raw_image, tmp_path), tmp_path / "out")
+    image = convert(convert_spec(format="vpc"), fresh_raw(raw_image, tmp_path), tmp_path / "out")
     described = subprocess.run(["file", "-b", str(image)], check=True, stdout=subprocess.PIPE, text=True,
                                env={**os.environ, "TZ": "UTC"}).stdout
     assert "Tue Nov 14 22:13:20 2023" in described  # date -u -d @1700000000
@@ -197,7 +197,7 @@ def test_failed_conversion_leaves_no_partial_image(raw_image: Path, tmp_path: Pa
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(BuildError, match="No space left on device"):
-        convert(make_spec(format="qcow2"), src, out)
+        convert(convert_spec(format="qcow2"), src, out)
     assert list(out.iterdir()) == [], "no image, no temporary, no hydra line"
     assert src.exists()
 
@@ -209,20 +209,39 @@ def test_vpc_with_a_wrong_virtual_size_fails(raw_image: Path, tmp_path: Path, mo
     monkeypatch.setenv("PATH", env["PATH"])
     out = tmp_path / "out"
     with pytest.raises(BuildError, match=f"virtual size 67125248 bytes, the raw image has {RAW_SIZE}"):
-        convert(make_spec(format="vpc"), fresh_raw(raw_image, tmp_path / "in"), out)
+        convert(convert_spec(format="vpc"), fresh_raw(raw_image, tmp_path / "in"), out)
     assert list(out.iterdir()) == []
 
 
 def test_missing_raw_image_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no such raw image"):
-        convert(make_spec(format="qcow2"), tmp_path / "missing.img", tmp_path / "out")
+        convert(convert_spec(format="qcow2"), tmp_path / "missing.img", tmp_path / "out")
 
 
 def test_cli_convert(raw_image: Path, tmp_path: Path) -> None:
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps(spec_doc(format="qcow2", baseName="cli")))
+    spec.write_text(json.dumps(convert_doc(format="qcow2", baseName="cli")))
     done = subprocess.run(
         [sys.executable, "-m", "builder", "convert", str(spec), "--image", str(fresh_raw(raw_image, tmp_path)),
          "--out", str(tmp_path / "out")], check=True, stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert done.stdout.strip() == str(tmp_path / "out" / "cli.qcow2")
     subprocess.run(["qemu-img", "compare", "-f", "raw", str(raw_image), done.stdout.strip()], check=True)
+
+
+def test_vmdk_cid_of_any_width_is_pinned(raw_image: Path, tmp_path: Path) -> None:
+    # qemu-img prints the random CID with %x, so it has 1 to 8 digits; pinning must handle every width.
+    image = convert(convert_spec(format="vmdk", deterministic=False, rootFSUID=None), fresh_raw(raw_image, tmp_path),
+                    tmp_path / "out")
+    data = bytearray(image.read_bytes())
+    line_at = data.index(b"\nCID=") + 1
+    line_end = data.index(b"\n", line_at)
+    text_end = data.index(b"\0", line_at)  # the descriptor text is NUL-padded to its sectors
+    shrink = (line_end - line_at) - len(b"CID=a1")
+    image.write_bytes(data[:line_at] + b"CID=a1" + data[line_end:text_end] + b"\0" * shrink + data[text_end:])
+    assert image.stat().st_size == len(data)
+    assert subprocess.run(["qemu-img", "check", str(image)]).returncode == 0, "still a valid vmdk with a short CID"
+    pin_vmdk(image, 0x0123ABCD)
+    text = subprocess.run(["strings", str(image)], check=True, stdout=subprocess.PIPE, text=True).stdout
+    assert "CID=0123abcd" in text.splitlines() and "parentCID=ffffffff" in text.splitlines()
+    subprocess.run(["qemu-img", "check", str(image)], check=True)
+    subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vmdk", str(raw_image), str(image)], check=True)

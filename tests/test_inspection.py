@@ -14,7 +14,7 @@ from builder.convert import convert
 from builder.errors import UserError
 from builder.inspection import inspect_image
 from builder.spec import TABLE_TYPES, load_spec
-from tests.fixtures import make_fixture
+from tests.conftest import SpecFactory
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -58,13 +58,13 @@ def prepare(spec: Path, image: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+def prepared(make_spec: SpecFactory, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
     """Every table type: (spec path, prepared raw image) of the closure fixture."""
     out = {}
     for table in TABLE_TYPES:
-        d = tmp_path_factory.mktemp(f"prep-{table.replace('+', '-')}")
-        spec = make_fixture(d, partitionTableType=table)
-        image = d / "image.raw"
+        extra = {"bootSize": "128M"} if table == "efixbootldr" else {}  # its ESP alone ends at 100 MiB
+        spec = make_spec(partitionTableType=table, **extra)
+        image = tmp_path_factory.mktemp("prepared") / "image.raw"
         prepare(spec, image)
         out[table] = (spec, image)
     return out
@@ -116,12 +116,12 @@ def test_deterministic_images_inspect_identically(prepared: dict[str, tuple[Path
 
 
 @pytest.mark.nix
-def test_non_deterministic_images_get_fresh_guids(tmp_path: Path) -> None:
+def test_non_deterministic_images_get_fresh_guids(make_spec: SpecFactory, tmp_path: Path) -> None:
+    spec = make_spec(deterministic=False, rootFSUID=None)
     reports = []
-    for run in ("a", "b"):
-        spec = make_fixture(tmp_path / run, deterministic=False, rootFSUID=None)
-        prepare(spec, tmp_path / run / "image.raw")
-        reports.append(inspect_image(tmp_path / run / "image.raw"))
+    for run in ("a.raw", "b.raw"):
+        prepare(spec, tmp_path / run)
+        reports.append(inspect_image(tmp_path / run))
     a, b = reports
     assert a["diskGuid"] != b["diskGuid"] and DISK_GUID not in (a["diskGuid"], b["diskGuid"])
     assert a["partitions"][-1]["guid"] != b["partitions"][-1]["guid"]
