@@ -241,7 +241,7 @@ def test_vmdk_cid_of_any_width_is_pinned(raw_image: Path, tmp_path: Path) -> Non
     assert image.stat().st_size == len(data)
     assert subprocess.run(["qemu-img", "check", str(image)]).returncode == 0, "still a valid vmdk with a short CID"
     pin_vmdk(image, 0x0123ABCD)
-    text = subprocess.run(["strings", str(image)], check=True, stdout=subprocess.PIPE, text=True).stdout
-    assert "CID=0123abcd" in text.splitlines() and "parentCID=ffffffff" in text.splitlines()
+    lines = image.read_bytes()[line_at:text_end + 16].split(b"\n")
+    assert lines[0] == b"CID=0123abcd" and lines[1] == b"parentCID=ffffffff"
     subprocess.run(["qemu-img", "check", str(image)], check=True)
     subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vmdk", str(raw_image), str(image)], check=True)
