@@ -15,7 +15,7 @@
 }:
 let
   inherit (pkgs) lib;
-  example = import "${nixpkgs}/nixos/lib/eval-config.nix" {
+  example = import (nixpkgs + "/nixos/lib/eval-config.nix") {
     inherit system;
     modules = [ ./nix/example/configuration.nix ];
   };

@@ -1,6 +1,9 @@
-"""runInLinuxVM's VM in the nixpkgs stand-in (argv: host.json, then --disk/--mem/-- as vm-run.sh passes): the builder's qemu harness (builder.vm) runs the derivation's
-original builder as root with $diskImage as /dev/vda, the build environment passed through, UEFI pflash
-taken from QEMU_OPTS as nixpkgs' make-disk-image writes it. Exits with the guest's status."""
+"""runInLinuxVM's VM in the nixpkgs stand-in: builder.vm runs the original builder as root, $diskImage as /dev/vda.
+
+argv: host.json, then `--disk FILE --mem MIB -- BUILDER ARGS...` as vm-run.sh passes them. The build
+environment is passed through; UEFI pflash comes from QEMU_OPTS as make-disk-image writes it. Exits with
+the guest's status.
+"""
 
 import json
 import os
