@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from builder.convert import convert, pin_vmdk
+from builder.convert import convert
 from builder.errors import BuildError, UserError
+from builder.image_ids import crc32c, pin_vmdk
 from builder.spec import FORMATS, Spec, load_spec_document
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,7 +153,7 @@ def test_hydra_products_are_appended(raw_image: Path, tmp_path: Path) -> None:
     assert image == out / "disk.vhd"
 
 
-@pytest.mark.parametrize("fmt", [f for f in FORMATS if f not in ("raw", "vhdx")])
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "raw"])
 def test_deterministic_conversions_are_bit_identical(fmt: str, raw_image: Path, tmp_path: Path) -> None:
     spec = convert_spec(format=fmt)
     first = convert(spec, fresh_raw(raw_image, tmp_path), tmp_path / "a")
@@ -160,7 +161,7 @@ def test_deterministic_conversions_are_bit_identical(fmt: str, raw_image: Path, 
     subprocess.run(["cmp", str(first), str(second)], check=True)
 
 
-@pytest.mark.parametrize("fmt", ["vdi", "vpc", "vmdk"])
+@pytest.mark.parametrize("fmt", ["vdi", "vpc", "vmdk", "vhdx"])
 def test_pinned_identifiers_differ_between_specs(fmt: str, raw_image: Path, tmp_path: Path) -> None:
     a = convert(convert_spec(format=fmt), fresh_raw(raw_image, tmp_path), tmp_path / "a")
     b = convert(convert_spec(format=fmt, name="another-image"), fresh_raw(raw_image, tmp_path), tmp_path / "b")
@@ -245,3 +246,25 @@ def test_vmdk_cid_of_any_width_is_pinned(raw_image: Path, tmp_path: Path) -> Non
     assert lines[0] == b"CID=0123abcd" and lines[1] == b"parentCID=ffffffff"
     subprocess.run(["qemu-img", "check", str(image)], check=True)
     subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vmdk", str(raw_image), str(image)], check=True)
+
+
+def test_crc32c_check_value() -> None:
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C catalogue check value
+
+
+def test_both_pinned_vhdx_headers_verify(raw_image: Path, tmp_path: Path) -> None:
+    # qemu opens a VHDX through whichever header has a valid CRC-32C and the higher sequence number: break
+    # one header at a time, and the other alone must still open the image and hold the same disk.
+    image = convert(convert_spec(format="vhdx"), fresh_raw(raw_image, tmp_path), tmp_path / "out")
+    for offset in (64 * 1024, 128 * 1024):
+        broken = tmp_path / f"broken-{offset}.vhdx"
+        data = bytearray(image.read_bytes())
+        data[offset + 8] ^= 0xFF  # sequence number: the CRC no longer matches
+        broken.write_bytes(bytes(data))
+        subprocess.run(["qemu-img", "check", str(broken)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vhdx", str(raw_image), str(broken)], check=True)
+    both = bytearray(image.read_bytes())
+    both[64 * 1024 + 8] ^= 0xFF
+    both[128 * 1024 + 8] ^= 0xFF
+    (tmp_path / "both.vhdx").write_bytes(bytes(both))
+    assert subprocess.run(["qemu-img", "info", str(tmp_path / "both.vhdx")], capture_output=True).returncode != 0
