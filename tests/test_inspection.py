@@ -108,11 +108,28 @@ def test_prepared_image_matches_the_spec(table: str, prepared: dict[str, tuple[P
 
 
 @pytest.mark.nix
-def test_deterministic_images_inspect_identically(prepared: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+def test_deterministic_images_are_identical(prepared: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
     spec, first = prepared["efi"]
     again = tmp_path / "again.raw"
     prepare(spec, again)
     assert inspect_image(again) == inspect_image(first)
+    subprocess.run(["cmp", str(first), str(again)], check=True)
+
+
+@pytest.mark.nix
+@pytest.mark.parametrize("fmt", ["qcow2-compressed", "vpc", "vhdx"])
+def test_build_is_reproducible_in_every_pinned_format(fmt: str, prepared: dict[str, tuple[Path, Path]],
+                                                      tmp_path: Path) -> None:
+    spec_path, raw = prepared["efi"]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({**json.loads(spec_path.read_text()), "format": fmt}))
+    images = []
+    for run in ("a", "b"):
+        done = subprocess.run([sys.executable, "-m", "builder", "build", str(spec), "--out", str(tmp_path / run)],
+                              check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+        images.append(Path(done.stdout.strip()))
+    subprocess.run(["cmp", str(images[0]), str(images[1])], check=True)
+    assert {**inspect_image(images[0]), "format": "raw"} == inspect_image(raw)
 
 
 @pytest.mark.nix
