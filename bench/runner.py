@@ -9,16 +9,30 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
 import time
 from typing import Any
 
+BUILDER_STEP = re.compile(r"^\[makeDiskImage\] (?P<name>.+) done in (?P<seconds>[0-9.]+)s$")
+
+
+def pressure_stall_us(resource_name: str) -> int:
+    """Microseconds some task waited for cpu or io since boot (PSI), 0 where the kernel has no PSI."""
+    try:
+        text = open(f"/proc/pressure/{resource_name}").read()
+    except OSError:
+        return 0
+    return int(text.split("total=")[1].split()[0])
+
 
 def run_steps(steps: list[dict[str, Any]]) -> dict[str, Any]:
     """Run each step in order; stop at the first failure and say which and why."""
     timings: list[tuple[str, float]] = []
+    load = float(open("/proc/loadavg").read().split()[0])
+    stall = {r: pressure_stall_us(r) for r in ("cpu", "io")}
     started = time.monotonic()
     error = None
     for s in steps:
@@ -35,10 +49,14 @@ def run_steps(steps: list[dict[str, Any]]) -> dict[str, Any]:
             if line.startswith("BENCH-STEP "):
                 _, name, seconds = line.split()
                 timings.append((f"{s['name']}/{name}", float(seconds)))
+            elif m := BUILDER_STEP.match(line):
+                timings.append((f"{s['name']}/{m['name']}", float(m["seconds"])))
     wall = time.monotonic() - started
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime, "maxrss_kib": ru.ru_maxrss,
-            "steps": timings, "error": error}
+            "steps": timings, "error": error, "load_before": load,
+            "cpu_stall": (pressure_stall_us("cpu") - stall["cpu"]) / 1e6 / wall,
+            "io_stall": (pressure_stall_us("io") - stall["io"]) / 1e6 / wall}
 
 
 def main() -> int:
