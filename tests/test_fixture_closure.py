@@ -154,3 +154,12 @@ def test_cli_writes_a_varied_spec(tmp_path: Path) -> None:
         stderr=subprocess.PIPE, text=True, cwd=REPO,
     )
     assert bad.returncode == 2 and "$.format" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_channel_variant(tmp_path: Path) -> None:
+    spec = load_spec(make_fixture(tmp_path, channel=True))
+    assert spec.copy_channel and spec.channel is not None and spec.channel.endswith("-mdi-fixture-channel")
+    listed = set((tmp_path / "closure-info" / "store-paths").read_text().split())
+    assert listed == set(nix_store("-qR", spec.toplevel, spec.channel, *spec.additional_paths).split())
+    assert (Path(spec.channel) / "nixos" / "default.nix").is_file()
+    assert os.readlink(Path(spec.channel) / "nixos" / "nixpkgs") == "."
