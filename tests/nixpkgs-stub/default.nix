@@ -131,34 +131,22 @@ let
     jinja2 = null;
     jsonschema = null;
     pyparted = null;
-    # The venv's Python running the package's source, with the wrapper's PATH prefix.
+    # The venv's Python over the package as setuptools would install it from pyproject.toml: only the
+    # listed packages' modules and package-data, console scripts from [project.scripts], wrapped with
+    # makeWrapperArgs' PATH prefix. Files outside the packages are not installed, as in a real build.
     buildPythonApplication =
       {
         pname,
         version,
         src,
         makeWrapperArgs ? [ ],
-        meta ? { },
         ...
       }:
-      runCommand "${pname}-${version}"
-        {
-          inherit src;
-          binPath = builtins.elemAt makeWrapperArgs 3;
-          python = host.python;
-          program = meta.mainProgram or pname;
-        }
-        ''
-          mkdir -p $out/bin $out/lib
-          cp -r "$src" $out/lib/src
-          {
-            echo '#!/bin/sh'
-            echo "export PATH=$binPath:\$PATH"
-            echo "export PYTHONPATH=$out/lib/src"
-            echo "exec $python -m builder \"\$@\""
-          } > $out/bin/$program
-          chmod +x $out/bin/$program
-        '';
+      runCommand "${pname}-${version}" {
+        inherit src;
+        binPath = builtins.elemAt makeWrapperArgs 3;
+        python = host.python;
+      } "$python ${./install-python-app.py}";
   };
 in
 {

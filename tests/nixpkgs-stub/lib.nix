@@ -18,6 +18,9 @@ rec {
   escapeRegex = builtins.replaceStrings
     [ "\\" "." "*" "+" "?" "(" ")" "[" "]" "{" "}" "|" "^" "$" ]
     [ "\\\\" "\\." "\\*" "\\+" "\\?" "\\(" "\\)" "\\[" "\\]" "\\{" "\\}" "\\|" "\\^" "\\$" ];
+  concatStrings = concatStringsSep "";
+  concatMapStrings = f: list: concatStringsSep "" (map f list);
+  mapAttrsToList = f: set: map (n: f n set.${n}) (attrNames set);
   makeBinPath = pkgs: concatStringsSep ":" (map (p: "${p}/bin") pkgs);
   escapeShellArg = s: "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] (toString s) + "'";
   cleanSource = src: {
