@@ -16,9 +16,9 @@ def info(message: str) -> None:
 @contextmanager
 def step(name: str) -> Iterator[None]:
     """Log the start and the elapsed time of a named step."""
-    info(f"{name} ...")
     started = time.monotonic()
     try:
+        info(f"{name} ...")  # inside: a signal arriving while the start is logged still reports the step failed
         yield
     except BaseException:
         info(f"{name} failed after {time.monotonic() - started:.2f}s")
