@@ -65,8 +65,11 @@ def _main(args: list[str]) -> None:
     bind_file, sep, *argv = args
     if sep != "--" or not argv:
         raise SystemExit("usage: python -m builder.namespace BINDFILE -- COMMAND...")
-    _mount_binds(json.loads(Path(bind_file).read_text()))
-    os.execvp(argv[0], argv)
+    try:
+        _mount_binds(json.loads(Path(bind_file).read_text()))
+        os.execvp(argv[0], argv)
+    except OSError as exc:  # e.g. a store path deleted mid-build: the caller reports this line, not a traceback
+        raise SystemExit(str(exc)) from None
 
 
 if __name__ == "__main__":
