@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -250,9 +251,19 @@ def run_post_vm(spec: Spec, image: Path) -> None:
     if not spec.post_vm.strip():
         return
     env = dict(os.environ, diskImage=str(image))
-    res = subprocess.run(["bash", "-euo", "pipefail", "-c", spec.post_vm], env=env, cwd=image.parent)
-    if res.returncode != 0:
-        raise BuildError(f"postVM exited with status {res.returncode}")
+    # Its own process group, killed whole if the build is stopped: no command of the user's outlives it.
+    proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", spec.post_vm], env=env, cwd=image.parent,
+                            start_new_session=True)
+    try:
+        status = proc.wait()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    if status != 0:
+        raise BuildError(f"postVM exited with status {status}")
 
 
 def build(spec: Spec, out: Path, work: Path | None = None) -> Path:
