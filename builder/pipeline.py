@@ -271,19 +271,30 @@ def build(spec: Spec, out: Path, work: Path | None = None) -> Path:
     from .convert import convert
 
     out.mkdir(parents=True, exist_ok=True)
-    with scratch_dir(work) as scratch:
-        raw = scratch / "nixos.raw"
-        prepare_image(spec, raw, scratch)
-        if spec.needs_vm:
-            with step("finalize (VM)"):
-                from .vm import run_finalize
+    written: list[Path] = []  # what this build put into out, removed again if it fails
+    try:
+        with scratch_dir(work) as scratch:
+            raw = scratch / "nixos.raw"
+            prepare_image(spec, raw, scratch)
+            if spec.needs_vm:
+                with step("finalize (VM)"):
+                    from .vm import run_finalize
 
-                run_finalize(spec, raw, scratch)
-            vars_file = scratch / "efi-vars.fd"
-            if spec.touch_efi_vars and vars_file.exists():
-                shutil.copyfile(vars_file, out / "efi-vars.fd")
-        with step("convert"):
-            final = convert(spec, raw, out)
-        with step("postVM"):
-            run_post_vm(spec, final)
+                    run_finalize(spec, raw, scratch)
+                vars_file = scratch / "efi-vars.fd"
+                if spec.touch_efi_vars and vars_file.exists():
+                    written.append(out / "efi-vars.fd")
+                    shutil.copyfile(vars_file, out / "efi-vars.fd")
+            with step("convert"):
+                written += [out / spec.image_file_name, out / "nix-support" / "hydra-build-products"]
+                final = convert(spec, raw, out)
+            with step("postVM"):
+                run_post_vm(spec, final)
+    except BaseException:
+        # A failed or stopped build must not leave a finished-looking image (or its Hydra line) behind.
+        for path in written:
+            path.unlink(missing_ok=True)
+        if (out / "nix-support").is_dir() and not any((out / "nix-support").iterdir()):
+            (out / "nix-support").rmdir()
+        raise
     return final
