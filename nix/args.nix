@@ -396,13 +396,10 @@ let
       "one of ${oneOfText fsTypes} (the only root filesystem supported so far)"
     )
     ++ check "label" (
-      a.label == null
-      || (
-        isString a.label
-        && stringLength a.label >= 1
-        && stringLength a.label <= 16
-        && matches "[^/[:cntrl:]]+" a.label
-      )
+      isString a.label
+      && stringLength a.label >= 1
+      && stringLength a.label <= 16
+      && matches "[^/[:cntrl:]]+" a.label
     ) "a filesystem label of 1 to 16 characters without \"/\" or control characters"
     ++ check "configFile" (
       a.configFile == null || isPathLike a.configFile
@@ -412,8 +409,8 @@ let
       isInt a.memSize && a.memSize >= 128 && a.memSize <= 1048576
     ) "an integer number of MiB between 128 and 1048576"
     ++ check "name" (
-      matches fileNameRegex a.name && stringLength a.name <= 200
-    ) "a derivation name of 1 to 200 characters from A-Z a-z 0-9 + . _ ? = -"
+      matches fileNameRegex a.name && stringLength a.name <= 200 && !matches "\\..*" a.name
+    ) "a derivation name of 1 to 200 characters from A-Z a-z 0-9 + . _ ? = -, not starting with \".\""
     ++ check "baseName" (
       matches fileNameRegex a.baseName && stringLength a.baseName <= 200
     ) "a file name of 1 to 200 characters from A-Z a-z 0-9 + . _ ? = -"
@@ -552,7 +549,8 @@ let
       ];
       base = defaults // given;
       a0 = base // {
-        label = args.label or null;
+        # Placeholders for the derived defaults, so only values the caller gave are checked here.
+        label = if args ? label then args.label else "nixos";
         rootFSUID = if args ? rootFSUID then args.rootFSUID else null;
       };
       phase1 = unknownProblems ++ missingProblems ++ typeProblems a0;
