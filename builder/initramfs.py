@@ -14,7 +14,7 @@ from .errors import BuildError
 # What the build VM needs: virtio disk and 9p shares, ext4, FAT with its code pages, EFI variables.
 VM_MODULES = (
     "virtio_pci", "virtio_blk", "virtio_rng", "9pnet_virtio", "9p", "ext4", "crc32c_generic",
-    "vfat", "nls_cp437", "nls_iso8859-1", "efivarfs",
+    "vfat", "nls_cp437", "nls_iso8859-1", "nls_ascii", "efivarfs",
 )
 BUSYBOX = Path("/bin/busybox")
 

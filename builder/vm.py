@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -36,6 +37,8 @@ FINALIZE_TIMEOUT = 1800.0
 # The guest sees the host's root, so the builder package is importable from the same place.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GUEST_XCHG = "/run/xchg"
+# Terminal control sequences the firmware writes to the serial console (cleared from logs).
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]")
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -78,7 +81,7 @@ def _pump(stream: object, log: Path, tail: collections.deque[str], echo: bool) -
     assert hasattr(stream, "readline")
     with log.open("w", encoding="utf-8", errors="replace") as out:
         for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", "replace").replace("\r", "")
+            line = ANSI_ESCAPE.sub("", raw.decode("utf-8", "replace").replace("\r", ""))
             out.write(line)
             out.flush()
             tail.append(line.rstrip("\n"))
