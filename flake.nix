@@ -79,6 +79,13 @@
           };
           modules = [ grubHybrid ];
         };
+        efi-vars-qcow2 = {
+          args = {
+            partitionTableType = "efi";
+            touchEFIVars = true;
+          };
+          modules = [ systemdBoot ];
+        };
         store-only-raw.args = {
           onlyNixStore = true;
           installBootLoader = false;

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,7 +106,7 @@ def test_flake_show_lists_every_output(glue: Glue) -> None:
     assert shown["overlays"]["default"]["type"] == "nixpkgs-overlay"
     assert "lib" in shown
     assert set(shown["hydraJobs"]) >= {"legacy-qcow2", "legacy-raw", "legacy-gpt-vdi", "efi-qcow2-compressed",
-                                       "hybrid-vpc", "store-only-raw"}
+                                       "hybrid-vpc", "efi-vars-qcow2", "store-only-raw"}
 
 
 def test_flake_check_evaluates_everything(glue: Glue) -> None:
@@ -241,6 +242,35 @@ def test_store_only_image(glue: Glue, tmp_path: Path) -> None:
     spec = glue.eval_json("hydraJobs.store-only-raw.x86_64-linux.spec")
     assert Path(spec["system"]["toplevel"]).name in listing, "the store paths are the filesystem's top level"
     assert "/nix/" not in listing and "\tnix\t" not in listing.replace("/", "\t")
+
+
+def test_efi_vars_image(glue: Glue, tmp_path: Path) -> None:
+    # touchEFIVars: preVM copies the OVMF variables into $out, the VM boots OVMF with them as pflash and the
+    # system's bootloader install (systemd-boot's bootctl) registers itself there.
+    out = glue.build("hydraJobs.efi-vars-qcow2.x86_64-linux", "result-efi-vars")
+    spec = glue.eval_json("hydraJobs.efi-vars-qcow2.x86_64-linux.spec")
+    assert spec["touchEFIVars"] is True and spec["partitionTableType"] == "efi"
+    assert sorted(p.name for p in out.iterdir()) == ["efi-vars.fd", "nix-support", "nixos.qcow2"]
+    assert (out / "nix-support" / "hydra-build-products").read_text() == f"file qcow2-image {out}/nixos.qcow2\n"
+    template = Path(spec["efiVariables"])
+    assert (out / "efi-vars.fd").stat().st_size == template.stat().st_size
+    variables = subprocess.run([str(Path(sys.executable).parent / "virt-fw-vars"), "-i", str(out / "efi-vars.fd"),
+                                "--print"], capture_output=True, text=True, check=True).stdout
+    assert re.search(r'Boot\d{4}\s+: boot entry: title="Linux Boot Manager" '
+                     r"devpath=Partition\(nr=1\)/FilePath\(\\EFI\\systemd\\systemd-bootx64.efi\)", variables), variables
+
+    described = json.loads(subprocess.run([sys.executable, "-m", "builder", "inspect", str(out / "nixos.qcow2")],
+                                          capture_output=True, text=True, check=True, cwd=REPO).stdout)
+    assert described["table"] == "gpt"
+    esp, root = described["partitions"]
+    assert esp["type"] == "C12A7328-F81F-11D2-BA4B-00A0C93EC93B" and esp["label"] == "ESP"
+    assert esp["start"] == 8 * 1024 * 1024 and esp["end"] == 256 * 1024 * 1024
+    assert root["guid"].upper() == spec["rootGPUID"].upper() and root["label"] == "nixos"
+    raw = tmp_path / "efi.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(out / "nixos.qcow2"), str(raw)], check=True)
+    listing = subprocess.run(["mdir", "-b", "-i", f"{raw}@@{esp['start']}", "::/EFI/systemd"],
+                             capture_output=True, text=True, check=True).stdout
+    assert "systemd-bootx64.efi" in listing.lower()
 
 
 def test_default_nix_gives_the_same_derivations_as_the_flake(glue: Glue) -> None:

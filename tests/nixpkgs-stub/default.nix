@@ -97,11 +97,21 @@ let
     );
 
   # The bootable fixture system (tests/fixtures/system, copied in by the test) when given, else a small closure.
-  toplevel =
+  toplevelFor =
+    modules:
+    let
+      # Not a module system: only plain attribute-set modules are looked at, for the bootloader choice.
+      setting = path: builtins.any (m: builtins.isAttrs m && lib.attrByPath path false m) modules;
+      systemdBoot = setting [ "boot" "loader" "systemd-boot" "enable" ];
+    in
     if host.system == null then
       import ./system.nix { inherit system; }
     else
-      (import (./. + "/${host.system}") { inherit system; }).toplevel;
+      (import (./. + "/${host.system}") {
+        inherit system;
+        systemdBoot = if systemdBoot then "esp" else "none";
+        grubDevices = if systemdBoot then "" else "/dev/vda";
+      }).toplevel;
 
   nixosEnter = runCommand "nixos-enter-stand-in" { } ''
     mkdir -p $out/bin
@@ -111,6 +121,10 @@ let
 
   nixosSystem =
     { system, modules }:
+    let
+      toplevel = toplevelFor modules;
+      grubEnabled = !(builtins.any (m: builtins.isAttrs m && lib.attrByPath [ "boot" "loader" "grub" "enable" ] true m == false) modules);
+    in
     {
       config = {
         system.build.toplevel = toplevel;
@@ -120,7 +134,7 @@ let
           versionSuffix = "pre-stub";
         };
         boot.loader.grub = {
-          enable = true;
+          enable = grubEnabled;
           devices = [ "/dev/vda" ];
         };
       };

@@ -8,6 +8,14 @@ rec {
   genAttrs = names: f: listToAttrs (map (n: { name = n; value = f n; }) names);
   mapAttrs = builtins.mapAttrs;
   filterAttrs = pred: set: listToAttrs (map (n: { name = n; value = set.${n}; }) (filter (n: pred n set.${n}) (attrNames set)));
+  attrByPath =
+    path: default: set:
+    if path == [ ] then
+      set
+    else if builtins.isAttrs set && set ? ${builtins.head path} then
+      attrByPath (builtins.tail path) default set.${builtins.head path}
+    else
+      default;
   optional = cond: x: if cond then [ x ] else [ ];
   optionals = cond: xs: if cond then xs else [ ];
   optionalString = cond: s: if cond then s else "";
