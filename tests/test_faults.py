@@ -1,0 +1,437 @@
+"""Faults during real builds: signals at each step, vanished/unreadable sources, a full disk, a failing or killed VM.
+
+Every case runs `python -m builder build` as its own process (own session) with TMPDIR set to a
+test-owned directory, and then checks what is left on the host with independent means: /proc/mounts,
+`losetup -a`, the process table (command lines naming the test's directory), the TMPDIR tree and the
+output directory. Steps that run a tool are held open by a gate: a shim placed first on PATH that,
+for the one invocation the test names, waits for a go-file before exec'ing the real tool. The shim
+changes no behaviour; it only makes "the signal arrives while mkfs runs" deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import SpecFactory, spec_doc
+from tests.fixtures.nixstore import write_closure_info
+from tests.leftovers import assert_nothing_left, processes_mentioning
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_TIMEOUT = 240.0
+
+SHIM = """#!{python}
+import os, shutil, sys, time
+from pathlib import Path
+tool = os.path.basename(sys.argv[0])
+gate = Path(os.environ["MDI_TEST_GATE"])
+rule = gate / "rule"
+if rule.exists():
+    name, needle = (rule.read_text().split("\\n") + [""])[:2]
+    if name == tool and needle in " " + " ".join(sys.argv[1:]) + " " and not (gate / "started").exists():
+        (gate / "started").write_text(str(os.getpid()))
+        deadline = time.monotonic() + 120
+        while not (gate / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+real = shutil.which(tool, path=os.environ["MDI_TEST_REAL_PATH"])
+os.execv(real, [tool, *sys.argv[1:]])
+"""
+GATED_TOOLS = ("mkfs.ext4", "debugfs", "mkfs.vfat", "e2fsck", "qemu-img")
+
+
+@dataclass
+class Sandbox:
+    """A test-owned world for one build: TMPDIR, output directory, gate directory and environment."""
+
+    private: Path
+    tmpdir: Path
+    out: Path
+    gate: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def hold(self, tool: str, needle: str = "") -> None:
+        """Make the next invocation of tool whose arguments contain needle wait for release()."""
+        (self.gate / "rule").write_text(f"{tool}\n{needle}")
+
+    def held(self) -> bool:
+        """Whether the held tool has started and is waiting."""
+        return (self.gate / "started").exists()
+
+    def release(self) -> None:
+        """Let the held tool run."""
+        (self.gate / "go").write_text("")
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    """A sandbox whose PATH starts with the gate shims; checks nothing of it is running afterwards."""
+    private = tmp_path / "faults"
+    shims, tmpdir, gate = private / "shims", private / "tmp", private / "gate"
+    for d in (shims, tmpdir, gate):
+        d.mkdir(parents=True)
+    for tool in GATED_TOOLS:
+        shim = shims / tool
+        shim.write_text(SHIM.format(python=sys.executable))
+        shim.chmod(0o755)
+    real_path = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    env = dict(os.environ, TMPDIR=str(tmpdir), PATH=f"{shims}:{real_path}", MDI_TEST_GATE=str(gate),
+               MDI_TEST_REAL_PATH=real_path, PYTHONPATH=str(REPO))
+    box = Sandbox(private, tmpdir, private / "out", gate, env)
+    yield box
+    box.release()  # never leave a shim waiting
+
+
+@dataclass
+class Outcome:
+    """A finished build process: status and its whole stderr."""
+
+    status: int
+    stderr: str
+    stdout: str
+
+
+def run_build(box: Sandbox, spec: Path, on_line: Callable[[str, subprocess.Popen[str]], None] | None = None,
+              *, argv: list[str] | None = None) -> Outcome:
+    """Run `python -m builder build` in its own session; on_line sees each stderr line as it appears."""
+    cmd = [sys.executable, "-m", "builder", *(argv or ["build", str(spec), "--out", str(box.out)])]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=box.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    watchdog = threading.Timer(RUN_TIMEOUT, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    watchdog.start()
+    lines = []
+    try:
+        assert proc.stderr is not None and proc.stdout is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if on_line is not None:
+                on_line(line, proc)
+        stdout = proc.stdout.read()
+        status = proc.wait()
+    finally:
+        watchdog.cancel()
+        box.release()
+    return Outcome(status, "".join(lines), stdout)
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    """Poll until predicate holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def send(proc: subprocess.Popen[str], sig: signal.Signals) -> None:
+    """SIGINT goes to the whole process group, as a terminal's Ctrl-C does; SIGTERM to the builder alone."""
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
+
+
+def fifo_closure_info(source: Path, dest: Path) -> Path:
+    """A copy of a closureInfo directory whose registration is a FIFO nobody writes: reading it blocks."""
+    dest.mkdir()
+    for name in os.listdir(source):
+        if name != "registration":
+            shutil.copy(source / name, dest / name)
+    os.mkfifo(dest / "registration")
+    return dest
+
+
+def many_files(root: Path, count: int) -> Path:
+    """A contents source tree of count small files (staging it takes a noticeable moment)."""
+    for i in range(count):
+        sub = root / f"d{i // 100}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i}").write_text("x")
+    return root
+
+
+# (step as logged, the tool held during it or None, extra spec changes). Held tools make the step last until
+# the signal arrives; for in-process steps the next tool is held so the build cannot finish first.
+STEPS: list[tuple[str, tuple[str, str] | None]] = [
+    ("read closure", None),
+    ("stage root", ("mkfs.ext4", "")),
+    ("size", ("mkfs.ext4", "")),
+    ("partition table", ("mkfs.ext4", " -d ")),
+    ("root filesystem (mkfs.ext4 -d)", ("mkfs.ext4", " -d ")),
+    ("owners and times (debugfs)", ("debugfs", " -w ")),
+    ("boot filesystems", ("mkfs.vfat", "")),
+    ("check filesystems", ("e2fsck", "")),
+    ("convert", ("qemu-img", " convert ")),
+    ("postVM", None),
+]
+IN_STEP = {"size", "root filesystem (mkfs.ext4 -d)", "owners and times (debugfs)", "boot filesystems",
+           "check filesystems", "convert"}
+ORDER = [s for s, _ in STEPS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("step_name,held", STEPS, ids=[s for s, _ in STEPS])
+def test_signal_at_each_step_cleans_up(step_name: str, held: tuple[str, str] | None, sig: signal.Signals,
+                                       sandbox: Sandbox, make_spec: SpecFactory, fixture_spec: Path) -> None:
+    overrides: dict[str, Any] = {"format": "qcow2"}
+    doc = spec_doc(fixture_spec)
+    if step_name == "read closure":
+        info = fifo_closure_info(Path(doc["system"]["closureInfo"]), sandbox.private / "closure-info")
+        overrides["system"] = {**doc["system"], "closureInfo": str(info)}
+    if step_name == "stage root":
+        tree = many_files(sandbox.private / "many", 600)
+        overrides["contents"] = [*doc["contents"], {"source": str(tree), "target": "/srv/many", "mode": None,
+                                                     "user": None, "group": None}]
+    post_started = sandbox.private / "post-started"
+    if step_name == "postVM":
+        fifo = sandbox.private / "never-written.fifo"
+        os.mkfifo(fifo)  # the user's command blocks reading it; its command line names the sandbox
+        overrides["postVM"] = f"touch {shlex.quote(str(post_started))}; cat {shlex.quote(str(fifo))}"
+    if held:
+        sandbox.hold(*held)
+    spec = make_spec(**overrides)
+    sent: list[bool] = []
+
+    def on_line(line: str, proc: subprocess.Popen[str]) -> None:
+        if sent or line.strip() != f"[makeDiskImage] {step_name} ...":
+            return
+        if step_name in IN_STEP:
+            wait_for(sandbox.held, f"{held} to start")
+        elif step_name == "read closure":
+            time.sleep(0.3)  # the builder is blocked opening the FIFO
+        elif step_name == "postVM":
+            wait_for(post_started.exists, "postVM to start")
+        send(proc, sig)
+        sent.append(True)
+
+    res = run_build(sandbox, spec, on_line)
+    assert sent, res.stderr
+    assert res.status == 128 + sig, res.stderr
+    name = signal.Signals(sig).name
+    assert f"interrupted by {name}: stopped, temporary files removed" in res.stderr
+    assert "Traceback" not in res.stderr
+    failed = [s for s in ORDER if f"[makeDiskImage] {s} failed after" in res.stderr]
+    # The signal lands in the step itself (held or blocked there), or for the quick in-process partition
+    # table and staging steps possibly in the next, held one: never after the build could have finished.
+    allowed = {step_name} if step_name not in ("partition table", "stage root") else {
+        step_name, ORDER[ORDER.index(step_name) + 1]}
+    assert len(failed) == 1 and failed[0] in allowed, (failed, res.stderr)
+    assert f"[makeDiskImage] {failed[0]} done" not in res.stderr
+    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
+
+
+def test_store_path_vanishing_mid_build(sandbox: Sandbox, make_spec: SpecFactory, fixture_spec: Path) -> None:
+    """A store path garbage-collected after it was measured, before mkfs reads it: build error, nothing left."""
+    victim_src = sandbox.private / "victim"
+    victim_src.mkdir()
+    (victim_src / "data").write_text(f"unique {time.time_ns()}\n")
+    victim = subprocess.run(["nix-store", "--add", str(victim_src)], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    doc = spec_doc(fixture_spec)
+    info = write_closure_info([doc["system"]["toplevel"], *doc["system"]["additionalPaths"], victim],
+                              sandbox.private / "closure-info")
+    spec = make_spec(system={**doc["system"], "closureInfo": str(info),
+                             "additionalPaths": [*doc["system"]["additionalPaths"], victim]})
+    sandbox.hold("mkfs.ext4", "")  # the sizing probe: the tree was measured, mkfs -d has yet to read it
+
+    def on_line(line: str, proc: subprocess.Popen[str]) -> None:
+        if line.startswith("[makeDiskImage] size ..."):
+            wait_for(sandbox.held, "the mkfs probe to start")
+            subprocess.run(["nix-store", "--delete", victim], capture_output=True, check=True)
+            sandbox.release()
+
+    res = run_build(sandbox, spec, on_line)
+    assert not os.path.exists(victim)
+    assert res.status == 1, res.stderr
+    assert "build failed:" in res.stderr and victim in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
+
+
+def test_missing_source_is_named(sandbox: Sandbox, make_spec: SpecFactory, fixture_spec: Path) -> None:
+    """A source removed after the spec was written: a user error naming the entry and path."""
+    gone = sandbox.private / "gone.txt"
+    doc = spec_doc(fixture_spec)
+    spec = make_spec(contents=[*doc["contents"], {"source": str(gone), "target": "/gone", "mode": None,
+                                                  "user": None, "group": None}])
+    res = run_build(sandbox, spec)
+    assert res.status == 2, res.stderr
+    assert f"contents[5].source {str(gone)!r} does not exist" in res.stderr
+    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
+
+
+@contextmanager
+def readable_by_others(*paths: Path) -> Iterator[None]:
+    """Temporarily let other users traverse/read these paths and their parents (pytest's tmp dirs are 0700)."""
+    opened: list[tuple[Path, int]] = []
+    for path in paths:
+        for p in [path, *path.parents]:
+            mode = stat.S_IMODE(p.stat().st_mode)
+            if mode & 0o005 != 0o005 and p not in [o for o, _ in opened]:
+                opened.append((p, mode))
+                os.chmod(p, mode | 0o005)
+    try:
+        yield
+    finally:
+        for p, mode in reversed(opened):
+            os.chmod(p, mode)
+
+
+def test_unreadable_source_as_build_user(sandbox: Sandbox, make_spec: SpecFactory, fixture_spec: Path) -> None:
+    """Run as an unprivileged user (as Nix build users do) with a file in a source tree it may not read."""
+    tree = sandbox.private / "secret-tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "ok.txt").write_text("fine\n")
+    (tree / "sub" / "secret.txt").write_text("no\n")
+    os.chmod(tree / "sub" / "secret.txt", 0)
+    spec = sandbox.private / "spec.json"
+    shutil.copy(make_spec(contents=[{"source": str(tree), "target": "/srv/tree", "mode": None, "user": None,
+                                     "group": None}]), spec)
+    sandbox.out.mkdir()
+    for d in (sandbox.tmpdir, sandbox.out):
+        os.chmod(d, 0o777)
+    cmd = ["runuser", "-u", "nobody", "--", "env", *(f"{k}={v}" for k, v in sandbox.env.items()),
+           sys.executable, "-m", "builder", "build", str(spec), "--out", str(sandbox.out)]
+    with readable_by_others(spec, tree / "sub" / "ok.txt", fixture_spec.parent / "closure-info" / "registration"):
+        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert res.returncode == 2, res.stderr
+    assert f"contents[0] ({str(tree)!r} -> '/srv/tree'):" in res.stderr, res.stderr
+    assert "secret.txt" in res.stderr and "Permission denied" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
+
+
+def test_work_dir_out_of_space(sandbox: Sandbox, make_spec: SpecFactory) -> None:
+    """TMPDIR on a 2 MiB tmpfs: the build fails with a clear out-of-space error and leaves the tmpfs empty."""
+    assert os.geteuid() == 0, "mounting a tmpfs needs root"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "mdi-test-enospc", str(sandbox.tmpdir)],
+                   check=True)
+    try:
+        res = run_build(sandbox, make_spec())
+        assert res.status == 1, res.stderr
+        assert "No space left on device" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+        assert sorted(os.listdir(sandbox.tmpdir)) == []
+    finally:
+        subprocess.run(["umount", str(sandbox.tmpdir)], check=True)
+    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
+
+
+def test_disk_size_too_small_is_refused_before_writing(sandbox: Sandbox, make_spec: SpecFactory) -> None:
+    """A fixed diskSize that cannot hold the tree: refused with the size needed, and that size then works."""
+    res = run_build(sandbox, make_spec(diskSize=66))
+    assert res.status == 2, res.stderr
+    assert "diskSize = 66 MiB is too small" in res.stderr
+    assert "[makeDiskImage] partition table" not in res.stderr  # refused before anything was written
+    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
+    needed = int(res.stderr.split("use diskSize >= ")[1].split()[0])
+    ok = run_build(sandbox, make_spec(diskSize=needed))
+    assert ok.status == 0, ok.stderr
+    image = sandbox.out / "fixture.img"
+    assert image.stat().st_size == needed << 20
+    below = run_build(sandbox, make_spec(diskSize=needed - 1), argv=None)
+    assert below.status == 2 and f"use diskSize >= {needed}" in below.stderr
+
+
+# ---- the build VM ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vm_spec_doc(fixture_spec: Path) -> dict[str, Any]:
+    """The fixture spec with an owner given by name, so finalize must run in the VM (and fails there: the
+    fixture closure has no chown, which is the 'command fails in the VM' case)."""
+    doc = spec_doc(fixture_spec)
+    doc["contents"][4] = {**doc["contents"][4], "user": "root", "group": "root"}
+    return doc
+
+
+def qemu_running(box: Sandbox) -> bool:
+    """Whether a qemu of this sandbox is running."""
+    return any("qemu-system" in p for p in processes_mentioning(str(box.private)))
+
+
+@pytest.mark.slow
+def test_vm_command_failing(sandbox: Sandbox, make_spec: SpecFactory, vm_spec_doc: dict[str, Any]) -> None:
+    res = run_build(sandbox, make_spec(**vm_spec_doc))
+    assert res.status == 1, res.stderr
+    assert "build failed: finalize failed in the build VM (exit status 127); last console lines:" in res.stderr
+    assert "finalize: failed (status 127), unmounting" in res.stderr
+    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["qemu-killed", "SIGINT", "SIGTERM", "builder-SIGKILL"])
+def test_vm_interrupted(how: str, sandbox: Sandbox, make_spec: SpecFactory, vm_spec_doc: dict[str, Any]) -> None:
+    def on_line(line: str, proc: subprocess.Popen[str]) -> None:
+        if not line.startswith("[makeDiskImage] finalize in the build VM ..."):
+            return
+        wait_for(lambda: qemu_running(sandbox), "qemu to start")
+        time.sleep(1.0)
+        if how == "qemu-killed":
+            for entry in processes_mentioning(str(sandbox.private)):
+                if "qemu-system" in entry:
+                    os.kill(int(entry.split(":")[0]), signal.SIGKILL)
+        elif how == "builder-SIGKILL":
+            os.kill(proc.pid, signal.SIGKILL)
+            # No cleanup can run after SIGKILL, but qemu must not outlive the builder (parent-death signal).
+            wait_for(lambda: not qemu_running(sandbox), "qemu to die with the builder", timeout=10)
+        else:
+            send(proc, signal.Signals[how])
+
+    res = run_build(sandbox, make_spec(**vm_spec_doc), on_line)
+    if how == "qemu-killed":
+        assert res.status == 1, res.stderr
+        assert "the build VM produced no exit status (qemu exit status -9)" in res.stderr
+    elif how == "SIGINT":
+        assert res.status == 130 and "interrupted by SIGINT" in res.stderr, res.stderr
+    elif how == "SIGTERM":
+        assert res.status in (1, 143), res.stderr
+        assert "SIGTERM" in res.stderr
+    else:
+        assert res.status == -signal.SIGKILL
+        shutil.rmtree(sandbox.tmpdir)
+        sandbox.tmpdir.mkdir()
+    assert "Traceback" not in res.stderr
+    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
+
+
+def test_builder_sigkill_during_mkfs_takes_the_namespace_helper_down(sandbox: Sandbox,
+                                                                     make_spec: SpecFactory) -> None:
+    sandbox.hold("mkfs.ext4", " -d ")
+
+    def on_line(line: str, proc: subprocess.Popen[str]) -> None:
+        if line.startswith("[makeDiskImage] root filesystem (mkfs.ext4 -d) ..."):
+            wait_for(sandbox.held, "mkfs to start")
+            helper = int((sandbox.gate / "started").read_text())
+            os.kill(proc.pid, signal.SIGKILL)
+            # Checked while the gate still holds the helper: only the parent-death signal can end it now.
+            wait_for(lambda: _gone(helper), "the mkfs helper to die with the builder", 10)
+            died.append(helper)
+
+    died: list[int] = []
+    res = run_build(sandbox, make_spec(), on_line)
+    assert res.status == -signal.SIGKILL
+    assert died
+    assert processes_mentioning(str(sandbox.private)) == []
+
+
+def _gone(pid: int) -> bool:
+    """Whether pid has exited (gone, or a zombie not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
