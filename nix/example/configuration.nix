@@ -1,5 +1,5 @@
 # The example NixOS system built into the project's main image (`nix build .#image`).
-{ lib, modulesPath, ... }:
+{ modulesPath, ... }:
 {
   imports = [ (modulesPath + "/profiles/minimal.nix") ];
 
@@ -15,5 +15,4 @@
   services.getty.autologinUser = "root";
   networking.hostName = "mdi-example";
   system.stateVersion = "25.11";
-  nixpkgs.hostPlatform = lib.mkDefault "x86_64-linux";
 }
