@@ -105,7 +105,16 @@
 
       packages = forAllSystems (pkgs: rec {
         builder = import ./nix/package.nix { inherit pkgs; };
-        image = exampleImage pkgs { };
+        # x86_64: GRUB on an MBR disk; aarch64 has no BIOS, so there the example boots systemd-boot from an ESP.
+        image = exampleImage pkgs (
+          if pkgs.stdenv.hostPlatform.system == "x86_64-linux" then
+            { }
+          else
+            {
+              args.partitionTableType = "efi";
+              modules = [ systemdBoot ];
+            }
+        );
         default = image;
       });
 
@@ -114,11 +123,13 @@
         {
           # Evaluates the example image and writes its spec: argument handling and wiring, no image build.
           eval = pkgs.writeText "make-disk-image-example-spec.json" (
-            builtins.unsafeDiscardStringContext (builtins.toJSON (exampleImage pkgs { }).spec)
+            builtins.unsafeDiscardStringContext (
+              builtins.toJSON self.packages.${pkgs.stdenv.hostPlatform.system}.image.spec
+            )
           );
         }
-        # Boots the image; needs the NixOS test framework and KVM (`nix flake check` on such a machine).
-        // lib.optionalAttrs (pkgs ? testers && pkgs.testers ? runNixOSTest) {
+        # Boots the x86_64 image; needs the NixOS test framework and KVM (`nix flake check` on such a machine).
+        // lib.optionalAttrs (pkgs.stdenv.hostPlatform.system == "x86_64-linux" && pkgs ? testers && pkgs.testers ? runNixOSTest) {
           boot = import ./nix/vm-test.nix {
             inherit pkgs;
             inherit (lib) nixosSystem;

@@ -109,6 +109,15 @@ def test_flake_show_lists_every_output(glue: Glue) -> None:
                                        "hybrid-vpc", "efi-vars-qcow2", "store-only-raw"}
 
 
+def test_each_system_gets_its_own_image(glue: Glue) -> None:
+    assert glue.eval_json("packages.x86_64-linux.image.system") == "x86_64-linux"
+    assert glue.eval_json("packages.x86_64-linux.image.spec.partitionTableType") == "legacy"
+    # aarch64 has no BIOS: its example image boots systemd-boot from an ESP, and nothing asks for GRUB.
+    assert glue.eval_json("packages.aarch64-linux.image.system") == "aarch64-linux"
+    aarch64 = glue.eval_json("packages.aarch64-linux.image.spec")
+    assert aarch64["partitionTableType"] == "efi" and aarch64["bootLoader"]["grubDevices"] == []
+
+
 def test_flake_check_evaluates_everything(glue: Glue) -> None:
     done = glue.nix("flake", "check", "--no-build", f"path:{glue.flake}", check=False)
     assert done.returncode == 0, done.stderr[-4000:]
