@@ -282,6 +282,14 @@ def test_efi_vars_image(glue: Glue, tmp_path: Path) -> None:
     assert "systemd-bootx64.efi" in listing.lower()
 
 
+def test_store_only_image_rebuilds_bit_for_bit(glue: Glue) -> None:
+    # `nix build --rebuild` builds the derivation again and fails if the output differs from the first build.
+    glue.build("hydraJobs.store-only-raw.x86_64-linux", "result-store-only-first")
+    done = glue.nix("build", "--rebuild", "--no-link", glue.ref("hydraJobs.store-only-raw.x86_64-linux"), check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "may not be deterministic" not in done.stderr
+
+
 def test_default_nix_gives_the_same_derivations_as_the_flake(glue: Glue) -> None:
     # Non-flake users: default.nix with the same nixpkgs must give the flake's image and builder exactly.
     args = (
