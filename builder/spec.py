@@ -21,6 +21,8 @@ EFI_VAR_TABLES = ("hybrid", "efi", "efixbootldr", "legacy+gpt")
 BOOT_END_MINIMUM = {"legacy+boot": 1 * MiB, "efi": 8 * MiB, "hybrid": 8 * MiB, "efixbootldr": 100 * MiB}
 # Writable qemu-img formats; qcow2-compressed is qcow2 written with -c.
 FORMATS = ("raw", "qcow2", "qcow2-compressed", "vdi", "vpc", "vmdk", "vhdx", "qed", "qcow", "parallels")
+# Longest root label each filesystem stores, in UTF-8 bytes (the schema counts characters; mkfs truncates silently).
+LABEL_MAX_BYTES = {"ext4": 16}
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,12 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     table = doc["partitionTableType"]
     only_store = doc["onlyNixStore"]
+
+    limit = LABEL_MAX_BYTES.get(doc["fsType"])
+    label_bytes = len(doc["label"].encode("utf-8", "surrogatepass"))
+    if limit is not None and label_bytes > limit:
+        problems.append(f"$.label: {json.dumps(doc['label'], ensure_ascii=False)} is not allowed with "
+                        f"fsType = {doc['fsType']!r}: it is {label_bytes} bytes in UTF-8, at most {limit} fit")
 
     if doc["fsType"] == "ext4" and doc["deterministic"] and doc["rootFSUID"] is None:
         problems.append(
