@@ -134,6 +134,11 @@ def _schema_problems(doc: Any) -> list[str]:
             problems.append(f"{where}: {err.message}")
         elif err.validator == "required":
             problems.append(f"{where}: {err.message}")
+        elif err.validator in ("maxLength", "minLength") and isinstance(err.instance, str):
+            # The value itself may be kilobytes long: show its start and the limit, not a truncated message.
+            bound = "at most" if err.validator == "maxLength" else "at least"
+            problems.append(f"{where}: {json.dumps(err.instance[:60])}{'...' if len(err.instance) > 60 else ''} "
+                            f"is {len(err.instance)} characters long (allowed: {bound} {err.validator_value})")
         else:
             problems.append(f"{where}: {json.dumps(err.instance)[:200]} is not allowed ({err.message[:300]})")
     return problems
