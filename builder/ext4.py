@@ -138,9 +138,10 @@ def normalize(
     for fix in fixes:
         lines += [f"sif {_quote(fix.image_path)} uid {fix.uid}", f"sif {_quote(fix.image_path)} gid {fix.gid}"]
     cmd_file = scratch / "debugfs.cmds"
-    cmd_file.write_text("\n".join(lines) + "\n")
+    # surrogateescape: names that are not UTF-8 (os.fsdecode'd from a source tree) go back as their own bytes.
+    cmd_file.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")
     res = subprocess.run(["debugfs", "-w", "-f", str(cmd_file), target], capture_output=True, text=True,
-                         env=_env(params))
+                         errors="replace", env=_env(params))
     errors = [ln for ln in res.stderr.splitlines() if ln and not ln.startswith("debugfs ")]
     if res.returncode != 0 or errors:
         raise BuildError(f"debugfs could not set owners and times: {'; '.join(errors[:5]) or res.returncode}")
