@@ -221,9 +221,14 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.L
                 regs = store.read_closure(spec)
             with step("stage root"):
                 staged = stage_root(spec, regs, scratch / "root")
-            with step("size"):
-                size = choose_size(spec, staged, scratch)
-            plan = write_image(spec, staged, size, partial, scratch)
+            if spec.fs_type == "ext4":
+                with step("size"):
+                    size = choose_size(spec, staged, scratch)
+                plan = write_image(spec, staged, size, partial, scratch)
+            else:  # btrfs, xfs, erofs, squashfs: built as their own file and placed (builder/rootfs.py)
+                from .rootfs import prepare_root
+
+                plan = prepare_root(spec, staged, partial, scratch)
             os.replace(partial, image)
         except BaseException:
             partial.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ from typing import Any
 import jsonschema
 
 from .errors import SpecError
+from .fstypes import fs_type_problems
 from .sizes import MiB, parse_iec
 
 SCHEMA_PATH = Path(__file__).with_name("spec.schema.json")
@@ -22,7 +23,7 @@ BOOT_END_MINIMUM = {"legacy+boot": 1 * MiB, "efi": 8 * MiB, "hybrid": 8 * MiB, "
 # Writable qemu-img formats; qcow2-compressed is qcow2 written with -c.
 FORMATS = ("raw", "qcow2", "qcow2-compressed", "vdi", "vpc", "vmdk", "vhdx", "qed", "qcow", "parallels")
 # Longest root label each filesystem stores, in UTF-8 bytes (the schema counts characters; mkfs truncates silently).
-LABEL_MAX_BYTES = {"ext4": 16}
+LABEL_MAX_BYTES = {"ext4": 16, "btrfs": 255, "xfs": 12, "erofs": 16, "vfat": 11}  # squashfs stores none
 
 
 @dataclass(frozen=True)
@@ -170,10 +171,7 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
         problems.append(f"$.label: {json.dumps(doc['label'], ensure_ascii=False)} is not allowed with "
                         f"fsType = {doc['fsType']!r}: it is {label_bytes} bytes in UTF-8, at most {limit} fit")
 
-    if doc["fsType"] == "ext4" and doc["deterministic"] and doc["rootFSUID"] is None:
-        problems.append(
-            "$.rootFSUID: null is not allowed with deterministic = true and fsType = \"ext4\" (give a UUID)"
-        )
+    problems += fs_type_problems(doc)
     if doc["touchEFIVars"] and table not in EFI_VAR_TABLES:
         problems.append(
             f"$.touchEFIVars: true is not allowed with partitionTableType = {table!r} "

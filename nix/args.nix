@@ -226,7 +226,11 @@ let
     "qcow"
     "parallels"
   ];
-  fsTypes = [ "ext4" ];
+  fsTypes = [ "ext4" "btrfs" "xfs" "erofs" "squashfs" ];
+  # Read-only root filesystems: only with onlyNixStore. Label limits in bytes (squashfs stores no label).
+  readOnlyFsTypes = [ "erofs" "squashfs" ];
+  uuidFsTypes = [ "ext4" "btrfs" "xfs" "erofs" ];
+  labelMax = { ext4 = 16; btrfs = 255; xfs = 12; erofs = 16; squashfs = 255; };
 
   defaults = {
     diskSize = "auto";
@@ -393,14 +397,14 @@ let
       a.efiVariables == null || isPathLike a.efiVariables
     ) "an absolute path or derivation (the OVMF variables template), or null for OVMF.variables"
     ++ check "fsType" (elem a.fsType fsTypes) (
-      "one of ${oneOfText fsTypes} (the only root filesystem supported so far)"
+      "one of ${oneOfText fsTypes} (erofs and squashfs only with onlyNixStore = true)"
     )
     ++ check "label" (
       isString a.label
       && stringLength a.label >= 1
-      && stringLength a.label <= 16
+      && stringLength a.label <= 255
       && matches "[^/[:cntrl:]]+" a.label
-    ) "a filesystem label of 1 to 16 characters without \"/\" or control characters"
+    ) "a filesystem label of 1 to 16 characters (ext4; xfs 12, btrfs 255) without \"/\" or control characters"
     ++ check "configFile" (
       a.configFile == null || isPathLike a.configFile
     ) "null or a path (copied to /etc/nixos/configuration.nix)"
@@ -442,17 +446,21 @@ let
       );
     in
     (
-      if a.fsType == "ext4" && a.deterministic && a.rootFSUID == null then
+      if elem a.fsType uuidFsTypes && a.deterministic && a.rootFSUID == null then
         [
-          (err "rootFSUID = null is not allowed with deterministic = true and fsType = \"ext4\": give a UUID, or set deterministic = false")
+          (err "rootFSUID = null is not allowed with deterministic = true and fsType = ${show a.fsType}: give a UUID, or set deterministic = false")
         ]
       else
         [ ]
     )
     ++ (
-      if table != "none" && a.fsType != "ext4" then
+      if elem a.fsType readOnlyFsTypes && !a.onlyNixStore then
         [
-          (err "fsType = ${show a.fsType} is not allowed with partitionTableType = ${show table}: only \"ext4\" is written at a partition offset")
+          (err "fsType = ${show a.fsType} is read-only and allowed only with onlyNixStore = true: use \"ext4\", \"btrfs\" or \"xfs\"")
+        ]
+      else if isString a.label && labelMax ? ${a.fsType} && stringLength a.label > labelMax.${a.fsType} then
+        [
+          (err "label = ${show a.label} is too long for fsType = ${show a.fsType}: at most ${toString labelMax.${a.fsType}} bytes")
         ]
       else
         [ ]
@@ -565,7 +573,7 @@ let
         rootFSUID =
           if args ? rootFSUID then
             args.rootFSUID
-          else if base.fsType == "ext4" then
+          else if elem base.fsType uuidFsTypes then
             base.rootGPUID
           else
             null;

@@ -34,7 +34,7 @@ in
     OVMF = nullable types.package "OVMF output providing firmware and variables (default pkgs.OVMF.fd).";
     efiFirmware = nullable types.path "UEFI firmware code image (default OVMF.firmware).";
     efiVariables = nullable types.path "UEFI variables template (default OVMF.variables).";
-    fsType = opt (types.enum [ "ext4" ]) d.fsType "Root filesystem type.";
+    fsType = opt (types.enum [ "ext4" "btrfs" "xfs" "erofs" "squashfs" ]) d.fsType "Root filesystem type.";
     label = nullable types.str "Root filesystem label (default \"nixos\", \"nix-store\" with onlyNixStore).";
     configFile = nullable types.path "File copied to /etc/nixos/configuration.nix.";
     postVM = opt types.lines d.postVM "Shell run after the image is in $out; $diskImage names it.";
