@@ -57,7 +57,7 @@ def qemu_command(disk: Path, xchg: Path, *, mem_mib: int, kernel: Path, initrd: 
         "-virtfs", f"local,path={xchg},mount_tag=xchg,security_model=none",
         "-drive", f"file={disk},if=virtio,format=raw,cache=unsafe,werror=report",
         "-kernel", str(kernel), "-initrd", str(initrd),
-        "-append", "console=ttyS0 panic=1 loglevel=4 rdinit=/init",
+        "-append", "console=ttyS0 panic=1 loglevel=4 rdinit=/init mitigations=off no_timer_check 8250.nr_uarts=1",
     ]
     if efi is not None:
         code, variables = efi

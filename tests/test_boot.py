@@ -1,8 +1,9 @@
 """Images of the fixture system built with `python -m builder build` really boot (SeaBIOS and OVMF under qemu TCG).
 
-Each layout is built once per module; the booted system reports what it sees (root label, mounted boot
-partitions, owners and modes, configuration.nix) on the serial console, read with pexpect. Owners, the
-superblock and the EFI variables are also read with debugfs, dumpe2fs and virt-fw-vars.
+Each layout is built and booted once per module, two at a time (TCG uses one core per VM); the booted
+system reports what it sees (root label, mounted boot partitions, owners and modes, configuration.nix)
+on the serial console, read with pexpect. Owners, the superblock and the EFI variables are also read with
+debugfs, dumpe2fs and virt-fw-vars.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,14 @@ class Built:
     fmt: str
 
 
+@dataclass(frozen=True)
+class Booted:
+    """A built image and the facts it reported when booted with SeaBIOS ("bios") and/or OVMF ("uefi")."""
+
+    built: Built
+    facts: dict[str, dict[str, Any]]
+
+
 def build(spec: Path, out: Path) -> Path:
     """Run `python -m builder build` and return the image it reports."""
     res = subprocess.run([sys.executable, "-m", "builder", "build", str(spec), "--out", str(out)], cwd=REPO,
@@ -61,11 +72,10 @@ def root_offset(image: Path, table: str) -> int:
                                "efixbootldr": 3, "hybrid": 3}[table])
 
 
-# ---------------------------------------------------------------- legacy: owners, configFile, tune2fs
+# ---------------------------------------------------------------- the images, built and booted in parallel
 
-@pytest.fixture(scope="module")
-def legacy(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    tmp = tmp_path_factory.mktemp("legacy")
+def legacy_job(tmp: Path) -> Booted:
+    """legacy with named owners (one of them a hostile name), a report file and configFile; SeaBIOS."""
     src = tmp / "src"
     (src / "owned-dir" / "inner").mkdir(parents=True)
     (src / "owned-file").write_text("owned by fixtureuser:fixturegroup\n")
@@ -81,12 +91,65 @@ def legacy(tmp_path_factory: pytest.TempPathFactory) -> Built:
         {"source": str(src / "hostile"), "target": HOSTILE, "mode": None, "user": "fixtureuser", "group": "nogroup"},
         {"source": str(src / "report"), "target": REPORT_FILE, "mode": None, "user": None, "group": None},
     ]
-    return build_layout(tmp, "legacy", contents=contents, configFile=str(src / "configuration.nix"))
+    built = build_layout(tmp, "legacy", contents=contents, configFile=str(src / "configuration.nix"))
+    return Booted(built, {"bios": boot_facts(built.image, tmp)})
+
+
+def legacy_gpt_job(tmp: Path) -> Booted:
+    """legacy+gpt written as qcow2, booted as qcow2 with SeaBIOS."""
+    built = build_layout(tmp, "legacy+gpt", format="qcow2")
+    return Booted(built, {"bios": boot_facts(built.image, tmp, fmt="qcow2")})
+
+
+def legacy_boot_job(tmp: Path) -> Booted:
+    """legacy+boot (FAT /boot on an MBR disk) with SeaBIOS."""
+    built = build_layout(tmp, "legacy+boot")
+    return Booted(built, {"bios": boot_facts(built.image, tmp)})
+
+
+def efi_job(tmp: Path) -> Booted:
+    """efi with touchEFIVars, booted by OVMF with the efi-vars.fd the build wrote."""
+    built = build_layout(tmp, "efi", touchEFIVars=True)
+    vars_file = built.out / "efi-vars.fd"
+    facts = boot_facts(built.image, tmp, firmware="uefi", efi_vars=vars_file) if vars_file.exists() else {}
+    return Booted(built, {"uefi": facts})
+
+
+def efixbootldr_job(tmp: Path) -> Booted:
+    """efixbootldr without EFI variables: OVMF boots systemd-boot from the removable path."""
+    built = build_layout(tmp, "efixbootldr")
+    return Booted(built, {"uefi": boot_facts(built.image, tmp, firmware="uefi")})
+
+
+def hybrid_job(tmp: Path) -> Booted:
+    """hybrid whose GRUB device is not /dev/vda (finalize links it to the disk), booted by SeaBIOS and OVMF."""
+    built = build_layout(tmp, "hybrid", grub_devices="/dev/disk/by-id/fixture-disk")
+    return Booted(built, {"bios": boot_facts(built.image, tmp), "uefi": boot_facts(built.image, tmp, firmware="uefi")})
+
+
+# Slowest first, so two workers finish together.
+JOBS: dict[str, Callable[[Path], Booted]] = {
+    "hybrid": hybrid_job, "efi": efi_job, "efixbootldr": efixbootldr_job,
+    "legacy": legacy_job, "legacy+gpt": legacy_gpt_job, "legacy+boot": legacy_boot_job,
+}
 
 
 @pytest.fixture(scope="module")
-def legacy_facts(legacy: Built) -> dict[str, Any]:
-    return boot_facts(legacy.image, legacy.scratch)
+def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[Booted]]]:
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures = {name: pool.submit(job, tmp_path_factory.mktemp(name.replace("+", "-"))) for name, job in JOBS.items()}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="module")
+def legacy(images: dict[str, Future[Booted]]) -> Built:
+    return images["legacy"].result().built
+
+
+@pytest.fixture(scope="module")
+def legacy_facts(images: dict[str, Future[Booted]]) -> dict[str, Any]:
+    return images["legacy"].result().facts["bios"]
 
 
 def image_ids(image: Path, offset: int) -> tuple[dict[str, int], dict[str, int]]:
@@ -158,41 +221,43 @@ def test_superblock_has_no_fsck_schedule_and_pinned_state(legacy: Built) -> None
 
 # ---------------------------------------------------------------- the other BIOS layouts
 
-def test_legacy_gpt_qcow2_boots_as_qcow2(tmp_path_factory: pytest.TempPathFactory) -> None:
-    built = build_layout(tmp_path_factory.mktemp("legacy-gpt"), "legacy+gpt", format="qcow2")
-    info = subprocess.run(["qemu-img", "info", "--output=json", str(built.image)], capture_output=True, text=True)
+def test_legacy_gpt_qcow2_boots_as_qcow2(images: dict[str, Future[Booted]]) -> None:
+    booted = images["legacy+gpt"].result()
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(booted.built.image)], capture_output=True,
+                          text=True)
     assert '"format": "qcow2"' in info.stdout
-    facts = boot_facts(built.image, built.scratch, fmt="qcow2")
+    facts = booted.facts["bios"]
     assert (facts["loader"], facts["root_device"], facts["efi"]) == ("grub-bios", "/dev/vda2", False)
 
 
-def test_legacy_boot_boots_with_seabios_and_mounts_boot(tmp_path_factory: pytest.TempPathFactory) -> None:
-    built = build_layout(tmp_path_factory.mktemp("legacy-boot"), "legacy+boot")
-    facts = boot_facts(built.image, built.scratch)
+def test_legacy_boot_boots_with_seabios_and_mounts_boot(images: dict[str, Future[Booted]]) -> None:
+    facts = images["legacy+boot"].result().facts["bios"]
     assert (facts["loader"], facts["root_device"]) == ("grub-bios", "/dev/vda2")
     assert facts["mounts"] == {"/boot": {"device": "/dev/vda1", "type": "vfat", "label": "BOOT"}}
 
 
 # ---------------------------------------------------------------- UEFI layouts
 
-def test_efi_boots_with_ovmf_from_its_own_variables(tmp_path_factory: pytest.TempPathFactory) -> None:
-    built = build_layout(tmp_path_factory.mktemp("efi"), "efi", touchEFIVars=True)
-    vars_file = built.out / "efi-vars.fd"
+def test_efi_vars_hold_the_systemd_boot_entry(images: dict[str, Future[Booted]]) -> None:
+    vars_file = images["efi"].result().built.out / "efi-vars.fd"
     assert vars_file.is_file()
     printed = subprocess.run(["virt-fw-vars", "--input", str(vars_file), "--print"], capture_output=True, text=True,
                              env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
     assert printed.returncode == 0, printed.stderr
     entry = [line for line in printed.stdout.splitlines() if 'title="Linux Boot Manager"' in line]
     assert entry and "systemd-bootx64.efi" in entry[0]
-    facts = boot_facts(built.image, built.scratch, firmware="uefi", efi_vars=vars_file)
+
+
+def test_efi_boots_with_ovmf_from_its_own_variables(images: dict[str, Future[Booted]]) -> None:
+    facts = images["efi"].result().facts["uefi"]
     assert (facts["loader"], facts["efi"], facts["root_device"]) == ("systemd-boot", True, "/dev/vda2")
     assert facts["mounts"] == {"/boot": {"device": "/dev/vda1", "type": "vfat", "label": "ESP"}}
 
 
-def test_efixbootldr_boots_with_ovmf(tmp_path_factory: pytest.TempPathFactory) -> None:
-    built = build_layout(tmp_path_factory.mktemp("efixbootldr"), "efixbootldr")
-    assert not (built.out / "efi-vars.fd").exists()
-    facts = boot_facts(built.image, built.scratch, firmware="uefi")  # empty variables: the removable path
+def test_efixbootldr_boots_with_ovmf(images: dict[str, Future[Booted]]) -> None:
+    booted = images["efixbootldr"].result()
+    assert not (booted.built.out / "efi-vars.fd").exists()
+    facts = booted.facts["uefi"]
     assert (facts["loader"], facts["efi"], facts["root_device"]) == ("systemd-boot", True, "/dev/vda3")
     assert facts["mounts"] == {
         "/boot": {"device": "/dev/vda2", "type": "vfat", "label": "BOOT"},
@@ -200,15 +265,12 @@ def test_efixbootldr_boots_with_ovmf(tmp_path_factory: pytest.TempPathFactory) -
     }
 
 
-def test_hybrid_boots_with_seabios_and_with_ovmf(tmp_path_factory: pytest.TempPathFactory) -> None:
-    # GRUB's configured device is not /dev/vda: finalize links it to the disk, as nixpkgs does.
-    built = build_layout(tmp_path_factory.mktemp("hybrid"), "hybrid", grub_devices="/dev/disk/by-id/fixture-disk")
-    bios = boot_facts(built.image, built.scratch)
-    uefi = boot_facts(built.image, built.scratch, firmware="uefi")
+def test_hybrid_boots_with_seabios_and_with_ovmf(images: dict[str, Future[Booted]]) -> None:
+    booted = images["hybrid"].result()
+    bios, uefi = booted.facts["bios"], booted.facts["uefi"]
     assert (bios["loader"], bios["efi"]) == ("grub-bios", False)
     assert (uefi["loader"], uefi["efi"]) == ("systemd-boot", True)
     for facts in (bios, uefi):
         assert facts["root_device"] == "/dev/vda3"
         assert facts["mounts"] == {"/boot": {"device": "/dev/vda1", "type": "vfat", "label": "ESP"}}
-    offset = root_offset(built.image, "hybrid")
-    assert e2fsck_clean(built.image, offset).returncode == 0
+    assert e2fsck_clean(booted.built.image, root_offset(booted.built.image, "hybrid")).returncode == 0
