@@ -1,0 +1,93 @@
+"""The runInLinuxVM stand-in: root in a TCG VM, disk as /dev/vda, status returned, qemu never outlives it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from builder.errors import BuildError
+from builder.vm import run_in_vm
+from tests.conftest import SpecFactory
+from tests.fixtures.system import fixture_system_spec
+
+pytestmark = [pytest.mark.boot, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+MARK = b"MDI-VM-WROTE-THIS"
+
+
+def qemu_processes_using(path: Path) -> list[int]:
+    """Pids of running processes whose command line names path."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(path).encode() in cmdline and b"qemu" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_command_runs_as_root_on_the_disk_and_returns_its_status(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    xchg = tmp_path / "xchg"
+    probe = tmp_path / "host-root-probe"
+    script = (
+        "id -u > /run/xchg/uid; "
+        f"printf {MARK.decode()} | dd of=/dev/vda bs=512 seek=1 conv=notrunc 2>/dev/null; "
+        f"if touch {probe} 2>/dev/null; then echo writable; else echo read-only; fi > /run/xchg/root; "
+        "exit 7"
+    )
+    status = run_in_vm(["/bin/sh", "-c", script], disk, mem_mib=512, xchg=xchg, timeout=300, echo=False)
+    assert status == 7
+    assert (xchg / "uid").read_text() == "0\n"
+    assert disk.read_bytes()[512:512 + len(MARK)] == MARK
+    assert (xchg / "root").read_text() == "read-only\n" and not probe.exists()
+    assert "vm-init: command exited with status 7" in (xchg / "console.log").read_text()
+    assert qemu_processes_using(disk) == []
+
+
+def test_timeout_kills_the_vm_and_reports_the_console(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    with pytest.raises(BuildError, match="did not finish within 20s"):
+        run_in_vm(["sleep", "600"], disk, mem_mib=512, xchg=tmp_path / "xchg", timeout=20, echo=False)
+    assert qemu_processes_using(disk) == []
+
+
+def test_failed_finalize_shows_the_console_tail(make_spec: SpecFactory, tmp_path: Path) -> None:
+    # The fixture closure has no switch-to-configuration: installing the bootloader must fail.
+    spec = make_spec(installBootLoader=True)
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "builder", "build", str(spec), "--out", str(out),
+                          "--work", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 1
+    message = res.stderr[res.stderr.index("build failed:"):]
+    assert "finalize failed in the build VM (exit status" in message
+    assert "last console lines:" in message and "switch-to-configuration" in message
+    assert "finalize: failed" in message
+    assert not list(out.glob("*.img"))
+    assert qemu_processes_using(tmp_path / "work" / "nixos.raw") == []
+
+
+def test_image_that_needs_no_vm_is_built_without_starting_one(tmp_path: Path) -> None:
+    # A qemu that leaves a mark: if the build started a VM, the mark appears (and the build fails).
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    mark = tmp_path / "qemu-was-started"
+    (fake / "qemu-system-x86_64").write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
+    (fake / "qemu-system-x86_64").chmod(0o755)
+    spec = fixture_system_spec(tmp_path / "system", "legacy", installBootLoader=False)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    res = subprocess.run([sys.executable, "-m", "builder", "build", str(spec), "--out", str(tmp_path / "out")],
+                         cwd=REPO, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not mark.exists()
+    assert Path(res.stdout.strip()).is_file()
