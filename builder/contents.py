@@ -122,6 +122,46 @@ def _stage_entry(root: Path, entry: Content, index: int, store_dir: str) -> list
     return [dest]
 
 
+def builder_paths(spec: Spec) -> list[str]:
+    """Image paths the builder writes itself after the contents, on the host: the store and nixos-install's state."""
+    paths = [spec.store_dir, "/nix/var/nix", "/etc/NIXOS"]
+    if spec.channel:
+        paths.append("/root/.nix-defexpr")
+    return paths
+
+
+def _entry_for(spec: Spec, image_path: str) -> str:
+    """'contents[i]' of the entry that created image_path (at, above or below it)."""
+    for i, c in enumerate(spec.contents):
+        if c.target == image_path or c.target.startswith(image_path + "/") or image_path.startswith(c.target + "/"):
+            return f"contents[{i}]"
+    return "contents"
+
+
+def check_builder_paths(root: Path, spec: Spec) -> None:
+    """Refuse staged contents that sit where the builder writes next, or put a symlink on the way there.
+
+    A symlink at /nix, /etc or /nix/var/nix/db from contents would otherwise redirect the builder's own
+    writes (store placeholders, Nix database, /etc/NIXOS) to wherever it points on the build host.
+    """
+    for reserved in builder_paths(spec):
+        parts = reserved.strip("/").split("/")
+        current = root
+        for depth, part in enumerate(parts, 1):
+            current = current / part
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                break
+            here = "/" + "/".join(parts[:depth])
+            if stat.S_ISLNK(st.st_mode):
+                raise UserError(f"{_entry_for(spec, here)}: {here!r} is a symlink in the image, but the builder "
+                                f"writes {reserved} itself and must not follow it; place the link elsewhere")
+            if depth == len(parts) or not stat.S_ISDIR(st.st_mode):
+                raise UserError(f"{_entry_for(spec, here)}: {here!r} is written by the builder (the store and the "
+                                "Nix state nixos-install leaves); choose a target outside it")
+
+
 @dataclass(frozen=True)
 class StagedContents:
     """What staging the contents produced: the copies (which keep their sources' times) and owners to set."""
@@ -150,4 +190,5 @@ def stage_contents(spec: Spec, root: Path) -> StagedContents:
                         raise UserError(f"contents[{index}].target: {image_path!r} holds a newline, which cannot "
                                         "be given a numeric owner")
                     fixes.append(OwnerFix(image_path, owner[0], owner[1]))
+    check_builder_paths(root, spec)
     return StagedContents(tuple(copies), tuple(fixes))
