@@ -1,0 +1,189 @@
+"""Confinement: no contents entry writes outside the image, whatever symlinks, loops or special files it meets.
+
+Each case runs a real `python -m builder build` and snapshots the host trees it could reach (the
+sources, a victim directory that symlinks point at) before and after: names, types, sizes, modes,
+mtimes and link targets must be unchanged. Cases the builder accepts are then read back from the
+image with debugfs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import SpecFactory, spec_doc
+from tests.imagecheck import part_offset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Everything observable about a host tree: per path its type, mode, size, mtime, link target, content hash."""
+    facts: dict[str, tuple[Any, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [".", *dirnames, *filenames]:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            digest = ""
+            if stat.S_ISREG(st.st_mode):
+                digest = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+            link = os.readlink(p) if stat.S_ISLNK(st.st_mode) else ""
+            facts[os.path.relpath(p, root)] = (st.st_mode, st.st_size, st.st_mtime_ns, link, digest)
+    return facts
+
+
+def entry(source: Path | str, target: str) -> dict[str, Any]:
+    """One contents entry without owner or mode."""
+    return {"source": str(source), "target": target, "mode": None, "user": None, "group": None}
+
+
+class World:
+    """A private host area: sources, a victim directory outside everything, and the build's output."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.src = root / "src"
+        self.victim = root / "victim"
+        self.out = root / "out"
+        self.tmp = root / "tmp"
+        for d in (self.src, self.victim, self.tmp):
+            d.mkdir()
+        (self.victim / "keep.txt").write_text("must stay as it is\n")
+
+    def build(self, spec: Path) -> subprocess.CompletedProcess[str]:
+        """Run the builder; assert the sources and the victim are untouched and TMPDIR is left empty."""
+        before = (snapshot(self.src), snapshot(self.victim))
+        res = subprocess.run([sys.executable, "-m", "builder", "build", str(spec), "--out", str(self.out)],
+                             cwd=self.root, capture_output=True, text=True,
+                             env=dict(os.environ, TMPDIR=str(self.tmp), PYTHONPATH=str(REPO)))
+        assert (snapshot(self.src), snapshot(self.victim)) == before, "the build changed a host tree"
+        assert os.listdir(self.tmp) == []
+        assert "Traceback" not in res.stderr, res.stderr
+        return res
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    """A fresh private host area."""
+    yield World(tmp_path)
+
+
+def test_target_through_a_symlink_from_a_source_tree_is_refused(world: World, make_spec: SpecFactory) -> None:
+    tree = world.src / "tree"
+    tree.mkdir()
+    (tree / "out").symlink_to(world.victim)  # absolute link to a host directory
+    (world.src / "evil").write_text("evil\n")
+    spec = make_spec(partitionTableType="legacy",
+                     contents=[entry(tree, "/srv/tree"), entry(world.src / "evil", "/srv/tree/out/evil")])
+    res = world.build(spec)
+    assert res.returncode == 2, res.stderr
+    assert "contents[1].target '/srv/tree/out/evil': 'srv/tree/out' is a symlink in the image" in res.stderr
+    assert not (world.victim / "evil").exists()
+    assert not world.out.joinpath("fixture.img").exists()
+
+
+def test_target_through_a_relative_escaping_symlink_is_refused(world: World, make_spec: SpecFactory) -> None:
+    (world.src / "up").symlink_to("../../../../../../../../" + str(world.victim).lstrip("/"))
+    (world.src / "evil").write_text("evil\n")
+    spec = make_spec(partitionTableType="legacy",
+                     contents=[entry(world.src / "up", "/srv/up"), entry(world.src / "evil", "/srv/up/evil")])
+    res = world.build(spec)
+    assert res.returncode == 2, res.stderr
+    assert "'srv/up' is a symlink in the image" in res.stderr
+    assert not (world.victim / "evil").exists()
+
+
+def test_target_into_the_nix_state_symlinks_is_refused(world: World, make_spec: SpecFactory) -> None:
+    """The builder's own /nix/var/nix/profiles/system link must not be replaced or written through."""
+    (world.src / "evil").write_text("evil\n")
+    spec = make_spec(partitionTableType="legacy",
+                     contents=[entry(world.src / "evil", "/nix/var/nix/profiles/system/evil")])
+    res = world.build(spec)
+    assert res.returncode == 2, res.stderr
+    assert "contents[0]: '/nix/var/nix' is written by the builder" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("target", ["/nix", "/nix/var", "/nix/var/nix/db", "/etc", "/root"])
+def test_symlink_over_a_path_the_builder_writes_is_refused(target: str, world: World, make_spec: SpecFactory,
+                                                           fixture_spec: Path) -> None:
+    """A contents symlink at /nix, /etc... would make the builder's own writes (store placeholders, Nix
+    database, /etc/NIXOS, channel links) land in the host directory it points to."""
+    link = world.src / "link"
+    link.symlink_to(world.victim)
+    spec = make_spec(partitionTableType="legacy", copyChannel=target == "/root",
+                     system={**spec_doc(fixture_spec)["system"],
+                             "channel": spec_doc(fixture_spec)["system"]["toplevel"] if target == "/root" else None},
+                     contents=[entry(link, target)])
+    res = world.build(spec)
+    assert sorted(os.listdir(world.victim)) == ["keep.txt"]
+    assert res.returncode == 2, res.stderr
+    if target == "/nix/var/nix/db":  # inside the builder's own state: refused before the link matters
+        assert "contents[0]: '/nix/var/nix' is written by the builder" in res.stderr, res.stderr
+    else:
+        assert f"contents[0]: {target!r} is a symlink in the image" in res.stderr, res.stderr
+
+
+def test_symlinks_in_sources_are_copied_as_links_never_followed(world: World, make_spec: SpecFactory) -> None:
+    tree = world.src / "tree"
+    tree.mkdir()
+    (tree / "abs").symlink_to(world.victim / "keep.txt")
+    (tree / "rel-escape").symlink_to("../../../../../etc/shadow")
+    (tree / "loop-a").symlink_to("loop-b")
+    (tree / "loop-b").symlink_to("loop-a")
+    (tree / "self").symlink_to("self")
+    (world.src / "top-loop").symlink_to("top-loop")
+    spec = make_spec(partitionTableType="legacy",
+                     contents=[entry(tree, "/srv/tree"), entry(world.src / "top-loop", "/srv/top-loop")])
+    res = world.build(spec)
+    assert res.returncode == 0, res.stderr
+    image = world.out / "fixture.img"
+    dump = world.root / "dump"
+    dump.mkdir()
+    for path in ("/srv/tree", "/srv/top-loop"):
+        done = subprocess.run(["debugfs", "-R", f"rdump {path} {dump}", f"{image}?offset={part_offset(image, 1)}"],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    for name, target in [("abs", str(world.victim / "keep.txt")), ("rel-escape", "../../../../../etc/shadow"),
+                         ("loop-a", "loop-b"), ("loop-b", "loop-a"), ("self", "self")]:
+        assert os.readlink(dump / "tree" / name) == target
+    assert os.readlink(dump / "top-loop") == "top-loop"
+
+
+def test_source_through_a_symlink_loop_is_refused(world: World, make_spec: SpecFactory) -> None:
+    (world.src / "loop").symlink_to("loop")
+    spec = make_spec(partitionTableType="legacy", contents=[entry(world.src / "loop" / "x", "/srv/x")])
+    res = world.build(spec)
+    assert res.returncode == 2, res.stderr
+    assert f"contents[0].source {str(world.src / 'loop' / 'x')!r}" in res.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "char-device", "block-device"])
+@pytest.mark.parametrize("where", ["top", "in-tree"])
+def test_special_files_in_sources_are_refused(kind: str, where: str, world: World, make_spec: SpecFactory) -> None:
+    parent = world.src / "tree" if where == "in-tree" else world.src
+    parent.mkdir(exist_ok=True)
+    special = parent / f"special-{kind}"
+    if kind == "fifo":
+        os.mkfifo(special)
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(special))
+        sock.close()
+    else:
+        assert os.geteuid() == 0, "mknod needs root"
+        os.mknod(special, (stat.S_IFCHR if kind == "char-device" else stat.S_IFBLK) | 0o600, os.makedev(1, 3))
+    source = world.src / "tree" if where == "in-tree" else special
+    spec = make_spec(partitionTableType="legacy", contents=[entry(source, "/srv/x")])
+    res = world.build(spec)
+    assert res.returncode == 2, res.stderr
+    assert f"contents[0].source: {str(special)!r} is a device node, socket or FIFO" in res.stderr
+    assert not world.out.joinpath("fixture.img").exists()
