@@ -1,0 +1,108 @@
+"""The builder's own integrity checks (run before it declares success) reject corrupted filesystems.
+
+A real efi image is prepared, then copies of it are damaged with independent tools (debugfs -w,
+raw bytes in the FAT): `ext4.check` and `fat.check` must raise BuildError on the damaged copies and
+pass on the pristine image. The FAT damage (a lost cluster, so the two FAT copies differ) is one that
+a boot-sector-only probe such as `minfo` does not notice, which `fsck.vfat -n` does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from builder import ext4, fat
+from builder.errors import BuildError
+from builder.layout import Partition, plan
+from builder.sizes import MiB
+from builder.spec import load_spec
+from tests.conftest import SpecFactory
+from tests.imagecheck import part_offset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def pristine(make_spec: SpecFactory, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(spec, raw efi image) prepared by the builder."""
+    spec = make_spec(diskSize=128)
+    image = tmp_path_factory.mktemp("integrity") / "efi.img"
+    res = subprocess.run([sys.executable, "-m", "builder", "prepare", str(spec), "--image", str(image)], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return spec, image
+
+
+def esp(spec: Path) -> Partition:
+    """The ESP partition of the spec's layout (checked against sfdisk below)."""
+    part = plan(load_spec(spec), 128 * MiB).partitions[0]
+    assert part.fs == "vfat"
+    return part
+
+
+def test_pristine_image_passes_both_checks(pristine: tuple[Path, Path]) -> None:
+    spec, image = pristine
+    assert esp(spec).start == part_offset(image, 1)
+    ext4.check(image, part_offset(image, 2))
+    fat.check(image, esp(spec))
+
+
+def test_ext4_check_rejects_a_cleared_inode(pristine: tuple[Path, Path], tmp_path: Path) -> None:
+    _, image = pristine
+    damaged = tmp_path / "damaged.img"
+    shutil.copyfile(image, damaged)
+    offset = part_offset(damaged, 2)
+    done = subprocess.run(["debugfs", "-w", "-R", "clri /etc/motd", f"{damaged}?offset={offset}"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with pytest.raises(BuildError, match="e2fsck found problems in the root filesystem"):
+        ext4.check(damaged, offset)
+
+
+def test_ext4_check_rejects_a_block_marked_free(pristine: tuple[Path, Path], tmp_path: Path) -> None:
+    _, image = pristine
+    damaged = tmp_path / "damaged.img"
+    shutil.copyfile(image, damaged)
+    offset = part_offset(damaged, 2)
+    target = f"{damaged}?offset={offset}"
+    blocks = subprocess.run(["debugfs", "-R", "blocks /etc/motd", target], capture_output=True, text=True).stdout
+    first = blocks.split()[0]
+    subprocess.run(["debugfs", "-w", "-R", f"freeb {first}", target], capture_output=True, check=True)
+    with pytest.raises(BuildError, match="e2fsck found problems"):
+        ext4.check(damaged, offset)
+
+
+def test_fat_check_rejects_a_lost_cluster_that_minfo_accepts(pristine: tuple[Path, Path], tmp_path: Path) -> None:
+    spec, image = pristine
+    part = esp(spec)
+    damaged = tmp_path / "damaged.img"
+    shutil.copyfile(image, damaged)
+    with open(damaged, "r+b") as f:
+        f.seek(part.start)
+        boot = f.read(512)
+        reserved = struct.unpack_from("<H", boot, 14)[0]
+        sectors_per_fat = struct.unpack_from("<H", boot, 22)[0]
+        entry = 2 if sectors_per_fat else 4  # FAT16 has a 16-bit FAT size here; FAT32 keeps it at offset 36
+        f.seek(part.start + reserved * 512 + entry * 40)
+        f.write(b"\xff" * entry)  # cluster 40 marked allocated (end of chain) in the first FAT only
+    probe = subprocess.run(["minfo", "-i", f"{damaged}@@{part.start}"], capture_output=True, text=True)
+    assert probe.returncode == 0, "the damage should be invisible to a boot-sector probe"
+    with pytest.raises(BuildError, match="fsck.vfat found problems in the ESP FAT filesystem"):
+        fat.check(damaged, part)
+
+
+def test_fat_check_rejects_a_broken_boot_sector(pristine: tuple[Path, Path], tmp_path: Path) -> None:
+    spec, image = pristine
+    part = esp(spec)
+    damaged = tmp_path / "damaged.img"
+    shutil.copyfile(image, damaged)
+    with open(damaged, "r+b") as f:
+        f.seek(part.start + 11)
+        f.write(struct.pack("<H", 0))  # 0 bytes per sector
+    with pytest.raises(BuildError, match="fsck.vfat found problems"):
+        fat.check(damaged, part)
