@@ -12,23 +12,23 @@ SIGTERM, so no process outlives the call.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from types import FrameType
+from typing import IO
 
 from .errors import BuildError
 from .initramfs import host_kernel, vm_initramfs
 from .log import info, step
-from .signals import die_with_parent
+from .signals import die_with_parent, handle_termination
 from .spec import Spec
 
 QEMU = "qemu-system-x86_64"
@@ -40,10 +40,6 @@ GUEST_XCHG = "/run/xchg"
 # Terminal control sequences the firmware writes to the serial console (cleared from logs).
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;=?]*[A-Za-z]")
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-class _Terminated(Exception):
-    """SIGTERM arrived while the VM ran."""
 
 
 def qemu_command(disk: Path, xchg: Path, *, mem_mib: int, kernel: Path, initrd: Path,
@@ -76,9 +72,8 @@ def _write_command(xchg: Path, command: list[str], env: dict[str, str], cwd: str
     (xchg / "command.sh").write_text("\n".join(lines))
 
 
-def _pump(stream: object, log: Path, tail: collections.deque[str], echo: bool) -> None:
+def _pump(stream: IO[bytes], log: Path, tail: collections.deque[str], echo: bool) -> None:
     """Copy the VM's console to the log file, the tail buffer and (when echo) stderr."""
-    assert hasattr(stream, "readline")
     with log.open("w", encoding="utf-8", errors="replace") as out:
         for raw in iter(stream.readline, b""):
             line = ANSI_ESCAPE.sub("", raw.decode("utf-8", "replace").replace("\r", ""))
@@ -111,11 +106,9 @@ def run_in_vm(command: list[str], disk: Path, *, mem_mib: int, xchg: Path,
     tail: collections.deque[str] = collections.deque(maxlen=CONSOLE_TAIL_LINES)
     console_log = xchg / "console.log"
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise _Terminated()
-
+    # SIGINT/SIGTERM/SIGHUP raise Interrupted (signal handlers can only be set from the main thread).
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_term) if in_main else None
+    signals = handle_termination() if in_main else contextlib.nullcontext()
     # die_with_parent: qemu gets SIGKILL if the builder dies (even by SIGKILL), so no VM outlives a build.
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=die_with_parent)
@@ -123,13 +116,11 @@ def run_in_vm(command: list[str], disk: Path, *, mem_mib: int, xchg: Path,
     pump.start()
     started = time.monotonic()
     try:
-        try:
+        with signals:
             proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise BuildError(f"the build VM did not finish within {timeout:.0f}s; last console lines:\n"
-                             + "\n".join(tail)) from None
-    except _Terminated:
-        raise BuildError("terminated (SIGTERM) while the build VM ran") from None
+    except subprocess.TimeoutExpired:
+        raise BuildError(f"the build VM did not finish within {timeout:.0f}s; last console lines:\n"
+                         + "\n".join(tail)) from None
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -137,8 +128,6 @@ def run_in_vm(command: list[str], disk: Path, *, mem_mib: int, xchg: Path,
         pump.join(timeout=5)
         if proc.stdout is not None:
             proc.stdout.close()
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
     info(f"build VM ran {time.monotonic() - started:.1f}s (qemu exit status {proc.returncode})")
     if not status_file.exists():
         raise BuildError("the build VM produced no exit status (qemu exit status "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,20 @@ def test_image_that_needs_no_vm_is_built_without_starting_one(tmp_path: Path) ->
     assert res.returncode == 0, res.stderr[-3000:]
     assert not mark.exists()
     assert Path(res.stdout.strip()).is_file()
+
+
+def test_sigterm_stops_the_vm(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    code = ("import sys; from pathlib import Path; from builder.vm import run_in_vm; "
+            "run_in_vm(['sleep', '600'], Path(sys.argv[1]), mem_mib=256, xchg=Path(sys.argv[2]), timeout=600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(disk), str(tmp_path / "xchg")], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not qemu_processes_using(disk) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert qemu_processes_using(disk), "qemu did not start"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "Interrupted" in err
+    assert qemu_processes_using(disk) == []
