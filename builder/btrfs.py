@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 from .errors import BuildError, UserError
+from .namespace import userns_available
 from .pinned import fakeroot_state, run_tool
 from .rootbuild import NoSpace, RootBuild
 from .sizes import MiB, align_up
@@ -48,16 +49,28 @@ def make(build: RootBuild, fs_file: Path, size: int) -> None:
     fs_file.unlink(missing_ok=True)
     with open(fs_file, "wb") as f:
         f.truncate(size)
-    state = fakeroot_state(build.owner_fixes, build.root, build.scratch / "fakeroot.state")
-    argv = ["mkfs.btrfs", "-q", "-f", "-b", str(size), "-L", build.label, "-r", str(build.root), str(fs_file)]
-    if build.uuid:
-        argv[1:1] = ["-U", build.uuid]
-    res = run_tool(argv, binds=build.binds, scratch=build.scratch, epoch=build.epoch, fake_owners=state)
+    if userns_available():  # sorted copy on a private tmpfs: inode numbers and walk order independent of the host
+        source = build.scratch / "btrfs-root"
+        argv = _argv(build, fs_file, size, source)
+        res = run_tool(argv, binds=build.binds, scratch=build.scratch, epoch=build.epoch, use_fakeroot=True,
+                       sorted_copy=(build.root, source, build.owner_fixes))
+    else:  # the closure was copied into the staging root; inode numbers come from the build's filesystem
+        state = fakeroot_state(build.owner_fixes, build.root, build.scratch / "fakeroot.state")
+        argv = _argv(build, fs_file, size, build.root)
+        res = run_tool(argv, binds=build.binds, scratch=build.scratch, epoch=build.epoch, fake_owners=state)
     if res.returncode != 0:
         msg = (res.stderr or res.stdout).strip()
         if "No space left" in msg or "ENOSPC" in msg or "too small" in msg:
             raise NoSpace(msg)
         raise BuildError(f"mkfs.btrfs --rootdir failed: {msg}")
+
+
+def _argv(build: RootBuild, fs_file: Path, size: int, source: Path) -> list[str]:
+    """mkfs.btrfs' command line."""
+    argv = ["mkfs.btrfs", "-q", "-f", "-b", str(size), "-L", build.label, "-r", str(source), str(fs_file)]
+    if build.uuid:
+        argv[1:1] = ["-U", build.uuid]
+    return argv
 
 
 def free_bytes(fs_file: Path) -> int:

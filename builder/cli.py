@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
 
+    s = sub.add_parser("check-reproducible", help="build twice from fresh work directories; name what differs")
+    s.add_argument("spec", type=Path)
+    s.add_argument("--work", type=Path, help="where the two builds go (default: a temporary directory)")
+
     s = sub.add_parser("inspect", help="print what independent tools read from an image, as JSON")
     s.add_argument("image", type=Path)
 
@@ -77,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
 
         print(build(load_spec(args.spec), args.out, args.work))
         return 0
+    if args.command == "check-reproducible":
+        from .reprocheck import check_reproducible
+
+        return check_reproducible(load_spec(args.spec), args.work)
     if args.command == "inspect":
         from .inspection import inspect_image
 
@@ -105,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as exc:
         print(f"build failed: {exc}", file=sys.stderr)
         return exc.exit_status
+    except OSError as exc:  # the host failed us (no space, file too large, I/O error): a message, not a traceback
+        print(f"build failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # SIGINT before the handlers were installed
         print("interrupted", file=sys.stderr)
         return 130

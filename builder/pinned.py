@@ -11,6 +11,7 @@ libfaketime is preloaded into the tool only: faked (fakeroot's daemon) spins wit
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -69,22 +70,29 @@ def _sh(word: str) -> str:
 
 
 def run_tool(argv: Sequence[str], *, binds: Sequence[tuple[str, str]], scratch: Path, epoch: int | None,
-             fake_owners: Path | None = None, use_fakeroot: bool = False) -> subprocess.CompletedProcess[str]:
+             fake_owners: Path | None = None, use_fakeroot: bool = False,
+             sorted_copy: tuple[Path, Path, Sequence[OwnerFix]] | None = None) -> subprocess.CompletedProcess[str]:
     """Run argv with the store bound in (user+mount+PID namespace), under fakeroot if asked, pinned by epoch."""
-    env = dict(os.environ, TZ="UTC", LC_ALL="C")
+    # FAKEROOTDONTTRYCHOWN: libfakeroot records owners without calling chown (which fails in the namespace).
+    env = dict(os.environ, TZ="UTC", LC_ALL="C", FAKEROOTDONTTRYCHOWN="1")
     cmd: list[str] = list(argv)
     if epoch is not None:
         env["FAKETIME"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
         env["FAKERANDOM_SEED"] = RANDOM_SEED
         env["FAKETIME_DONT_RESET"] = "1"
         cmd = ["sh", "-c", PRELOAD_WRAPPER, libfaketime(), *cmd]
-    if binds:
-        import json
-
-        bind_file = scratch / "binds.json"
-        bind_file.write_text(json.dumps(list(binds)))
-        pythonpath = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = pythonpath + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    pythonpath = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = pythonpath + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    bind_file = scratch / "binds.json"
+    bind_file.write_text(json.dumps(list(binds)))
+    if sorted_copy is not None and userns_available():
+        src, dest, fixes = sorted_copy
+        dest.mkdir(exist_ok=True)
+        owners = scratch / "owners.json"
+        owners.write_text(json.dumps([[f.image_path, f.uid, f.gid] for f in fixes]))
+        cmd = [sys.executable, "-m", "builder.sortedcopy", str(bind_file), str(src), str(dest), str(owners), "--",
+               *cmd]
+    elif binds:
         cmd = [sys.executable, "-m", "builder.namespace", str(bind_file), "--", *cmd]
     if use_fakeroot or fake_owners is not None:
         cmd = ["fakeroot", *(["-i", str(fake_owners)] if fake_owners else []), "--", *cmd]
