@@ -225,9 +225,12 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
             problems.append(f"$.contents[{i}]: user and group must both be set or both be null "
                             f"(user = {json.dumps(entry['user'])}, group = {json.dumps(entry['group'])})")
         why = _target_problem(entry["target"])
+        norm = posixpath.normpath(entry["target"])
+        store = posixpath.normpath(doc["system"]["storeDir"])
+        if not why and (norm == store or norm.startswith(store.rstrip("/") + "/") or store.startswith(norm + "/")):
+            why = f"it is or holds {store}, which the builder fills with the closure (use additionalPaths)"
         if why:
             problems.append(f"$.contents[{i}].target: {json.dumps(entry['target'])} is not allowed: {why}")
-        norm = posixpath.normpath(entry["target"])
         if norm in seen:
             problems.append(f"$.contents[{i}].target: {json.dumps(entry['target'])} is a duplicate of "
                             f"$.contents[{seen[norm]}].target")
