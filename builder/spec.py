@@ -22,6 +22,8 @@ EFI_VAR_TABLES = ("hybrid", "efi", "efixbootldr", "legacy+gpt")
 BOOT_END_MINIMUM = {"legacy+boot": 1 * MiB, "efi": 8 * MiB, "hybrid": 8 * MiB, "efixbootldr": 100 * MiB}
 # Writable qemu-img formats; qcow2-compressed is qcow2 written with -c.
 FORMATS = ("raw", "qcow2", "qcow2-compressed", "vdi", "vpc", "vmdk", "vhdx", "qed", "qcow", "parallels")
+# Largest disk, boot end or additional space: 1 EiB, the largest ext4 (4 KiB blocks); beyond it sizes overflow.
+MAX_IMAGE_BYTES = 1 << 60
 # Longest root label each filesystem stores, in UTF-8 bytes (the schema counts characters; mkfs truncates silently).
 LABEL_MAX_BYTES = {"ext4": 16, "btrfs": 255, "xfs": 12, "erofs": 16, "vfat": 11}  # squashfs stores none
 
@@ -197,9 +199,13 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
 
     for key in ("additionalSpace", "bootSize"):
         try:
-            parse_iec(doc[key])
+            if parse_iec(doc[key]) > MAX_IMAGE_BYTES:
+                problems.append(f"$.{key}: {doc[key]!r} is not allowed: more than 1 EiB, the largest ext4")
         except ValueError as exc:
             problems.append(f"$.{key}: {exc}")
+    if isinstance(doc["diskSize"], int) and doc["diskSize"] * MiB > MAX_IMAGE_BYTES:
+        problems.append(f"$.diskSize: {doc['diskSize']} is not allowed: more than 1 EiB (1099511627776 MiB), "
+                        "the largest ext4")
     if table in BOOT_END_MINIMUM:
         try:
             boot_end = parse_iec(doc["bootSize"])
