@@ -116,9 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the host failed us (no space, file too large, I/O error): a message, not a traceback
         print(f"build failed: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:  # the host failed us (no space, file too large, I/O error): a message, not a traceback
-        print(f"build failed: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:  # SIGINT before the handlers were installed
         print("interrupted", file=sys.stderr)
         return 130
