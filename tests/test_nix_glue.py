@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests import imagecheck
+from tests.qemu_boot import boot_facts
 
 pytestmark = pytest.mark.nix
 
@@ -135,9 +137,20 @@ def test_lib_make_disk_image_is_the_function(glue: Glue) -> None:
 
 
 @pytest.fixture(scope="module")
-def image(glue: Glue) -> Path:
+def vm_images(glue: Glue) -> tuple[Path, Path]:
+    """`nix build .#image` (the project's main job) and the touchEFIVars job, two build VMs in parallel."""
+    attrs = ["image", "hydraJobs.efi-vars-qcow2.x86_64-linux"]
+    glue.nix("build", "--max-jobs", "2", "-o", str(glue.work / "result-vm"), *map(glue.ref, attrs))
+    links = {p.resolve() for p in glue.work.glob("result-vm*")}
+    image, efi = (Path(glue.eval_json(f"{attr}.outPath")) for attr in attrs)
+    assert links == {image, efi}, "both builds are kept alive by their result links"
+    return image, efi
+
+
+@pytest.fixture(scope="module")
+def image(vm_images: tuple[Path, Path]) -> Path:
     """`nix build .#image`: the project's main job, built against the stand-in."""
-    return glue.build("image", "result-image")
+    return vm_images[0]
 
 
 def test_image_has_the_file_and_the_hydra_product_line(image: Path) -> None:
@@ -253,10 +266,16 @@ def test_store_only_image(glue: Glue, tmp_path: Path) -> None:
     assert "/nix/" not in listing and "\tnix\t" not in listing.replace("/", "\t")
 
 
-def test_efi_vars_image(glue: Glue, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def efi_image(vm_images: tuple[Path, Path]) -> Path:
+    """hydraJobs.efi-vars-qcow2: an efi layout with touchEFIVars, the fixture system on systemd-boot."""
+    return vm_images[1]
+
+
+def test_efi_vars_image(glue: Glue, efi_image: Path, tmp_path: Path) -> None:
     # touchEFIVars: preVM copies the OVMF variables into $out, the VM boots OVMF with them as pflash and the
     # system's bootloader install (systemd-boot's bootctl) registers itself there.
-    out = glue.build("hydraJobs.efi-vars-qcow2.x86_64-linux", "result-efi-vars")
+    out = efi_image
     spec = glue.eval_json("hydraJobs.efi-vars-qcow2.x86_64-linux.spec")
     assert spec["touchEFIVars"] is True and spec["partitionTableType"] == "efi"
     assert sorted(p.name for p in out.iterdir()) == ["efi-vars.fd", "nix-support", "nixos.qcow2"]
@@ -280,6 +299,34 @@ def test_efi_vars_image(glue: Glue, tmp_path: Path) -> None:
     listing = subprocess.run(["mdir", "-b", "-i", f"{raw}@@{esp['start']}", "::/EFI/systemd"],
                              capture_output=True, text=True, check=True).stdout
     assert "systemd-bootx64.efi" in listing.lower()
+
+
+@pytest.fixture(scope="module")
+def boots(image: Path, efi_image: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """Boot both VM-built images at once (one TCG core each): SeaBIOS for .#image, OVMF for the EFI job.
+
+    OVMF starts with the variables the build wrote, so the "Linux Boot Manager" entry bootctl added is used.
+    """
+    scratch = tmp_path_factory.mktemp("nix-boots")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        grub = pool.submit(boot_facts, image / "nixos.qcow2", scratch, fmt="qcow2")
+        efi = pool.submit(boot_facts, efi_image / "nixos.qcow2", scratch, fmt="qcow2", firmware="uefi",
+                          efi_vars=efi_image / "efi-vars.fd")
+        return {"grub": grub.result(), "efi": efi.result()}
+
+
+@pytest.mark.boot
+def test_image_boots_with_grub(boots: dict[str, dict[str, Any]]) -> None:
+    facts = boots["grub"]
+    assert (facts["loader"], facts["efi"]) == ("grub-bios", False)
+    assert (facts["root_device"], facts["root_label"]) == ("/dev/vda1", "nixos")
+
+
+@pytest.mark.boot
+def test_efi_image_boots_from_its_own_efi_variables(boots: dict[str, dict[str, Any]]) -> None:
+    facts = boots["efi"]
+    assert (facts["loader"], facts["efi"]) == ("systemd-boot", True)
+    assert (facts["root_device"], facts["root_label"]) == ("/dev/vda2", "nixos")
 
 
 def test_store_only_image_rebuilds_bit_for_bit(glue: Glue) -> None:
