@@ -254,7 +254,7 @@ def test_random_documents_are_refused_cleanly(doc: Any, tmp_path: Path) -> None:
     assert "Traceback" not in err
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_mutated_specs_give_status_0_or_2(data: st.DataObject, base_doc: dict[str, Any], tmp_path: Path) -> None:
     doc = copy.deepcopy(base_doc)

@@ -128,6 +128,8 @@ def test_symlink_over_a_path_the_builder_writes_is_refused(target: str, world: W
     assert res.returncode == 2, res.stderr
     if target == "/nix/var/nix/db":  # inside the builder's own state: refused before the link matters
         assert "contents[0]: '/nix/var/nix' is written by the builder" in res.stderr, res.stderr
+    elif target == "/nix":  # holds the store: refused when the spec is loaded
+        assert '$.contents[0].target: "/nix" is not allowed: it is or holds /nix/store' in res.stderr, res.stderr
     else:
         assert f"contents[0]: {target!r} is a symlink in the image" in res.stderr, res.stderr
 
