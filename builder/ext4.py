@@ -21,6 +21,9 @@ from .errors import BuildError
 from .namespace import run_with_binds
 from .sizing import BLOCK
 
+# Free space on the work directory's filesystem below which a mkfs "No space left" means the host is full.
+HOST_FULL_BYTES = 1 << 20
+
 
 @dataclass(frozen=True)
 class Ext4Params:
@@ -95,6 +98,11 @@ def populate(
         res = subprocess.run(argv, capture_output=True, text=True, env=_env(params))
     if res.returncode != 0:
         msg = (res.stderr or res.stdout).strip()
+        host = os.statvfs(image.parent)
+        if "No space left" in msg and host.f_bavail * host.f_frsize < HOST_FULL_BYTES:
+            # The sparse image file could not grow: the build host's disk is full, not the image's filesystem.
+            raise BuildError(f"the work directory {str(image.parent)!r} ran out of space "
+                             f"({host.f_bavail * host.f_frsize} bytes free) while writing the image: {msg}")
         if "Could not allocate" in msg or "No space left" in msg:
             raise BuildError(f"the root filesystem ({size_bytes} bytes) is too small for its contents: {msg}")
         raise BuildError(f"mkfs.ext4 -d failed: {msg}")

@@ -324,6 +324,7 @@ def test_work_dir_out_of_space(sandbox: Sandbox, make_spec: SpecFactory) -> None
         res = run_build(sandbox, make_spec())
         assert res.status == 1, res.stderr
         assert "No space left on device" in res.stderr, res.stderr
+        assert "ran out of space" in res.stderr and str(sandbox.tmpdir) in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
         assert sorted(os.listdir(sandbox.tmpdir)) == []
     finally:
