@@ -469,3 +469,62 @@ def test_iec_parsing_matches_the_builder() -> None:
     done = nix_eval(expr)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [parse_iec(s) for s in sizes]
+
+
+def module_expr(settings: str) -> str:
+    """nix/module.nix evaluated by hand, without nixpkgs' module system (not available here).
+
+    Options come from a stand-in lib.mkOption and types; config is the options' defaults overridden by
+    `settings`, as the module system would merge them.
+    """
+    return f"""
+let
+  fake = import {FAKE} {{ }};
+  type = name: {{ inherit name; }};
+  lib = fake.lib // {{
+    mkOption = o: o;
+    types = {{
+      str = type "str"; bool = type "bool"; lines = type "lines"; anything = type "anything";
+      package = type "package"; path = type "path"; ints.positive = type "ints.positive";
+      enum = vs: type "enum"; either = a: b: type "either"; listOf = t: type "listOf";
+      attrsOf = t: type "attrsOf"; nullOr = t: type "nullOr";
+    }};
+  }};
+  eval = cfg: import {REPO}/nix/module.nix {{
+    inherit lib;
+    inherit (fake) pkgs;
+    config = fake.config // {{ makeDiskImage = cfg; }};
+  }};
+  options = (eval {{ }}).options.makeDiskImage;
+  cfg = builtins.mapAttrs (_: o: o.default) options // ({settings});
+  image = (eval cfg).config.system.build.diskImage;
+in {{
+  names = builtins.attrNames options;
+  defaults = builtins.mapAttrs (_: o: o.default) (removeAttrs options [ "label" "rootFSUID" ]);
+  spec = image.spec;
+  inVM = image.inVM or false;
+}}"""
+
+
+def test_module_options_mirror_the_arguments() -> None:
+    done = nix_eval(module_expr("{ }"))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    args = json.loads(nix_eval(f"(import {REPO}/nix/args.nix).knownArgs").stdout)
+    assert set(result["names"]) == set(args) - {"pkgs", "lib", "config"}
+    defaults = json.loads(nix_eval(f"(import {REPO}/nix/args.nix).defaults").stdout)
+    assert result["defaults"] == defaults
+    # Options left at their defaults give exactly the function's defaults (label, rootFSUID derived).
+    assert result["spec"] == evaluate("{ }")["spec"]
+
+
+def test_module_settings_reach_the_image() -> None:
+    done = nix_eval(module_expr('{ format = "vdi"; onlyNixStore = true; installBootLoader = false;'
+                                ' partitionTableType = "none"; memSize = 2048; }'))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    spec = result["spec"]
+    assert (spec["format"], spec["onlyNixStore"], spec["memSize"]) == ("vdi", True, 2048)
+    assert spec["label"] == "nix-store", "label is not passed, so the function derives it from onlyNixStore"
+    assert result["inVM"] is False
+    load_spec_document(spec)
