@@ -79,12 +79,16 @@
           };
           modules = [ grubHybrid ];
         };
+        # bootctl registers its boot entry in the variables the VM's OVMF writes to $out/efi-vars.fd.
         efi-vars-qcow2 = {
           args = {
             partitionTableType = "efi";
             touchEFIVars = true;
           };
-          modules = [ systemdBoot ];
+          modules = [
+            systemdBoot
+            { boot.loader.efi.canTouchEfiVariables = true; }
+          ];
         };
         store-only-raw.args = {
           onlyNixStore = true;
