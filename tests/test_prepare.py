@@ -346,3 +346,16 @@ def test_symlink_escape_refused(make_spec: SpecFactory, tmp_path: Path) -> None:
     assert "must not reach through a symlink" in res.stderr
     assert list((tmp_path / "outside").iterdir()) == []
     assert not image.exists() and not Path(str(image) + ".partial").exists()
+
+
+def test_esp_in_a_large_image(make_spec: SpecFactory, tmp_path: Path) -> None:
+    """A 248 MiB ESP in a >512 MiB image gets the FAT type mkfs.vfat picks for 248 MiB, not for the file."""
+    image = tmp_path / "large.img"
+    res = prepare(make_spec(partitionTableType="efi", bootSize="256M", additionalSpace="512M"), image)
+    assert res.returncode == 0, res.stderr
+    assert os.path.getsize(image) > 512 * MiB
+    start, size = part_offset(image, 1), part_size(image, 1)
+    assert size == 248 * MiB
+    fat = blkid(image, start)
+    assert (fat["TYPE"], fat["LABEL"], fat["VERSION"]) == ("vfat", "ESP", "FAT16")
+    assert fsck_vfat(image, start, size, tmp_path).returncode == 0
