@@ -44,6 +44,7 @@ def run_pin(bin_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           cwd=REPO, env=env, check=False)
 
 
+@pytest.mark.nix
 def test_pin_refresh_writes_what_fetch_tarball_needs(tmp_path: Path) -> None:
     answer = json.dumps({"owner": "NixOS", "repo": "nixpkgs", "rev": REV, "hash": SRI}, indent=2)
     log = fake_prefetch(tmp_path, answer)
