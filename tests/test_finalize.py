@@ -17,7 +17,8 @@ from tests.fixtures.system import system_document
 
 REPO = Path(__file__).resolve().parent.parent
 # Commands the script runs that would touch the host: stubs record their argv instead.
-STUBBED = ("mount", "umount", "mountpoint", "chroot", "tune2fs", "debugfs", "cp", "ln", "mkdir", "sync", "nixos-enter")
+STUBBED = ("mount", "umount", "mountpoint", "chroot", "tune2fs", "debugfs", "cp", "ln", "mkdir", "sync", "nixos-enter",
+           "find", "dd")
 
 
 def hostile(canary: Path) -> str:
@@ -70,8 +71,8 @@ def test_hostile_names_are_data_when_the_script_runs(tmp_path: Path) -> None:
     assert ["chroot", "/mnt", "/nix/var/nix/profiles/system/bin/switch-to-configuration", "boot"] in chroot_calls
     assert ["cp", doc["configFile"], "/mnt/etc/nixos/configuration.nix"] in calls
     assert ["ln", "-sfn", "/dev/mdi-no-such-disk", "/dev/disk/by-id/a b$(touch x)"] in calls
-    assert ["mount", "-t", "vfat", "/dev/mdi-no-such-disk1", "/mnt/efi"] in calls
-    assert ["mount", "-t", "vfat", "/dev/mdi-no-such-disk2", "/mnt/boot"] in calls
+    assert ["mount", "-t", "vfat", "-o", "noatime", "/dev/mdi-no-such-disk1", "/mnt/efi"] in calls
+    assert ["mount", "-t", "vfat", "-o", "noatime", "/dev/mdi-no-such-disk2", "/mnt/boot"] in calls
     assert ["mount", "-t", "efivarfs", "efivarfs", "/sys/firmware/efi/efivars"] in calls
     assert ["tune2fs", "-c", "0", "-i", "0", "-T", "20231114221320", "/dev/mdi-no-such-disk3"] in calls
 
@@ -98,7 +99,7 @@ def test_print_shows_a_valid_bash_script(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("#!/usr/bin/env bash\n")
     assert "set -euo pipefail" in res.stdout
-    assert "mount -t vfat /dev/vda1 /mnt/boot" in res.stdout
+    assert "mount -t vfat -o noatime /dev/vda1 /mnt/boot" in res.stdout
     assert subprocess.run(["bash", "-n"], input=res.stdout, text=True).returncode == 0
     assert not (tmp_path / "canary").exists()
 
