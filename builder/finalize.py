@@ -12,6 +12,7 @@ from typing import Any
 
 import jinja2
 
+from .errors import BuildError
 from .layout import plan
 from .log import step
 from .sizes import MiB
@@ -92,6 +93,9 @@ def context(spec: Spec, device: str) -> dict[str, Any]:
 
 def render(spec: Spec, device: str) -> str:
     """The in-VM shell script for this spec, with the image at device."""
+    if not (TEMPLATES / MAIN_TEMPLATE).is_file():
+        raise BuildError(f"the finalize templates are missing: no {MAIN_TEMPLATE} in {TEMPLATES} "
+                         "(install templates/ next to the builder package)")
     return environment().get_template(MAIN_TEMPLATE).render(context(spec, device))
 
 
