@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
 
+    s = sub.add_parser("pin-vm-writes", help="after the VM: pin times, journal, free space and FAT entries")
+    s.add_argument("spec", type=Path)
+    s.add_argument("--image", type=Path, required=True, help="the raw image the VM finalized")
+
     s = sub.add_parser("check-reproducible", help="build twice from fresh work directories; name what differs")
     s.add_argument("spec", type=Path)
     s.add_argument("--work", type=Path, help="where the two builds go (default: a temporary directory)")
@@ -80,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
         from .pipeline import build
 
         print(build(load_spec(args.spec), args.out, args.work))
+        return 0
+    if args.command == "pin-vm-writes":
+        from .vmpin import pin_image
+
+        pin_image(load_spec(args.spec), args.image)
         return 0
     if args.command == "check-reproducible":
         from .reprocheck import check_reproducible

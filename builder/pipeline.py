@@ -286,6 +286,9 @@ def build(spec: Spec, out: Path, work: Path | None = None) -> Path:
                     from .vm import run_finalize
 
                     run_finalize(spec, raw, scratch)
+                from .vmpin import pin_image
+
+                pin_image(spec, raw)
                 vars_file = scratch / "efi-vars.fd"
                 if spec.touch_efi_vars and vars_file.exists():
                     written.append(out / "efi-vars.fd")

@@ -71,7 +71,10 @@ let
         cp ${a.efiVariables} ${efiVars}
         chmod 0644 ${efiVars}
       '';
-      postVM = convert + a.postVM;
+      # pin-vm-writes: deterministic builds get the VM's times, journal, free space and FAT entries pinned.
+      postVM = ''
+        ${run} pin-vm-writes ${specFile} --image "$diskImage"
+      '' + convert + a.postVM;
       QEMU_OPTS = lib.optionalString a.touchEFIVars (
         "-drive if=pflash,format=raw,unit=0,readonly=on,file=${a.efiFirmware}"
         + " -drive if=pflash,format=raw,unit=1,file=${efiVars}"

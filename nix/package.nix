@@ -45,6 +45,12 @@ python3Packages.buildPythonApplication {
       pkgs.qemu-utils
       pkgs.nix
       pkgs.fakeroot
+      # root filesystems other than ext4 (builder/rootfs.py); libfaketime pins btrfs/xfs (builder/pinned.py)
+      pkgs.btrfs-progs
+      pkgs.xfsprogs
+      pkgs.erofs-utils
+      pkgs.squashfsTools
+      pkgs.libfaketime
     ])
   ];
   meta = {

@@ -52,6 +52,11 @@ let
     qemu-utils = drv "qemu-utils" { };
     nix = drv "nix" { };
     fakeroot = drv "fakeroot" { };
+    btrfs-progs = drv "btrfs-progs" { };
+    xfsprogs = drv "xfsprogs" { };
+    erofs-utils = drv "erofs-utils" { };
+    squashfsTools = drv "squashfs-tools" { };
+    libfaketime = drv "libfaketime" { };
   };
   config = {
     system.build.toplevel = drv "nixos-system-test" { };

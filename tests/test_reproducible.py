@@ -42,30 +42,39 @@ def sha256(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def shared(fixture_spec: Path) -> Iterator[Path]:
-    """A directory nobody can write, with the fixture's directories opened for reading meanwhile."""
-    opened: list[tuple[Path, int]] = []
-    for p in [fixture_spec.parent, *fixture_spec.parent.parents]:
-        mode = stat.S_IMODE(p.stat().st_mode)
-        if mode & 0o005 != 0o005:
-            opened.append((p, mode))
-            os.chmod(p, mode | 0o005)
+    """A world-readable directory outside pytest's private tree, holding a copy of the fixture's inputs.
+
+    (pytest keeps its basetemp at mode 0700, and a concurrent pytest resets it, so nobody reads copies.)
+    """
     d = Path("/tmp") / f"mdi-repro-{os.getpid()}"
     d.mkdir(mode=0o777, exist_ok=True)
     os.chmod(d, 0o777)
+    shutil.copytree(fixture_spec.parent, d / "fx", symlinks=True)
+    for dirpath, dirnames, filenames in os.walk(d / "fx"):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if not p.is_symlink():
+                os.chmod(p, stat.S_IMODE(p.stat().st_mode) | (0o005 if p.is_dir() else 0o004))
+    os.chmod(d / "fx", 0o755)
     try:
         yield d
     finally:
         shutil.rmtree(d)
-        for p, mode in opened:
-            os.chmod(p, mode)
+
+
+def write_spec(path: Path, spec: Path, fixture_spec: Path, shared: Path) -> Path:
+    """Copy a spec to path with the fixture's inputs pointing at the shared copy; readable by nobody."""
+    path.write_text(spec.read_text().replace(str(fixture_spec.parent), str(shared / "fx")))
+    os.chmod(path, 0o644)
+    return path
 
 
 def overrides(fs: str, layout: str) -> dict[str, object]:
     """Spec keys for fsType under layout (read-only filesystems hold only the store)."""
     if fs in ("erofs", "squashfs"):
         return {"fsType": fs, "partitionTableType": layout, "onlyNixStore": True, "contents": [],
-                "installBootLoader": False, "label": "nix-store"}
-    return {"fsType": fs, "partitionTableType": layout}
+                "installBootLoader": False, "label": "nix-store", "bootSize": "128M"}
+    return {"fsType": fs, "partitionTableType": layout, "bootSize": "128M"}
 
 
 def run_as(user: str | None, argv: list[str], shared: Path) -> subprocess.CompletedProcess[str]:
@@ -77,13 +86,12 @@ def run_as(user: str | None, argv: list[str], shared: Path) -> subprocess.Comple
 
 
 @pytest.mark.parametrize("fs", FS_TYPES)
-def test_prepare_identical_across_users_times_and_work_dirs(fs: str, make_spec: SpecFactory, shared: Path) -> None:
+def test_prepare_identical_across_users_times_and_work_dirs(fs: str, make_spec: SpecFactory, shared: Path,
+                                                           fixture_spec: Path) -> None:
     """Every layout: root in one work dir, then nobody in another one a second later: same sha256."""
     mismatches = {}
     for layout in LAYOUTS:
-        spec = shared / f"{fs}-{layout}.json"
-        spec.write_text(make_spec(**overrides(fs, layout)).read_text())
-        os.chmod(spec, 0o644)
+        spec = write_spec(shared / f"{fs}-{layout}.json", make_spec(**overrides(fs, layout)), fixture_spec, shared)
         images = []
         for user in (None, "nobody"):
             work = shared / f"work-{fs}-{layout}-{user or 'root'}"
@@ -101,10 +109,9 @@ def test_prepare_identical_across_users_times_and_work_dirs(fs: str, make_spec: 
 
 
 @pytest.mark.parametrize("fs", FS_TYPES)
-def test_qcow2_identical_across_users(fs: str, make_spec: SpecFactory, shared: Path) -> None:
-    spec = shared / f"{fs}-qcow2.json"
-    spec.write_text(make_spec(format="qcow2", **overrides(fs, "efi")).read_text())
-    os.chmod(spec, 0o644)
+def test_qcow2_identical_across_users(fs: str, make_spec: SpecFactory, shared: Path, fixture_spec: Path) -> None:
+    spec = write_spec(shared / f"{fs}-qcow2.json", make_spec(format="qcow2", **overrides(fs, "efi")), fixture_spec,
+                      shared)
     digests = []
     for user in (None, "nobody"):
         out = shared / f"out-{fs}-{user or 'root'}"
@@ -166,3 +173,31 @@ def test_explain_maps_a_changed_byte_to_the_file(fixture_spec: Path, tmp_path: P
     assert f"ext4 block {block}: data of inode" in report and "/srv/tree/sub/deeper/leaf.txt" in report
     assert f"inode {motd_ino} (/etc/motd)" in report
     assert json.dumps(spec_doc(fixture_spec)["partitionTableType"]) == '"efi"'
+
+
+@pytest.mark.boot
+@pytest.mark.parametrize("table", ["legacy", "efi"])
+def test_vm_stage_builds_identical(table: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Bootloader installed in the VM (GRUB on legacy, systemd-boot on the ESP): two builds, same bytes, clean fs."""
+    from tests.fixtures.system import fixture_system_spec
+
+    spec = fixture_system_spec(tmp_path_factory.mktemp(f"vm-{table}"), table)
+    images = []
+    for run in ("first", "second"):
+        base = tmp_path_factory.mktemp(f"vm-{table}-{run}")
+        res = subprocess.run([sys.executable, "-m", "builder", "build", str(spec), "--out", str(base / "out"),
+                              "--work", str(base / "work")], capture_output=True, text=True, cwd=REPO)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "pin the VM's writes" in res.stderr
+        (image,) = (base / "out").glob("*.img")
+        images.append(image)
+        time.sleep(1.1)
+    assert explain(images[0], images[1]) == []
+    root = part_offset(images[0], 1 if table == "legacy" else 2)
+    fsck = subprocess.run(["e2fsck", "-fn", f"{images[0]}?offset={root}"], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout
+    if table == "efi":
+        listing = subprocess.run(["mdir", "-/", "-i", f"{images[0]}@@{part_offset(images[0], 1)}", "::"],
+                                 capture_output=True, text=True, check=True).stdout
+        assert "BOOTX64" in listing and "random-seed" not in listing
+        assert "2023-11-14" in listing  # every FAT time is the epoch (1700000000)

@@ -185,5 +185,10 @@ in
   qemu-utils = hostBin;
   nix = hostBin;
   fakeroot = hostBin;
+  btrfs-progs = hostBin;
+  xfsprogs = hostBin;
+  erofs-utils = hostBin;
+  squashfsTools = hostBin;
+  libfaketime = hostBin;
   nixfmt-tree = hostBin;
 }
