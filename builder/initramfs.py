@@ -15,6 +15,7 @@ from .errors import BuildError
 VM_MODULES = (
     "virtio_pci", "virtio_blk", "virtio_rng", "9pnet_virtio", "9p", "ext4", "crc32c_generic",
     "vfat", "nls_cp437", "nls_iso8859-1", "nls_ascii", "efivarfs",
+    "btrfs", "xfs",  # roots of fsType btrfs/xfs are mounted by finalize too
 )
 BUSYBOX = Path("/bin/busybox")
 

@@ -71,6 +71,7 @@ def _build_writable(spec: Spec, build: RootBuild, fs_file: Path) -> tuple[int, i
                 raise NoSpace("below the minimum size")
             with step(f"root filesystem ({tool})"):
                 make(build, fs_file, size)
+            _refuse_grown(fs_file, size)
         except NoSpace:
             raise UserError(f"diskSize = {spec.disk_size // MiB} MiB is too small for fsType = \"{spec.fs_type}\": "
                             f"the root filesystem needs about {human(minimum)}; use diskSize >= "
@@ -86,12 +87,22 @@ def _build_writable(spec: Spec, build: RootBuild, fs_file: Path) -> tuple[int, i
         except NoSpace:
             want = align_up(int(want * 1.4), MiB)
             continue
+        grown = fs_file.stat().st_size
+        if grown > size:  # mkfs.btrfs --rootdir extends a file that is too small instead of failing
+            want = align_up(grown + spec.additional_space + 16 * MiB, MiB)
+            continue
         free = free_of(fs_file)
         if free >= spec.additional_space:
             return disk, free
         want = align_up(want + spec.additional_space - free + 16 * MiB, MiB)
     raise UserError(f"could not size the {spec.fs_type} root: mkfs kept running out of space (last try "
                     f"{human(want)}); give diskSize explicitly")
+
+
+def _refuse_grown(fs_file: Path, size: int) -> None:
+    """A filesystem file mkfs grew beyond its partition does not fit (fixed diskSize)."""
+    if fs_file.stat().st_size > size:
+        raise NoSpace(f"needs {fs_file.stat().st_size} bytes")
 
 
 def _build_read_only(spec: Spec, build: RootBuild, fs_file: Path) -> int:

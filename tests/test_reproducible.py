@@ -124,6 +124,24 @@ def test_qcow2_identical_across_users(fs: str, make_spec: SpecFactory, shared: P
     assert digests[0] == digests[1]
 
 
+@pytest.mark.parametrize("table", ["efi", "none"])
+def test_xfs_prepare_identical(table: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """xfs (fixture system: its store names have no whitespace): two work dirs, a second apart, same bytes."""
+    from tests.fixtures.system import fixture_system_spec
+
+    spec = fixture_system_spec(tmp_path_factory.mktemp(f"xfs-{table}"), table, fsType="xfs",
+                               installBootLoader=False)
+    digests = []
+    for run in ("first", "second"):
+        base = tmp_path_factory.mktemp(f"xfs-{table}-{run}")
+        res = subprocess.run([sys.executable, "-m", "builder", "prepare", str(spec), "--image", str(base / "x.img"),
+                              "--work", str(base / "work")], capture_output=True, text=True, cwd=REPO)
+        assert res.returncode == 0, res.stderr
+        digests.append(sha256(base / "x.img"))
+        time.sleep(1.1)
+    assert digests[0] == digests[1]
+
+
 def test_check_reproducible_passes_for_a_deterministic_spec(make_spec: SpecFactory, tmp_path: Path) -> None:
     spec = make_spec(partitionTableType="legacy")
     res = subprocess.run([sys.executable, "-m", "builder", "check-reproducible", str(spec), "--work", str(tmp_path)],
