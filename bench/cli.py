@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--python", default=sys.executable, help="interpreter that runs the builder")
     p.add_argument("--builder-src", type=Path, default=REPO,
                    help="directory holding the `builder` package to time (default: this checkout)")
+    p.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                   help="only rewrite the markdown (--out) from an earlier run's results.json")
     return p
 
 
@@ -171,6 +173,12 @@ def bench_size(label: str, args: argparse.Namespace, methods: list[str]) -> dict
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write bench/results.md and results.json."""
     args = _parser().parse_args(argv)
+    if args.render:
+        data = json.loads(args.render.read_text())
+        methods = data["config"]["methods"]
+        args.out.write_text(render(data["machine"], data["config"], data["sizes"], summarise(data["sizes"], methods)))
+        print(f"written: {args.out}")
+        return 0
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or args.runs < 1:
@@ -184,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         methods = [m for m in methods if m not in ROOT_ONLY]
     args.work.mkdir(parents=True, exist_ok=True)
     facts = machine_facts(args.work, REPO)
+    commit_file = args.builder_src / "COMMIT"  # written by whoever snapshots a builder to time
+    facts["builder timed"] = (f"{args.builder_src} (snapshot of {commit_file.read_text().strip()})"
+                              if commit_file.exists() else f"{args.builder_src} at the repo commit")
     config = {"builder_src": str(args.builder_src), "sizes": args.sizes, "runs": args.runs, "methods": methods,
               "cache": args.cache, "seed_staging": args.seed_staging, "seed": args.seed, "work": str(args.work)}
     sizes = [bench_size(label.strip(), args, methods) for label in args.sizes.split(",") if label.strip()]
