@@ -229,6 +229,8 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.L
                 from .rootfs import prepare_root
 
                 plan = prepare_root(spec, staged, partial, scratch)
+            with step("check partition table"):
+                table.check(partial, plan)
             os.replace(partial, image)
         except BaseException:
             partial.unlink(missing_ok=True)

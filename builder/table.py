@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import struct
+import subprocess
 import uuid
 import zlib
 from pathlib import Path
@@ -80,3 +82,25 @@ def _fix_ids(image: Path, layout: Layout) -> None:
             backup_lba = struct.unpack_from("<Q", f.read(SECTOR), 32)[0]
             for lba in (1, backup_lba):
                 _patch_gpt_header(f, lba, layout.disk_guid, part_guids)
+
+
+def check(image: Path, layout: Layout) -> None:
+    """sfdisk must read the table without a complaint and find exactly the planned partitions (start and size)."""
+    if layout.table is None:
+        return
+    verify = subprocess.run(["sfdisk", "--verify", str(image)], capture_output=True, text=True)
+    complaints = [ln for ln in verify.stderr.splitlines() if ln.strip()]
+    if verify.returncode != 0 or complaints:
+        raise BuildError(f"sfdisk --verify found problems in the {layout.table} partition table: "
+                         + "; ".join(complaints[:5] or [verify.stdout.strip()[-500:]]))
+    listed = subprocess.run(["sfdisk", "--json", str(image)], capture_output=True, text=True)
+    if listed.returncode != 0:
+        raise BuildError(f"sfdisk cannot read the partition table: {listed.stderr.strip()}")
+    found = sorted(
+        (int(p["node"][len(str(image)):].lstrip("p")), int(p["start"]) * SECTOR, int(p["size"]) * SECTOR)
+        for p in json.loads(listed.stdout)["partitiontable"].get("partitions", [])
+    )
+    planned = sorted((p.number, p.start, p.size) for p in layout.partitions)
+    if found != planned:
+        raise BuildError(f"the partition table reads back as {found} (number, start, size in bytes), "
+                         f"not the planned {planned}")
