@@ -1,22 +1,25 @@
-"""The builder's own integrity checks (run before it declares success) reject corrupted filesystems.
+"""The builder's own integrity checks (run before it declares success) reject corrupted images.
 
 A real efi image is prepared, then copies of it are damaged with independent tools (debugfs -w,
-raw bytes in the FAT): `ext4.check` and `fat.check` must raise BuildError on the damaged copies and
-pass on the pristine image. The FAT damage (a lost cluster, so the two FAT copies differ) is one that
-a boot-sector-only probe such as `minfo` does not notice, which `fsck.vfat -n` does.
+raw bytes in the FAT and the GPT): `ext4.check`, `fat.check` and `table.check` must raise BuildError
+on the damaged copies and pass on the pristine image. The FAT damage (a lost cluster, so the two FAT
+copies differ) is one that a boot-sector-only probe such as `minfo` does not notice, which
+`fsck.vfat -n` does; the GPT damage is one `sfdisk` survives silently by using the other copy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from builder import ext4, fat
+from builder import ext4, fat, table
 from builder.errors import BuildError
 from builder.layout import Partition, plan
 from builder.sizes import MiB
@@ -45,11 +48,43 @@ def esp(spec: Path) -> Partition:
     return part
 
 
-def test_pristine_image_passes_both_checks(pristine: tuple[Path, Path]) -> None:
+def layout_of(spec: Path) -> Any:
+    """The builder's plan for the spec at the fixture's disk size."""
+    return plan(load_spec(spec), 128 * MiB)
+
+
+def test_pristine_image_passes_every_check(pristine: tuple[Path, Path]) -> None:
     spec, image = pristine
     assert esp(spec).start == part_offset(image, 1)
     ext4.check(image, part_offset(image, 2))
     fat.check(image, esp(spec))
+    table.check(image, layout_of(spec))
+
+
+@pytest.mark.parametrize("copy", ["primary", "backup"])
+def test_table_check_rejects_a_gpt_header_with_a_bad_crc(copy: str, pristine: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    """sfdisk silently falls back to the other GPT copy (exit 0); the builder's check must not."""
+    spec, image = pristine
+    damaged = tmp_path / "damaged.img"
+    shutil.copyfile(image, damaged)
+    with open(damaged, "r+b") as f:
+        f.seek(512 if copy == "primary" else damaged.stat().st_size - 512)
+        header = bytearray(f.read(92))
+        assert header[:8] == b"EFI PART"
+        header[16] ^= 0xFF  # the header CRC32
+        f.seek(-92, 1)
+        f.write(header)
+    with pytest.raises(BuildError, match="sfdisk --verify found problems in the gpt partition table"):
+        table.check(damaged, layout_of(spec))
+
+
+def test_table_check_rejects_a_table_that_is_not_the_plan(pristine: tuple[Path, Path]) -> None:
+    """The same image checked against the plan for a different layout (legacy+gpt) must not pass."""
+    spec, image = pristine
+    other = plan(dataclasses.replace(load_spec(spec), partition_table_type="legacy+gpt"), 128 * MiB)
+    with pytest.raises(BuildError, match="not the planned"):
+        table.check(image, other)
 
 
 def test_ext4_check_rejects_a_cleared_inode(pristine: tuple[Path, Path], tmp_path: Path) -> None:
