@@ -196,10 +196,17 @@ def test_explain_maps_a_changed_byte_to_the_file(fixture_spec: Path, tmp_path: P
 @pytest.mark.boot
 @pytest.mark.parametrize("table", ["legacy", "efi"])
 def test_vm_stage_builds_identical(table: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Bootloader installed in the VM (GRUB on legacy, systemd-boot on the ESP): two builds, same bytes, clean fs."""
+    """Bootloader, owners by name and configFile in the VM (GRUB/legacy, systemd-boot/efi): two builds, same bytes."""
     from tests.fixtures.system import fixture_system_spec
 
-    spec = fixture_system_spec(tmp_path_factory.mktemp(f"vm-{table}"), table)
+    src = tmp_path_factory.mktemp(f"vm-{table}-src")
+    (src / "owned").mkdir()
+    (src / "owned" / "file.txt").write_text("chowned by name in the VM\n")
+    (src / "configuration.nix").write_text("{ ... }: { }\n")
+    named = [{"source": str(src / "owned"), "target": "/srv/owned", "mode": None, "user": "fixtureuser",
+              "group": "fixturegroup"}]
+    spec = fixture_system_spec(tmp_path_factory.mktemp(f"vm-{table}"), table, contents=named,
+                               configFile=str(src / "configuration.nix"))
     images = []
     for run in ("first", "second"):
         base = tmp_path_factory.mktemp(f"vm-{table}-{run}")
