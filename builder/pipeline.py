@@ -273,6 +273,16 @@ def run_post_vm(spec: Spec, image: Path) -> None:
         raise BuildError(f"postVM exited with status {status}")
 
 
+def check_finalized(spec: Spec, image: Path, plan: layout.Layout) -> None:
+    """The VM wrote to the image (bootloader, owners, tune2fs): the table and filesystems must still be clean."""
+    table.check(image, plan)
+    if spec.fs_type == "ext4":  # other root filesystems are checked as their own file in prepare (rootfs.py)
+        ext4.check(image, plan.root.start)
+    for p in plan.partitions:
+        if p.fs == "vfat":
+            fat.check(image, p)
+
+
 def build(spec: Spec, out: Path, work: Path | None = None) -> Path:
     """The whole pipeline outside Nix: prepare, finalize in a VM when needed, convert, postVM."""
     from .convert import convert
@@ -282,12 +292,14 @@ def build(spec: Spec, out: Path, work: Path | None = None) -> Path:
     try:
         with scratch_dir(work) as scratch:
             raw = scratch / "nixos.raw"
-            prepare_image(spec, raw, scratch)
+            plan = prepare_image(spec, raw, scratch)
             if spec.needs_vm:
                 with step("finalize (VM)"):
                     from .vm import run_finalize
 
                     run_finalize(spec, raw, scratch)
+                with step("check after finalize"):
+                    check_finalized(spec, raw, plan)
                 from .vmpin import pin_image
 
                 pin_image(spec, raw)
