@@ -35,6 +35,13 @@ let
 
   # --- small helpers --------------------------------------------------------
 
+  # Whether string s starts with prefix p.
+  hasPrefixStr = p: s: substring 0 (stringLength p) s == p;
+
+  # A contents target with repeated and trailing slashes and "." components removed ("//a/./b/" -> "/a/b").
+  targetPath =
+    t: "/" + concatStringsSep "/" (filter (c: isString c && c != "" && c != ".") (builtins.split "/" t));
+
   # Render any value for an error message without forcing derivations or failing on functions.
   show =
     v:
@@ -320,6 +327,17 @@ let
           [ (bad "${at}.target" e.target "a path without \"..\" (it must stay inside the image root)") ]
         else if match "/+" e.target != null then
           [ (bad "${at}.target" e.target "a path below the image root, not the root itself") ]
+        else if builtins.any (c: isString c && stringLength c > 255) (builtins.split "/" e.target) then
+          [ (bad "${at}.target" e.target "a path whose components are at most 255 bytes long") ]
+        else if
+          let
+            t = targetPath e.target;
+          in
+          t == builtins.storeDir || hasPrefixStr (builtins.storeDir + "/") t || hasPrefixStr (t + "/") builtins.storeDir
+        then
+          [
+            (bad "${at}.target" e.target "a path apart from ${builtins.storeDir} (not it, not inside it, not above it): the store holds the closure; use additionalPaths for store paths")
+          ]
         else
           [ ]
       )
