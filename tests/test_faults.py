@@ -435,3 +435,19 @@ def _gone(pid: int) -> bool:
     except OSError:
         return True
 
+
+
+def test_sighup_during_mkfs_cleans_up(sandbox: Sandbox, make_spec: SpecFactory) -> None:
+    """A closed terminal (SIGHUP) is handled like SIGTERM: cleanup, then status 129."""
+    sandbox.hold("mkfs.ext4", " -d ")
+
+    def on_line(line: str, proc: subprocess.Popen[str]) -> None:
+        if line.startswith("[makeDiskImage] root filesystem (mkfs.ext4 -d) ..."):
+            wait_for(sandbox.held, "mkfs to start")
+            os.kill(proc.pid, signal.SIGHUP)
+
+    res = run_build(sandbox, make_spec(), on_line)
+    assert res.status == 129, res.stderr
+    assert "interrupted by SIGHUP: stopped, temporary files removed" in res.stderr
+    assert "[makeDiskImage] root filesystem (mkfs.ext4 -d) failed after" in res.stderr
+    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
