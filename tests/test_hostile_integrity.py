@@ -10,6 +10,7 @@ copies differ) is one that a boot-sector-only probe such as `minfo` does not not
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import struct
 import subprocess
@@ -141,3 +142,49 @@ def test_fat_check_rejects_a_broken_boot_sector(pristine: tuple[Path, Path], tmp
         f.write(struct.pack("<H", 0))  # 0 bytes per sector
     with pytest.raises(BuildError, match="fsck.vfat found problems"):
         fat.check(damaged, part)
+
+
+BROKEN_MKFS_VFAT = """#!{python}
+import os, struct, subprocess, sys
+real = subprocess.run([{real!r}, *sys.argv[1:]])
+offsets = [int(a.split("=")[1]) * 512 for a in sys.argv if a.startswith("--offset=")]
+if offsets and real.returncode == 0:  # the call that makes the partition's filesystem in the image
+    with open(sys.argv[-2], "r+b") as f:
+        f.seek(offsets[0] + 14)
+        reserved = struct.unpack("<H", f.read(2))[0]
+        f.seek(offsets[0] + reserved * 512 + 2 * 40)
+        f.write(b"\\xff\\xff")  # a lost cluster in the first FAT only
+sys.exit(real.returncode)
+"""
+BROKEN_MKFS_EXT4 = """#!{python}
+import re, subprocess, sys
+real = subprocess.run([{real!r}, *sys.argv[1:]])
+if "-d" in sys.argv:
+    offset = re.search(r"offset=(\\d+)", " ".join(sys.argv)).group(1)
+    subprocess.run(["debugfs", "-w", "-R", "freeb 600 20", sys.argv[-2] + "?offset=" + offset], capture_output=True)
+sys.exit(real.returncode)
+"""
+
+
+@pytest.mark.parametrize("tool", ["mkfs.vfat", "mkfs.ext4"])
+def test_a_tool_writing_a_broken_filesystem_fails_the_build(tool: str, make_spec: SpecFactory,
+                                                            tmp_path: Path) -> None:
+    """A mkfs that exits 0 but leaves damage (simulated by a wrapper first on PATH): the build must fail."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    real = shutil.which(tool)
+    assert real is not None
+    shim = shims / tool
+    shim.write_text((BROKEN_MKFS_VFAT if tool == "mkfs.vfat" else BROKEN_MKFS_EXT4).format(python=sys.executable,
+                                                                                         real=real))
+    shim.chmod(0o755)
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, PATH=f"{shims}:{os.environ['PATH']}", TMPDIR=str(tmp), PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-m", "builder", "build", str(make_spec()), "--out", str(out)], cwd=REPO,
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 1, res.stderr
+    expected = "fsck.vfat found problems in the ESP" if tool == "mkfs.vfat" else "e2fsck found problems"
+    assert expected in res.stderr, res.stderr
+    assert "[makeDiskImage] check filesystems failed after" in res.stderr
+    assert sorted(os.listdir(out)) == [] and os.listdir(tmp) == []
