@@ -18,7 +18,7 @@ from .log import step
 from .sizes import MiB
 from .spec import Spec
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 MAIN_TEMPLATE = "finalize.sh.j2"
 # plan() needs a disk size, but finalize only uses partition numbers, roles and mount points.
 NOMINAL_DISK_SIZE = 1024 * MiB
@@ -95,7 +95,7 @@ def render(spec: Spec, device: str) -> str:
     """The in-VM shell script for this spec, with the image at device."""
     if not (TEMPLATES / MAIN_TEMPLATE).is_file():
         raise BuildError(f"the finalize templates are missing: no {MAIN_TEMPLATE} in {TEMPLATES} "
-                         "(install templates/ next to the builder package)")
+                         "(builder/templates/ is package data; reinstall the builder)")
     return environment().get_template(MAIN_TEMPLATE).render(context(spec, device))
 
 

@@ -14,8 +14,6 @@ let
       rel == "pyproject.toml"
       || rel == "builder"
       || lib.hasPrefix "builder/" rel
-      || rel == "templates"
-      || lib.hasPrefix "templates/" rel
     );
 in
 python3Packages.buildPythonApplication {

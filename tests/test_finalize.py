@@ -125,8 +125,8 @@ def test_templates_refuse_undefined_and_unquoted_values(tmp_path: Path) -> None:
 
 
 def test_every_template_is_rendered_through_the_quoting_filter() -> None:
-    for template in sorted((REPO / "templates").glob("*.j2")):
+    for template in sorted((REPO / "builder" / "templates").glob("*.j2")):
         for line in template.read_text().splitlines():
             for chunk in line.split("{{")[1:]:
                 assert "| shell_quote" in chunk.split("}}")[0], f"{template.name}: {line}"
-    assert os.path.isdir(REPO / "templates")
+    assert os.path.isdir(REPO / "builder" / "templates")
