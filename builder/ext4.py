@@ -137,19 +137,19 @@ def normalize(
 ) -> None:
     """Owners to root (or the contents' numeric owners) and atime/ctime/crtime to the epoch, in one debugfs run."""
     target = f"{image}?offset={offset}"
-    lines: list[str] = []
-    for ino in _used_inodes(target):
-        if ino != 2 and ino < 11:
-            continue
-        lines += [f"sif <{ino}> {field} {value}" for field, value in
-                  (("uid", 0), ("gid", 0), ("atime", f"@{epoch}"), ("ctime", f"@{epoch}"), ("crtime", f"@{epoch}"))]
-    for fix in fixes:
-        lines += [f"sif {_quote(fix.image_path)} uid {fix.uid}", f"sif {_quote(fix.image_path)} gid {fix.gid}"]
     cmd_file = scratch / "debugfs.cmds"
+    times = [("uid", 0), ("gid", 0), ("atime", f"@{epoch}"), ("ctime", f"@{epoch}"), ("crtime", f"@{epoch}")]
+    # Written as produced, and debugfs' echo discarded, so memory stays flat however many inodes there are.
     # surrogateescape: names that are not UTF-8 (os.fsdecode'd from a source tree) go back as their own bytes.
-    cmd_file.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")
-    res = subprocess.run(["debugfs", "-w", "-f", str(cmd_file), target], capture_output=True, text=True,
-                         errors="replace", env=_env(params))
+    with open(cmd_file, "w", encoding="utf-8", errors="surrogateescape") as out:
+        for ino in _used_inodes(target):
+            if ino != 2 and ino < 11:
+                continue
+            out.writelines(f"sif <{ino}> {field} {value}\n" for field, value in times)
+        for fix in fixes:
+            out.write(f"sif {_quote(fix.image_path)} uid {fix.uid}\nsif {_quote(fix.image_path)} gid {fix.gid}\n")
+    res = subprocess.run(["debugfs", "-w", "-f", str(cmd_file), target], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, errors="replace", env=_env(params))
     errors = [ln for ln in res.stderr.splitlines() if ln and not ln.startswith("debugfs ")]
     if res.returncode != 0 or errors:
         raise BuildError(f"debugfs could not set owners and times: {'; '.join(errors[:5]) or res.returncode}")
