@@ -13,25 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BuildError, UserError
+from .store import NIX32_ALPHABET, nix32
 
 # Nix's base-32 alphabet (no e, o, u, t), as in `nix hash to-base32`.
-_NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"
 _REV = re.compile(r"^[0-9a-f]{40}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-def nix32(digest: bytes) -> str:
-    """Encode a digest the way Nix prints sha256 hashes in base 32 (fetchTarball's sha256)."""
-    length = (len(digest) * 8 - 1) // 5 + 1
-    out = []
-    for n in range(length - 1, -1, -1):
-        bit = n * 5
-        i, j = divmod(bit, 8)
-        c = digest[i] >> j
-        if i + 1 < len(digest):
-            c |= digest[i + 1] << (8 - j)
-        out.append(_NIX32[c & 0x1F])
-    return "".join(out)
 
 
 def sri_to_nix32(sri: str) -> str:
@@ -86,7 +72,7 @@ def pin_document(answer: dict[str, Any], owner: str, repo: str, branch: str) -> 
         sha256 = sri_to_nix32(sri)
     else:
         legacy = answer.get("sha256")
-        if not isinstance(legacy, str) or not re.fullmatch(f"[{_NIX32}]{{52}}", legacy):
+        if not isinstance(legacy, str) or not re.fullmatch(f"[{NIX32_ALPHABET}]{{52}}", legacy):
             raise BuildError(f"nix-prefetch-github gave no usable hash: {answer!r}")
         sha256 = legacy
         sri = None

@@ -61,6 +61,19 @@ class Registration:
     references: tuple[str, ...]
 
 
+def nix32(digest: bytes) -> str:
+    """Encode a digest in Nix's base-32, as nix-store, closureInfo and fetchTarball's sha256 print it."""
+    length = (len(digest) * 8 - 1) // 5 + 1
+    chars = []
+    for n in range(length - 1, -1, -1):
+        i, j = divmod(n * 5, 8)
+        c = digest[i] >> j
+        if i + 1 < len(digest):
+            c |= digest[i + 1] << (8 - j)
+        chars.append(NIX32_ALPHABET[c & 0x1F])
+    return "".join(chars)
+
+
 def nix32_to_hex(text: str) -> str:
     """Decode Nix's base-32 hash encoding into lowercase hex."""
     length = len(text) * 5 // 8
