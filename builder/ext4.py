@@ -1,25 +1,35 @@
-"""The root ext4: created and populated at its partition offset with mkfs.ext4 -d, then normalised with debugfs.
+"""The root ext4: created and populated at its partition offset with mkfs.ext4 -d, in one pass over the tree.
 
-No root and no mount: mkfs.ext4 writes the tree at `-E offset`, and one debugfs pass sets owners (root,
-or the numeric owners contents asked for) and atime/ctime/crtime, which mkfs copies from the build's
-files. With deterministic, E2FSPROGS_FAKE_TIME pins every time mkfs writes and the UUID and directory
-hash seed are fixed (e2fsprogs 1.47.0 ignores SOURCE_DATE_EPOCH).
+No root and no mount: mkfs.ext4 writes the tree at `-E offset`. mkfs copies owners and times from the
+build's files, so it runs with the stat shim (builder/statshim.c, LD_PRELOAD) that shows it every file as
+owned by root with atime/ctime at the epoch, and E2FSPROGS_FAKE_TIME pins what it stamps itself (crtime;
+with deterministic also the superblock's times; e2fsprogs 1.47.0 ignores SOURCE_DATE_EPOCH). The numeric
+owners contents asked for are then set with debugfs. Without the shim (not built, or MDI_STAT_SHIM=none)
+one debugfs pass over every inode sets owners and times instead: same result, slower.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from .contents import OwnerFix
 from .errors import BuildError
+from .log import info
 from .namespace import run_with_binds
 from .sizing import BLOCK
+
+# Path of the stat shim to preload into mkfs, or "none" for the debugfs pass; default: the one built with the package.
+SHIM_ENV = "MDI_STAT_SHIM"
+# The first inode mkfs -d creates from the tree (after the reserved ones and lost+found).
+FIRST_TREE_INODE = 12
 
 # Free space on the work directory's filesystem below which a mkfs "No space left" means the host is full.
 HOST_FULL_BYTES = 1 << 20
@@ -86,16 +96,51 @@ def overhead_blocks(size_bytes: int, params: Ext4Params, scratch: Path) -> int:
     return int(sb["Block count"]) - int(sb["Free blocks"])
 
 
+@cache
+def stat_shim() -> str | None:
+    """The stat shim library to preload into mkfs (built with the package as builder._statshim), if any."""
+    chosen = os.environ.get(SHIM_ENV)
+    if chosen == "none":
+        return None
+    if chosen:
+        if not os.path.isfile(chosen):
+            raise BuildError(f"{SHIM_ENV}={chosen!r} is not a file (give the built statshim library, or 'none')")
+        return chosen
+    found = importlib.util.find_spec(f"{__package__}._statshim")
+    return found.origin if found is not None and found.origin and os.path.isfile(found.origin) else None
+
+
+def _inode_times(target: str, ino: int) -> tuple[int, int, int, int]:
+    """(uid, gid, ctime, crtime) of one inode, read back with debugfs."""
+    res = subprocess.run(["debugfs", "-R", f"stat <{ino}>", target], capture_output=True, text=True)
+    found = dict(re.findall(r"^\s*(ctime|crtime): 0x([0-9a-f]+)", res.stdout, re.M))
+    owner = re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", res.stdout)
+    if res.returncode != 0 or owner is None or len(found) != 2:
+        raise BuildError(f"debugfs could not read inode {ino} back: {res.stderr.strip()}")
+    return int(owner[1]), int(owner[2]), int(found["ctime"], 16), int(found["crtime"], 16)
+
+
 def populate(
     image: Path, offset: int, size_bytes: int, root: Path, params: Ext4Params,
-    binds: Sequence[tuple[str, str]], scratch: Path,
-) -> None:
-    """Create the ext4 at offset in image and fill it from root (with store paths bound in when given)."""
+    binds: Sequence[tuple[str, str]], scratch: Path, epoch: int,
+) -> bool:
+    """Create the ext4 at offset in image and fill it from root (with store paths bound in when given).
+
+    Returns whether mkfs already wrote owner 0 and the epoch's times (the stat shim was loaded), which is
+    checked on the image rather than assumed: a library the loader refuses is only a warning to it.
+    """
     argv = _mkfs_argv(params, str(image), size_bytes, offset, str(root))
+    env = _env(params)
+    shim = stat_shim()
+    if shim:
+        preload = ":".join(filter(None, [os.environ.get("LD_PRELOAD"), shim]))
+        # Through env(1), so only mkfs is preloaded, not the namespace helper that execs it.
+        argv = ["env", f"LD_PRELOAD={preload}", f"MDI_SHIM_EPOCH={epoch}", *argv]
+        env["E2FSPROGS_FAKE_TIME"] = str(params.fake_time if params.fake_time is not None else epoch)
     if binds:
-        res = run_with_binds(binds, argv, scratch / "binds.json", _env(params))
+        res = run_with_binds(binds, argv, scratch / "binds.json", env)
     else:
-        res = subprocess.run(argv, capture_output=True, text=True, env=_env(params))
+        res = subprocess.run(argv, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         msg = (res.stderr or res.stdout).strip()
         host = os.statvfs(image.parent)
@@ -106,6 +151,12 @@ def populate(
         if "Could not allocate" in msg or "No space left" in msg:
             raise BuildError(f"the root filesystem ({size_bytes} bytes) is too small for its contents: {msg}")
         raise BuildError(f"mkfs.ext4 -d failed: {msg}")
+    if not shim:
+        return False
+    if _inode_times(f"{image}?offset={offset}", FIRST_TREE_INODE) == (0, 0, epoch, epoch):
+        return True
+    info(f"the stat shim {shim} did not take effect in mkfs.ext4; setting owners and times with debugfs")
+    return False
 
 
 def _used_inodes(target: str) -> list[int]:
@@ -133,21 +184,27 @@ def _quote(path: str) -> str:
 
 
 def normalize(
-    image: Path, offset: int, fixes: Sequence[OwnerFix], epoch: int, scratch: Path, params: Ext4Params
+    image: Path, offset: int, fixes: Sequence[OwnerFix], epoch: int, scratch: Path, params: Ext4Params,
+    every_inode: bool = True,
 ) -> None:
-    """Owners to root (or the contents' numeric owners) and atime/ctime/crtime to the epoch, in one debugfs run."""
+    """The contents' numeric owners, and with every_inode root and the epoch's times on all others: one debugfs run.
+
+    It also zeroes the superblock's lifetime-writes counter, which counts what each pass wrote, so an image
+    made with the stat shim and one made without it are the same bytes.
+    """
     target = f"{image}?offset={offset}"
     cmd_file = scratch / "debugfs.cmds"
     times = [("uid", 0), ("gid", 0), ("atime", f"@{epoch}"), ("ctime", f"@{epoch}"), ("crtime", f"@{epoch}")]
     # Written as produced, and debugfs' echo discarded, so memory stays flat however many inodes there are.
     # surrogateescape: names that are not UTF-8 (os.fsdecode'd from a source tree) go back as their own bytes.
     with open(cmd_file, "w", encoding="utf-8", errors="surrogateescape") as out:
-        for ino in _used_inodes(target):
+        for ino in _used_inodes(target) if every_inode else []:
             if ino != 2 and ino < 11:
                 continue
             out.writelines(f"sif <{ino}> {field} {value}\n" for field, value in times)
         for fix in fixes:
             out.write(f"sif {_quote(fix.image_path)} uid {fix.uid}\nsif {_quote(fix.image_path)} gid {fix.gid}\n")
+        out.write("ssv kbytes_written 0\n")
     res = subprocess.run(["debugfs", "-w", "-f", str(cmd_file), target], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, errors="replace", env=_env(params))
     errors = [ln for ln in res.stderr.splitlines() if ln and not ln.startswith("debugfs ")]

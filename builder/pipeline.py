@@ -189,11 +189,12 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
         table.write_table(image, plan)
     root = plan.root
     params = _ext4_params(spec, size.inodes)
+    epoch = spec.source_date_epoch
     with step("root filesystem (mkfs.ext4 -d)"):
-        binds = _populate_binds(staged, spec.source_date_epoch)
-        ext4.populate(image, root.start, size.fs_size, staged.root, params, binds, scratch)
-    with step("owners and times (debugfs)"):
-        ext4.normalize(image, root.start, staged.owner_fixes, spec.source_date_epoch, scratch, params)
+        binds = _populate_binds(staged, epoch)
+        stamped = ext4.populate(image, root.start, size.fs_size, staged.root, params, binds, scratch, epoch)
+    with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
+        ext4.normalize(image, root.start, staged.owner_fixes, epoch, scratch, params, every_inode=not stamped)
     with step("boot filesystems"):
         for p in plan.partitions:
             if p.fs == "vfat":

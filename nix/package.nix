@@ -10,6 +10,7 @@ let
       rel = lib.removePrefix (toString root + "/") (toString path);
     in
     !(lib.hasInfix "__pycache__" rel)
+    && !(lib.hasSuffix ".so" rel) # a stat shim built in a development checkout; the package builds its own
     && (
       rel == "pyproject.toml"
       || rel == "builder"

@@ -226,3 +226,46 @@ def test_vm_stage_builds_identical(table: str, tmp_path_factory: pytest.TempPath
                                  capture_output=True, text=True, check=True).stdout
         assert "BOOTX64" in listing and "random-seed" not in listing
         assert "2023-11-14" in listing  # every FAT time is the epoch (1700000000)
+
+
+@pytest.mark.parametrize("shim", ["none", "/usr/lib/x86_64-linux-gnu/libm.so.6"])
+def test_stat_shim_gives_the_bytes_of_the_debugfs_pass(shim: str, make_spec: SpecFactory, shared: Path,
+                                                       fixture_spec: Path) -> None:
+    """As nobody (files not owned by root): mkfs with the stat shim writes the image the debugfs pass writes.
+
+    "none" takes the debugfs pass on purpose; libm is a library that loads but changes nothing, which
+    the builder must notice on the image and repair with the debugfs pass rather than trust.
+    """
+    from builder import ext4
+
+    assert ext4.stat_shim() is not None, "the stat shim is not built (pip install -e . builds builder/_statshim*.so)"
+    spec = write_spec(shared / "shim.json", make_spec(partitionTableType="efi"), fixture_spec, shared)
+    digests, logs = [], []
+    for name, env in (("shim", {}), ("other", {ext4.SHIM_ENV: shim})):
+        image = shared / f"shim-{name}.img"
+        cmd = ["runuser", "-u", "nobody", "--", sys.executable, "-m", "builder", "prepare", str(spec),
+               "--image", str(image), "--work", str(shared / f"work-shim-{name}")]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                             env={**os.environ, "TMPDIR": str(shared), **env})
+        assert res.returncode == 0, res.stderr
+        digests.append(sha256(image))
+        logs.append(res.stderr)
+    images = [shared / "shim-shim.img", shared / "shim-other.img"]
+    differences = explain(*images)[:6] if digests[0] != digests[1] else []
+    for image in images:
+        image.unlink()
+    assert "owners and times (debugfs)" not in logs[0]
+    assert "owners and times (debugfs)" in logs[1]
+    if shim != "none":
+        assert "did not take effect" in logs[1]
+    assert differences == []
+
+
+def test_stat_shim_that_is_not_a_file_is_named(make_spec: SpecFactory, tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "builder", "prepare", str(make_spec()), "--image",
+                          str(tmp_path / "x.img")], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "MDI_STAT_SHIM": str(tmp_path / "missing.so")})
+    assert res.returncode != 0
+    assert "MDI_STAT_SHIM" in res.stderr and "missing.so" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "x.img").exists()
