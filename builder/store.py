@@ -61,31 +61,26 @@ class Registration:
     references: tuple[str, ...]
 
 
+# Nix's base-32 digits mapped to int()'s base-32 digits; Nix writes the most significant digit first
+# (of the digest read as a little-endian number), so the whole conversion is int(..., 32) and back.
+_TO_INT32 = str.maketrans(NIX32_ALPHABET, "0123456789abcdefghijklmnopqrstuv")
+_FROM_INT32 = {i: c for i, c in enumerate(NIX32_ALPHABET)}
+
+
 def nix32(digest: bytes) -> str:
     """Encode a digest in Nix's base-32, as nix-store, closureInfo and fetchTarball's sha256 print it."""
     length = (len(digest) * 8 - 1) // 5 + 1
-    chars = []
-    for n in range(length - 1, -1, -1):
-        i, j = divmod(n * 5, 8)
-        c = digest[i] >> j
-        if i + 1 < len(digest):
-            c |= digest[i + 1] << (8 - j)
-        chars.append(NIX32_ALPHABET[c & 0x1F])
-    return "".join(chars)
+    value = int.from_bytes(digest, "little")
+    return "".join(_FROM_INT32[(value >> (5 * n)) & 0x1F] for n in range(length - 1, -1, -1))
 
 
 def nix32_to_hex(text: str) -> str:
-    """Decode Nix's base-32 hash encoding into lowercase hex."""
+    """Decode Nix's base-32 hash encoding into lowercase hex (bits beyond the digest's length dropped)."""
+    if not text or text.strip(NIX32_ALPHABET):
+        raise ValueError(f"not a Nix base-32 string: {text!r}")
     length = len(text) * 5 // 8
-    out = bytearray(length)
-    for n, ch in enumerate(reversed(text)):
-        digit = NIX32_ALPHABET.index(ch)
-        b = n * 5
-        i, j = divmod(b, 8)
-        out[i] |= (digit << j) & 0xFF
-        if i + 1 < length:
-            out[i + 1] |= digit >> (8 - j)
-    return bytes(out).hex()
+    value = int(text.translate(_TO_INT32), 32) & ((1 << (8 * length)) - 1)
+    return value.to_bytes(length, "little").hex()
 
 
 def db_hash(nar_hash: str) -> str:
