@@ -32,9 +32,15 @@ class Usage:
 def _dir_blocks(names: list[str]) -> int:
     """Blocks of a linear ext4 directory holding these names (plus . and ..), with its extent block."""
     usable = BLOCK - DIR_TAIL
+    # An entry takes 8 bytes + the name's bytes, rounded up to 4 (store names are ASCII: no encoding needed).
+    if "".join(names).isascii():
+        recs = [(len(n) + 11) & ~3 for n in names]
+    else:
+        recs = [(len(os.fsencode(n)) + 11) & ~3 for n in names]
+    if 24 + sum(recs) <= usable:  # most directories: one block
+        return 1
     blocks, used = 1, 24
-    for name in names:
-        rec = (8 + len(os.fsencode(name)) + 3) // 4 * 4
+    for rec in recs:
         if used + rec > usable:
             blocks += 1
             used = rec
