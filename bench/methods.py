@@ -54,7 +54,8 @@ def spec_document(closure: Closure, logical_store: bool) -> dict[str, Any]:
 
 
 def builder_plan(closure: Closure, scratch: Path, python: str, src: Path, as_root: bool) -> Plan:
-    """`python -m builder prepare` then `convert` to raw, as a Nix build would run them.
+    """`python -m builder prepare --out`: prepare and convert to raw in one process, as a Nix build with no
+    VM stage runs them.
 
     As root the closure is bind-mounted on /nix/store in a private mount namespace (what a Nix build
     sandbox sees), so the image holds /nix/store like the other methods' images; `src` is the directory
@@ -65,14 +66,13 @@ def builder_plan(closure: Closure, scratch: Path, python: str, src: Path, as_roo
     raw, out, work = scratch / "prepared.raw", scratch / "out", scratch / "builder-work"
     work.mkdir()
     env = {"PYTHONPATH": str(src)}
-    prepare = [python, "-m", "builder", "prepare", str(spec), "--image", str(raw), "--work", str(work)]
+    prepare = [python, "-m", "builder", "prepare", str(spec), "--image", str(raw), "--work", str(work),
+               "--out", str(out)]
     if as_root:
         prepare = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                    'mount --bind "$0" /nix/store && exec "$@"', str(closure.store_dir), *prepare]
     return Plan([
         {"name": "prepare", "argv": prepare, "env": env, "cwd": str(src)},
-        {"name": "convert", "argv": [python, "-m", "builder", "convert", str(spec), "--image", str(raw),
-                                     "--out", str(out)], "env": env, "cwd": str(src)},
         {"name": "sync", "argv": ["sync"]},
     ], out / "nixos.img")
 

@@ -20,6 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("spec", type=Path)
     s.add_argument("--image", type=Path, required=True, help="raw image file to write")
     s.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
+    s.add_argument("--out", type=Path, help="then convert the image into OUT in the same process, as `convert` "
+                   "would (only for a spec with no VM stage)")
 
     s = sub.add_parser("finalize", help="as root in the VM: bootloader, owners by name, tune2fs")
     s.add_argument("spec", type=Path)
@@ -69,7 +71,15 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "prepare":
         from .pipeline import prepare_image
 
-        prepare_image(load_spec(args.spec), args.image, args.work)
+        spec = load_spec(args.spec)
+        if args.out is not None and spec.needs_vm:
+            raise UserError(f"prepare --out {str(args.out)!r}: this spec needs the VM stage (finalize) before the "
+                            "image is converted; run prepare without --out, then finalize, then convert")
+        prepare_image(spec, args.image, args.work)
+        if args.out is not None:
+            from .convert import convert
+
+            print(convert(spec, args.image, args.out))
         return 0
     if args.command == "finalize":
         from .finalize import finalize

@@ -49,13 +49,13 @@ let
     diskImage=$out/${fileName}
   '';
 
-  # Everything on the host: no VM, no kvm system feature.
+  # Everything on the host: no VM, no kvm system feature; prepare and convert in one process.
   plain = pkgs.runCommand a.name {
     inherit passthru;
   } (''
-    ${run} prepare ${specFile} --image nixos.raw
-    diskImage=nixos.raw
-  '' + convert + a.postVM);
+    ${run} prepare ${specFile} --image nixos.raw --out "$out"
+    diskImage=$out/${fileName}
+  '' + a.postVM);
 
   # prepare on the host, finalize as root in the VM (the image is /dev/vda), convert on the host.
   inVM = pkgs.vmTools.runInLinuxVM (

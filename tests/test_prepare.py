@@ -359,3 +359,31 @@ def test_esp_in_a_large_image(make_spec: SpecFactory, tmp_path: Path) -> None:
     fat = blkid(image, start)
     assert (fat["TYPE"], fat["LABEL"], fat["VERSION"]) == ("vfat", "ESP", "FAT16")
     assert fsck_vfat(image, start, size, tmp_path).returncode == 0
+
+
+def test_prepare_out_converts_in_the_same_process(make_spec: SpecFactory, tmp_path: Path) -> None:
+    """prepare --out (what the Nix build runs when no VM stage follows) writes what prepare + convert write."""
+    spec = make_spec(format="qcow2", installBootLoader=False, contents=[], baseName="nixos")
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = subprocess.run([sys.executable, "-m", "builder", "prepare", str(spec), "--image", str(tmp_path / "a.raw"),
+                          "--out", str(one)], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(one / "nixos.qcow2")
+    assert prepare(spec, tmp_path / "b.raw").returncode == 0
+    res = subprocess.run([sys.executable, "-m", "builder", "convert", str(spec), "--image", str(tmp_path / "b.raw"),
+                          "--out", str(two)], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert res.returncode == 0, res.stderr
+    assert subprocess.run(["qemu-img", "check", str(one / "nixos.qcow2")], capture_output=True).returncode == 0
+    assert sha256(one / "nixos.qcow2") == sha256(two / "nixos.qcow2")
+    assert (one / "nix-support/hydra-build-products").read_text() == \
+        (two / "nix-support/hydra-build-products").read_text().replace(str(two), str(one))
+
+
+def test_prepare_out_refuses_a_spec_that_needs_the_vm(make_spec: SpecFactory, tmp_path: Path) -> None:
+    spec = make_spec(installBootLoader=True)
+    res = subprocess.run([sys.executable, "-m", "builder", "prepare", str(spec), "--image", str(tmp_path / "a.raw"),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent)
+    assert res.returncode == 2
+    assert "needs the VM stage" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "a.raw").exists() and not (tmp_path / "out").exists()

@@ -21,6 +21,10 @@ rec {
   optionalString = cond: s: if cond then s else "";
   optionalAttrs = cond: set: if cond then set else { };
   hasPrefix = pre: s: substring 0 (stringLength pre) s == pre;
+  hasSuffix =
+    suf: s:
+    stringLength s >= stringLength suf
+    && substring (stringLength s - stringLength suf) (stringLength suf) s == suf;
   removePrefix = pre: s: if hasPrefix pre s then substring (stringLength pre) (stringLength s) s else s;
   hasInfix = infix: s: builtins.match ".*${escapeRegex infix}.*" s != null;
   escapeRegex = builtins.replaceStrings
