@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -130,10 +131,10 @@ def _needed_fs_bytes(spec: Spec, usage: sizing.Usage, free: int, scratch: Path) 
     return size, sizing.inode_count(size, usage.inodes, free)
 
 
-def choose_size(spec: Spec, staged: StagedRoot, scratch: Path) -> Sizing:
+def choose_size(spec: Spec, staged: StagedRoot, scratch: Path, store_usage: sizing.StoreMeasure) -> Sizing:
     """diskSize: auto from the measured tree + additionalSpace + table space, or the fixed size if it fits."""
     subs = {dest: src for src, dest in staged.store_binds}
-    usage = sizing.measure(staged.root, subs)
+    usage = sizing.measure(staged.root, subs, store_usage)
     extra = layout.root_start(spec) + layout.tail_reserve(spec)
     if spec.disk_size is None:
         fs_size, inodes = _needed_fs_bytes(spec, usage, spec.additional_space, scratch)
@@ -193,6 +194,26 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
     with step("root filesystem (mkfs.ext4 -d)"):
         binds = _populate_binds(staged, epoch)
         stamped = ext4.populate(image, root.start, size.fs_size, staged.root, params, binds, scratch, epoch)
+    # The staging tree is read; removing it (a syscall per entry) overlaps the checks below on the other core.
+    remover = threading.Thread(target=_remove_tree_quietly, args=(staged.root,), name="remove staging", daemon=True)
+    remover.start()
+    try:
+        _finish_root_and_boot(spec, staged, image, plan, params, stamped, scratch)
+    finally:
+        remover.join()
+    sb = ext4.superblock(f"{image}?offset={root.start}")
+    free = int(sb["Free blocks"]) * sizing.BLOCK
+    info(f"root filesystem free: {human(free)}")
+    if spec.disk_size is None and free < spec.additional_space:
+        raise BuildError(f"auto sizing left {human(free)} free, less than additionalSpace "
+                         f"{human(spec.additional_space)} (estimate too low; please report)")
+    return plan
+
+
+def _finish_root_and_boot(spec: Spec, staged: StagedRoot, image: Path, plan: layout.Layout,
+                          params: ext4.Ext4Params, stamped: bool, scratch: Path) -> None:
+    """After mkfs: owners and times still to set, the empty FAT partitions, then every filesystem checked."""
+    root, epoch = plan.root, spec.source_date_epoch
     with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
         ext4.normalize(image, root.start, staged.owner_fixes, epoch, scratch, params, every_inode=not stamped)
     with step("boot filesystems"):
@@ -204,13 +225,6 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
         for p in plan.partitions:
             if p.fs == "vfat":
                 fat.check(image, p)
-    sb = ext4.superblock(f"{image}?offset={root.start}")
-    free = int(sb["Free blocks"]) * sizing.BLOCK
-    info(f"root filesystem free: {human(free)}")
-    if spec.disk_size is None and free < spec.additional_space:
-        raise BuildError(f"auto sizing left {human(free)} free, less than additionalSpace "
-                         f"{human(spec.additional_space)} (estimate too low; please report)")
-    return plan
 
 
 def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.Layout:
@@ -220,15 +234,19 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.L
         try:
             with step("read closure"):
                 regs = store.read_closure(spec)
-            with step("stage root"):
-                staged = stage_root(spec, regs, scratch / "root")
             if spec.fs_type == "ext4":
-                with step("size"):
-                    size = choose_size(spec, staged, scratch)
+                # Sizing the store starts now, in worker processes, and overlaps the staging.
+                with sizing.StoreMeasure([r.path for r in regs]) as store_usage:
+                    with step("stage root"):
+                        staged = stage_root(spec, regs, scratch / "root")
+                    with step("size"):
+                        size = choose_size(spec, staged, scratch, store_usage)
                 plan = write_image(spec, staged, size, partial, scratch)
             else:  # btrfs, xfs, erofs, squashfs: built as their own file and placed (builder/rootfs.py)
                 from .rootfs import prepare_root
 
+                with step("stage root"):
+                    staged = stage_root(spec, regs, scratch / "root")
                 plan = prepare_root(spec, staged, partial, scratch)
             with step("check partition table"):
                 table.check(partial, plan)
@@ -252,6 +270,14 @@ def _remove_tree(path: Path) -> None:
                 os.chmod(p, 0o755)
     os.chmod(path, 0o755)
     shutil.rmtree(path)
+
+
+def _remove_tree_quietly(path: Path) -> None:
+    """_remove_tree for a background thread: a failure is left for prepare_image's own removal to report."""
+    try:
+        _remove_tree(path)
+    except OSError:
+        pass
 
 
 def run_post_vm(spec: Spec, image: Path) -> None:

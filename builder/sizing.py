@@ -9,15 +9,22 @@ is measured by running mkfs on an empty sparse file of the candidate size.
 from __future__ import annotations
 
 import os
+import pickle
+import signal
 import stat
-from dataclasses import dataclass
+from collections.abc import Sequence, Set
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .errors import BuildError
+from .signals import TERMINATING, die_with_parent
 
 BLOCK = 4096
 DIR_TAIL = 12  # metadata_csum dirent tail per directory block
 EXTENTS_PER_LEAF = 340
 MAX_EXTENT_BLOCKS = 32768
 FAST_SYMLINK_MAX = 59
+MAX_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -58,47 +65,161 @@ def _file_blocks(size: int) -> int:
     return data + (1 if extents > 4 else 0)
 
 
-def measure(root: Path, substitutes: dict[str, str]) -> Usage:
-    """Measure root, reading each path listed in substitutes (staged placeholder -> real path) from its source.
+@dataclass
+class _Partial:
+    """Usage of part of a tree; inodes with more than one link are kept apart so each is counted once."""
+
+    inodes: int = 0
+    blocks: int = 0
+    file_bytes: int = 0
+    links: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # (dev, ino) -> (blocks, bytes)
+
+    def add(self, st: os.stat_result) -> None:
+        """Count one non-directory inode."""
+        mode, size = st.st_mode, st.st_size
+        if stat.S_ISREG(mode):
+            blocks, data = _file_blocks(size), size
+        else:
+            blocks, data = (1 if stat.S_ISLNK(mode) and size > FAST_SYMLINK_MAX else 0), 0
+        if st.st_nlink > 1:
+            self.links[(st.st_dev, st.st_ino)] = (blocks, data)
+        else:
+            self.inodes += 1
+            self.blocks += blocks
+            self.file_bytes += data
+
+
+def _walk(tops: Sequence[str], skip: Set[str] = frozenset()) -> _Partial:
+    """Measure each top (a tree or a single file); entries named in skip count only as names in their directory.
 
     One scandir per directory: entry types come from the directory itself, so only non-directories are
-    stat'ed, once each (the closure is read for its metadata once, before mkfs reads it for its data).
+    stat'ed, once each.
     """
-    seen: set[tuple[int, int]] = set()
-    inodes = blocks = file_bytes = 0
-    dirs = [str(root)]
+    part = _Partial()
+    dirs: list[str] = []
+    for top in tops:
+        st = os.lstat(top)
+        if stat.S_ISDIR(st.st_mode):
+            dirs.append(top)
+        else:
+            part.add(st)
     while dirs:
         directory = dirs.pop()
-        inodes += 1
+        part.inodes += 1
         names: list[str] = []
         with os.scandir(directory) as entries:
             for entry in entries:
                 names.append(entry.name)
-                real = substitutes.get(entry.path)
-                if real is None:
-                    if entry.is_dir(follow_symlinks=False):
-                        dirs.append(entry.path)
-                        continue
-                    st = entry.stat(follow_symlinks=False)
+                if entry.path in skip:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    dirs.append(entry.path)
                 else:
-                    st = os.lstat(real)
-                    if stat.S_ISDIR(st.st_mode):
-                        dirs.append(real)
-                        continue
-                if st.st_nlink > 1:
-                    key = (st.st_dev, st.st_ino)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                inodes += 1
-                mode = st.st_mode
-                if stat.S_ISREG(mode):
-                    blocks += _file_blocks(st.st_size)
-                    file_bytes += st.st_size
-                elif stat.S_ISLNK(mode) and st.st_size > FAST_SYMLINK_MAX:
-                    blocks += 1
-        blocks += _dir_blocks(names)
-    return Usage(inodes=inodes, blocks=blocks, file_bytes=file_bytes)
+                    part.add(entry.stat(follow_symlinks=False))
+        part.blocks += _dir_blocks(names)
+    return part
+
+
+def _combine(parts: Sequence[_Partial]) -> Usage:
+    """Add partial usages up, each hard-linked inode once however many parts met it."""
+    links: dict[tuple[int, int], tuple[int, int]] = {}
+    for part in parts:
+        links.update(part.links)
+    return Usage(
+        inodes=sum(p.inodes for p in parts) + len(links),
+        blocks=sum(p.blocks for p in parts) + sum(b for b, _ in links.values()),
+        file_bytes=sum(p.file_bytes for p in parts) + sum(n for _, n in links.values()),
+    )
+
+
+class StoreMeasure:
+    """Store paths measured in forked worker processes, one per CPU (up to 4), from creation on.
+
+    Reading the metadata of tens of thousands of inodes is mostly system-call time, which scales with
+    cores; started before the root is staged, it also overlaps the staging. Store paths that are symlinks
+    are skipped: the staging root holds them as copies, measured with it.
+    """
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        tops = [p for p in paths if not os.path.islink(p)]
+        self.paths = frozenset(tops)
+        n = max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS, len(tops)))
+        self._workers: list[tuple[int, int]] = []  # (pid, read end of its pipe)
+        try:
+            for i in range(n):
+                self._workers.append(_fork_worker(tops[i::n]))
+        except BaseException:
+            self.close()
+            raise
+
+    def result(self) -> list[_Partial]:
+        """Wait for every worker; a worker's failure (a vanished path, no permission) is a BuildError."""
+        parts = []
+        while self._workers:
+            pid, fd = self._workers.pop()
+            with os.fdopen(fd, "rb") as f:
+                data = f.read()
+            os.waitpid(pid, 0)
+            kind, value = pickle.loads(data) if data else ("error", "a sizing worker died")
+            if kind != "ok" or not isinstance(value, _Partial):
+                self.close()
+                raise BuildError(f"measuring the closure failed: {value}")
+            parts.append(value)
+        return parts
+
+    def close(self) -> None:
+        """Stop workers not waited for yet (the build failed or was interrupted)."""
+        while self._workers:
+            pid, fd = self._workers.pop()
+            os.close(fd)
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+    def __enter__(self) -> StoreMeasure:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _fork_worker(tops: list[str]) -> tuple[int, int]:
+    """Fork a process that measures tops and writes ("ok", _Partial) or ("error", message) to a pipe."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        return pid, read_end
+    status = 0
+    try:
+        os.close(read_end)
+        for sig in TERMINATING:
+            signal.signal(sig, signal.SIG_DFL)
+        die_with_parent()
+        try:
+            payload: tuple[str, object] = ("ok", _walk(tops))
+        except OSError as exc:
+            payload = ("error", str(exc))
+        with os.fdopen(write_end, "wb") as f:
+            f.write(pickle.dumps(payload))
+    except BaseException:
+        status = 1
+    finally:
+        os._exit(status)
+
+
+def measure(root: Path, substitutes: dict[str, str], store: StoreMeasure | None = None) -> Usage:
+    """Measure root, each path listed in substitutes (staged placeholder -> real path) read from its source.
+
+    store, when given, is the measurement of those sources already under way (started for the same paths).
+    """
+    if store is not None and store.paths != frozenset(substitutes.values()):
+        raise AssertionError("the running store measurement is for other paths than the staged placeholders")
+    with store or StoreMeasure(list(substitutes.values())) as running:
+        staged = _walk([str(root)], frozenset(substitutes))
+        return _combine([staged, *running.result()])
 
 
 def inode_count(fs_bytes: int, used_inodes: int, additional: int) -> int:
