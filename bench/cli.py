@@ -24,6 +24,7 @@ from .methods import (
     floor_plan,
     repart_plan,
     seed_plan,
+    stat_shim,
 )
 from .report import render, summarise
 from .seedsize import seed_auto_size
@@ -105,7 +106,7 @@ def time_method(method: str, closure: Closure, work: Path, args: argparse.Namesp
     staging = (Path("/dev/shm/mdi-bench-staging") if args.seed_staging == "tmpfs" else work / "staging")
     remove_tree(staging)
     if method == "builder":
-        plan = builder_plan(closure, scratch, args.python, args.builder_src, os.geteuid() == 0)
+        plan = builder_plan(closure, scratch, args.python, args.builder_src, os.geteuid() == 0, args.stat_shim)
     elif method == "floor":
         plan = floor_plan(closure, scratch, ref["disk"], ref["root_offset"], ref["root_size"])
     elif method == "repart":
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     commit_file = args.builder_src / "COMMIT"  # written by whoever snapshots a builder to time
     facts["builder timed"] = (f"{args.builder_src} (snapshot of {commit_file.read_text().strip()})"
                               if commit_file.exists() else f"{args.builder_src} at the repo commit")
+    args.stat_shim, facts["stat shim"] = stat_shim(args.builder_src, args.work)
     config = {"builder_src": str(args.builder_src), "sizes": args.sizes, "runs": args.runs, "methods": methods,
               "cache": args.cache, "seed_staging": args.seed_staging, "seed": args.seed, "work": str(args.work)}
     sizes = [bench_size(label.strip(), args, methods) for label in args.sizes.split(",") if label.strip()]

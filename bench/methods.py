@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,21 @@ def spec_document(closure: Closure, logical_store: bool) -> dict[str, Any]:
     }
 
 
-def builder_plan(closure: Closure, scratch: Path, python: str, src: Path, as_root: bool) -> Plan:
+def stat_shim(src: Path, work: Path) -> tuple[str, str]:
+    """The builder's stat shim and where it came from: built by pip next to the package, else compiled here.
+
+    Without it the builder falls back to its slower debugfs pass, so a fresh clone must not time that.
+    """
+    built = sorted((src / "builder").glob("_statshim*.so"))
+    if built:
+        return str(built[0]), f"{built[0].name}, built with the package"
+    out = work / "statshim.so"
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(out), str(src / "builder" / "statshim.c"), "-ldl"],
+                   check=True)
+    return str(out), "compiled by the bench from builder/statshim.c (the package was not built in place)"
+
+
+def builder_plan(closure: Closure, scratch: Path, python: str, src: Path, as_root: bool, shim: str) -> Plan:
     """`python -m builder prepare --out`: prepare and convert to raw in one process, as a Nix build with no
     VM stage runs them.
 
@@ -65,7 +80,7 @@ def builder_plan(closure: Closure, scratch: Path, python: str, src: Path, as_roo
     spec.write_text(json.dumps(spec_document(closure, logical_store=as_root), indent=2) + "\n")
     raw, out, work = scratch / "prepared.raw", scratch / "out", scratch / "builder-work"
     work.mkdir()
-    env = {"PYTHONPATH": str(src)}
+    env = {"PYTHONPATH": str(src), "MDI_STAT_SHIM": shim}
     prepare = [python, "-m", "builder", "prepare", str(spec), "--image", str(raw), "--work", str(work),
                "--out", str(out)]
     if as_root:
