@@ -122,7 +122,7 @@ def _inode_times(target: str, ino: int) -> tuple[int, int, int, int]:
 
 def populate(
     image: Path, offset: int, size_bytes: int, root: Path, params: Ext4Params,
-    binds: Sequence[tuple[str, str]], scratch: Path, epoch: int,
+    binds: Sequence[tuple[str, str]], scratch: Path, epoch: int, lazy_store: str | None = None,
 ) -> bool:
     """Create the ext4 at offset in image and fill it from root (with store paths bound in when given).
 
@@ -138,7 +138,7 @@ def populate(
         argv = ["env", f"LD_PRELOAD={preload}", f"MDI_SHIM_EPOCH={epoch}", *argv]
         env["E2FSPROGS_FAKE_TIME"] = str(params.fake_time if params.fake_time is not None else epoch)
     if binds:
-        res = run_with_binds(binds, argv, scratch / "binds.json", env)
+        res = run_with_binds(binds, argv, scratch / "binds.json", env, lazy_store, epoch)
     else:
         res = subprocess.run(argv, capture_output=True, text=True, env=env)
     if res.returncode != 0:

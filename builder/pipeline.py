@@ -29,6 +29,9 @@ class StagedRoot:
     root: Path
     store_binds: tuple[tuple[str, str], ...]  # (store path, placeholder in root)
     owner_fixes: tuple[OwnerFix, ...]
+    # The staged store directory when its placeholders are made on a tmpfs inside mkfs's namespace
+    # (builder/namespace.py) rather than on disk; None when they are on disk.
+    lazy_store: str | None = None
 
 
 @contextmanager
@@ -43,23 +46,33 @@ def scratch_dir(work: Path | None) -> Iterator[Path]:
 
 
 def _set_times(root: Path, epoch: int, keep: set[str]) -> None:
-    """Give every staged entry the epoch as mtime, except contents copies (they keep their sources' times)."""
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+    """Give every staged entry the epoch as mtime, except contents copies (they keep their sources' times).
+
+    Kept directories are not entered (a set lookup per entry: the store placeholders are all kept).
+    """
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in keep]
         for name in dirnames + filenames:
             p = os.path.join(dirpath, name)
-            if p not in keep and not any(p.startswith(k + "/") for k in keep):
+            if p not in keep:
                 os.utime(p, (epoch, epoch), follow_symlinks=False)
     os.utime(root, (epoch, epoch))
 
 
-def _placeholders(spec: Spec, regs: list[store.Registration], store_root: Path) -> list[tuple[str, str]]:
-    """Create an empty file or directory per store path where it will be bound in; copy symlinks directly."""
+def _placeholders(regs: list[store.Registration], store_root: Path, create: bool) -> list[tuple[str, str]]:
+    """The binds of store paths over placeholders, with the placeholders created when `create`; symlinks copied.
+
+    Without `create` the namespace helper makes them on a tmpfs (a mkdir per store path on the build
+    host's disk cost more than the rest of the staging).
+    """
     store_root.mkdir(parents=True, exist_ok=True)
     binds = []
     for r in regs:
         dest = store_root / os.path.basename(r.path)
         if os.path.islink(r.path):
             os.symlink(os.readlink(r.path), dest)
+        elif not create:
+            binds.append((r.path, str(dest)))
         elif os.path.isdir(r.path):
             dest.mkdir()
             binds.append((r.path, str(dest)))
@@ -69,8 +82,11 @@ def _placeholders(spec: Spec, regs: list[store.Registration], store_root: Path) 
     return binds
 
 
-def stage_root(spec: Spec, regs: list[store.Registration], root: Path) -> StagedRoot:
-    """Build the staging root: contents, Nix state and store placeholders (or the store alone with onlyNixStore)."""
+def stage_root(spec: Spec, regs: list[store.Registration], root: Path, lazy_store: bool = False) -> StagedRoot:
+    """Build the staging root: contents, Nix state and store placeholders (or the store alone with onlyNixStore).
+
+    lazy_store leaves the placeholders to mkfs's namespace (see StagedRoot.lazy_store).
+    """
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(mode=0o755)
@@ -78,18 +94,19 @@ def stage_root(spec: Spec, regs: list[store.Registration], root: Path) -> Staged
     fixes: list[OwnerFix] = []
     keep: set[str] = set()
     if spec.only_nix_store:
-        binds = _placeholders(spec, regs, root)
+        store_root = root
+        binds = _placeholders(regs, root, not lazy_store)
     else:
         staged_contents = stage_contents(spec, root)
         fixes = list(staged_contents.owner_fixes)
         keep = {str(p) for p in staged_contents.copies}
         store.write_nix_state(spec, root, regs)
         store_root = root / spec.store_dir.lstrip("/")
-        binds = _placeholders(spec, regs, store_root)
+        binds = _placeholders(regs, store_root, not lazy_store)
         os.chmod(store_root, 0o1775)
     keep |= {dest for _, dest in binds}
     _set_times(root, spec.source_date_epoch, keep)
-    return StagedRoot(root, tuple(binds), tuple(fixes))
+    return StagedRoot(root, tuple(binds), tuple(fixes), str(store_root) if lazy_store else None)
 
 
 @dataclass(frozen=True)
@@ -134,7 +151,8 @@ def _needed_fs_bytes(spec: Spec, usage: sizing.Usage, free: int, scratch: Path) 
 def choose_size(spec: Spec, staged: StagedRoot, scratch: Path, store_usage: sizing.StoreMeasure) -> Sizing:
     """diskSize: auto from the measured tree + additionalSpace + table space, or the fixed size if it fits."""
     subs = {dest: src for src, dest in staged.store_binds}
-    usage = sizing.measure(staged.root, subs, store_usage)
+    lazy = {staged.lazy_store: [os.path.basename(dest) for dest in subs]} if staged.lazy_store else {}
+    usage = sizing.measure(staged.root, subs, store_usage, lazy)
     extra = layout.root_start(spec) + layout.tail_reserve(spec)
     if spec.disk_size is None:
         fs_size, inodes = _needed_fs_bytes(spec, usage, spec.additional_space, scratch)
@@ -193,7 +211,8 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
     epoch = spec.source_date_epoch
     with step("root filesystem (mkfs.ext4 -d)"):
         binds = _populate_binds(staged, epoch)
-        stamped = ext4.populate(image, root.start, size.fs_size, staged.root, params, binds, scratch, epoch)
+        stamped = ext4.populate(image, root.start, size.fs_size, staged.root, params, binds, scratch, epoch,
+                                staged.lazy_store)
     # The staging tree is read; removing it (a syscall per entry) overlaps the checks below on the other core.
     remover = threading.Thread(target=_remove_tree_quietly, args=(staged.root,), name="remove staging", daemon=True)
     remover.start()
@@ -238,7 +257,7 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.L
                 # Sizing the store starts now, in worker processes, and overlaps the staging.
                 with sizing.StoreMeasure([r.path for r in regs]) as store_usage:
                     with step("stage root"):
-                        staged = stage_root(spec, regs, scratch / "root")
+                        staged = stage_root(spec, regs, scratch / "root", lazy_store=userns_available())
                     with step("size"):
                         size = choose_size(spec, staged, scratch, store_usage)
                 plan = write_image(spec, staged, size, partial, scratch)

@@ -12,7 +12,7 @@ import os
 import pickle
 import signal
 import stat
-from collections.abc import Sequence, Set
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,8 +89,9 @@ class _Partial:
             self.file_bytes += data
 
 
-def _walk(tops: Sequence[str], skip: Set[str] = frozenset()) -> _Partial:
-    """Measure each top (a tree or a single file); entries named in skip count only as names in their directory.
+def _walk(tops: Sequence[str], skip: Set[str] = frozenset(), extra: Mapping[str, list[str]] | None = None) -> _Partial:
+    """Measure each top (a tree or a single file); entries named in skip count only as names in their directory,
+    as do the names extra adds to a directory (placeholders not on disk).
 
     One scandir per directory: entry types come from the directory itself, so only non-directories are
     stat'ed, once each.
@@ -106,7 +107,7 @@ def _walk(tops: Sequence[str], skip: Set[str] = frozenset()) -> _Partial:
     while dirs:
         directory = dirs.pop()
         part.inodes += 1
-        names: list[str] = []
+        names: list[str] = list(extra.get(directory, ())) if extra else []
         with os.scandir(directory) as entries:
             for entry in entries:
                 names.append(entry.name)
@@ -210,15 +211,17 @@ def _fork_worker(tops: list[str]) -> tuple[int, int]:
         os._exit(status)
 
 
-def measure(root: Path, substitutes: dict[str, str], store: StoreMeasure | None = None) -> Usage:
+def measure(root: Path, substitutes: dict[str, str], store: StoreMeasure | None = None,
+            lazy: Mapping[str, list[str]] | None = None) -> Usage:
     """Measure root, each path listed in substitutes (staged placeholder -> real path) read from its source.
 
-    store, when given, is the measurement of those sources already under way (started for the same paths).
+    store, when given, is the measurement of those sources already under way (started for the same paths);
+    lazy names the placeholders that are not on disk yet, by directory.
     """
     if store is not None and store.paths != frozenset(substitutes.values()):
         raise AssertionError("the running store measurement is for other paths than the staged placeholders")
     with store or StoreMeasure(list(substitutes.values())) as running:
-        staged = _walk([str(root)], frozenset(substitutes))
+        staged = _walk([str(root)], frozenset(substitutes), lazy)
         return _combine([staged, *running.result()])
 
 
