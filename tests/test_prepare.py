@@ -387,3 +387,40 @@ def test_prepare_out_refuses_a_spec_that_needs_the_vm(make_spec: SpecFactory, tm
     assert res.returncode == 2
     assert "needs the VM stage" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "a.raw").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("only_store", [False, True])
+def test_symlink_and_file_store_paths(fixture_spec: Path, tmp_path: Path, only_store: bool) -> None:
+    """Store paths that are a symlink or a single file: in the image as such, same bytes bound or copied."""
+    from tests.fixtures.nixstore import write_closure_info
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "mdi-single-file").write_text("a store path that is one file\n")
+    (src / "mdi-top-symlink").symlink_to("/nix/store/does-not-matter-where")
+    added = subprocess.run(["nix-store", "--add", str(src / "mdi-single-file"), str(src / "mdi-top-symlink")],
+                           capture_output=True, text=True, check=True).stdout.split()
+    doc = spec_doc(fixture_spec)
+    roots = [doc["system"]["toplevel"], *doc["system"]["additionalPaths"], *added]
+    info = write_closure_info(roots, tmp_path / "closure-info")
+    doc["system"] = {**doc["system"], "closureInfo": str(info), "additionalPaths": [*doc["system"]["additionalPaths"],
+                                                                                     *added]}
+    if only_store:
+        doc.update(onlyNixStore=True, contents=[], partitionTableType="none")
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(doc))
+    images = []
+    for mode in ("bind", "copy"):
+        image = tmp_path / f"{mode}.img"
+        res = prepare(spec, image, env={"MDI_STAGE_STORE": mode})
+        assert res.returncode == 0, res.stderr
+        images.append(image)
+    assert sha256(images[0]) == sha256(images[1])
+    target = f"{images[0]}?offset={0 if only_store else part_offset(images[0], 2)}"
+    prefix = "" if only_store else "/nix/store"
+    file_path, link_path = (f"{prefix}/{os.path.basename(p)}" for p in added)
+    cat = subprocess.run(["debugfs", "-R", f"cat {file_path}", target], capture_output=True, text=True)
+    assert cat.stdout == "a store path that is one file\n"
+    stat_out = subprocess.run(["debugfs", "-R", f"stat {link_path}", target], capture_output=True, text=True).stdout
+    assert "Type: symlink" in stat_out and 'Fast link dest: "/nix/store/does-not-matter-where"' in stat_out
+    assert subprocess.run(["e2fsck", "-fn", target], capture_output=True).returncode == 0
