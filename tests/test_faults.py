@@ -171,13 +171,13 @@ STEPS: list[tuple[str, tuple[str, str] | None]] = [
     ("size", ("mkfs.ext4", "")),
     ("partition table", ("mkfs.ext4", " -d ")),
     ("root filesystem (mkfs.ext4 -d)", ("mkfs.ext4", " -d ")),
-    ("owners and times (debugfs)", ("debugfs", " -w ")),
+    ("contents owners (debugfs)", ("debugfs", " -w ")),
     ("boot filesystems", ("mkfs.vfat", "")),
     ("check filesystems", ("e2fsck", "")),
     ("convert", ("qemu-img", " convert ")),
     ("postVM", None),
 ]
-IN_STEP = {"size", "root filesystem (mkfs.ext4 -d)", "owners and times (debugfs)", "boot filesystems",
+IN_STEP = {"size", "root filesystem (mkfs.ext4 -d)", "contents owners (debugfs)", "boot filesystems",
            "check filesystems", "convert"}
 ORDER = [s for s, _ in STEPS]
 
