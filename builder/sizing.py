@@ -1,8 +1,8 @@
 """Measure what the root filesystem will hold and size it tightly: data counted once, metadata measured.
 
-The estimate walks the staged root (store placeholders resolved to the real store paths), counting each
-inode once (hard links shared), 4 KiB blocks for file data, directory blocks from their entries, long
-symlinks and extent blocks. The filesystem's own overhead (inode tables, bitmaps, journal, reserved GDT)
+The estimate walks the staged root and, in forked workers (StoreMeasure), the store paths bound over
+its placeholders, counting each inode once (hard links shared), 4 KiB blocks for file data, directory
+blocks from their entries, long symlinks and extent blocks. The filesystem's own overhead (inode tables, bitmaps, journal, reserved GDT)
 is measured by running mkfs on an empty sparse file of the candidate size.
 """
 
