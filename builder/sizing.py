@@ -2,8 +2,9 @@
 
 The estimate walks the staged root and, in forked workers (StoreMeasure), the store paths bound over
 its placeholders, counting each inode once (hard links shared), 4 KiB blocks for file data, directory
-blocks from their entries, long symlinks and extent blocks. The filesystem's own overhead (inode tables, bitmaps, journal, reserved GDT)
-is measured by running mkfs on an empty sparse file of the candidate size.
+blocks from their entries, long symlinks and extent blocks. The filesystem's own overhead (inode
+tables, bitmaps, journal, reserved GDT) is measured by running mkfs on an empty sparse file of the
+candidate size.
 """
 
 from __future__ import annotations
