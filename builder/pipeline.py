@@ -151,8 +151,7 @@ def _needed_fs_bytes(spec: Spec, usage: sizing.Usage, free: int, scratch: Path) 
 def choose_size(spec: Spec, staged: StagedRoot, scratch: Path, store_usage: sizing.StoreMeasure) -> Sizing:
     """diskSize: auto from the measured tree + additionalSpace + table space, or the fixed size if it fits."""
     subs = {dest: src for src, dest in staged.store_binds}
-    lazy = {staged.lazy_store: [os.path.basename(dest) for dest in subs]} if staged.lazy_store else {}
-    usage = sizing.measure(staged.root, subs, store_usage, lazy)
+    usage = sizing.measure(staged.root, subs, store_usage)
     extra = layout.root_start(spec) + layout.tail_reserve(spec)
     if spec.disk_size is None:
         fs_size, inodes = _needed_fs_bytes(spec, usage, spec.additional_space, scratch)

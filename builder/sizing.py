@@ -13,7 +13,7 @@ import os
 import pickle
 import signal
 import stat
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,9 +90,9 @@ class _Partial:
             self.file_bytes += data
 
 
-def _walk(tops: Sequence[str], skip: Set[str] = frozenset(), extra: Mapping[str, list[str]] | None = None) -> _Partial:
-    """Measure each top (a tree or a single file); entries named in skip count only as names in their directory,
-    as do the names extra adds to a directory (placeholders not on disk).
+def _walk(tops: Sequence[str], placeholders: Mapping[str, list[str]] | None = None) -> _Partial:
+    """Measure each top (a tree or a single file); placeholders (names by directory, on disk or not yet)
+    count only as names in their directory: what is bound over them is measured apart.
 
     One scandir per directory: entry types come from the directory itself, so only non-directories are
     stat'ed, once each.
@@ -108,12 +108,13 @@ def _walk(tops: Sequence[str], skip: Set[str] = frozenset(), extra: Mapping[str,
     while dirs:
         directory = dirs.pop()
         part.inodes += 1
-        names: list[str] = list(extra.get(directory, ())) if extra else []
+        names = list(placeholders.get(directory, ())) if placeholders else []
+        listed = frozenset(names)
         with os.scandir(directory) as entries:
             for entry in entries:
-                names.append(entry.name)
-                if entry.path in skip:
+                if entry.name in listed:
                     continue
+                names.append(entry.name)
                 if entry.is_dir(follow_symlinks=False):
                     dirs.append(entry.path)
                 else:
@@ -212,17 +213,20 @@ def _fork_worker(tops: list[str]) -> tuple[int, int]:
         os._exit(status)
 
 
-def measure(root: Path, substitutes: dict[str, str], store: StoreMeasure | None = None,
-            lazy: Mapping[str, list[str]] | None = None) -> Usage:
+def measure(root: Path, substitutes: dict[str, str], store: StoreMeasure | None = None) -> Usage:
     """Measure root, each path listed in substitutes (staged placeholder -> real path) read from its source.
 
-    store, when given, is the measurement of those sources already under way (started for the same paths);
-    lazy names the placeholders that are not on disk yet, by directory.
+    The placeholders need not exist yet (they may be made in mkfs's namespace). store, when given, is the
+    measurement of the sources already under way (started for the same paths).
     """
     if store is not None and store.paths != frozenset(substitutes.values()):
         raise AssertionError("the running store measurement is for other paths than the staged placeholders")
     with store or StoreMeasure(list(substitutes.values())) as running:
-        staged = _walk([str(root)], frozenset(substitutes), lazy)
+        placeholders: dict[str, list[str]] = {}
+        for dest in substitutes:
+            parent, name = os.path.split(dest)
+            placeholders.setdefault(parent, []).append(name)
+        staged = _walk([str(root)], {d: sorted(n) for d, n in placeholders.items()})
         return _combine([staged, *running.result()])
 
 
