@@ -19,38 +19,66 @@ VM_MODULES = (
 )
 BUSYBOX = Path("/bin/busybox")
 
-# /init of the build VM. The host's root becomes the guest's root (read-only, 9p) with fresh /dev,
-# /proc, /sys and /run (host /tmp stays visible because specs point there; TMPDIR is /run/tmp); the
-# exchange share sits at /run/xchg; the command's status lands in /run/xchg/exit-code.
+# /init of the build VM: the guest nixpkgs' vmTools.runInLinuxVM gives its builder, and no more.
+# vmTools' stage 1 (pkgs/build-support/vm/default.nix, nixpkgs 25.11) mounts a fresh tmpfs as the new
+# root and makes only /dev (with shm and pts), the store (shared from the host), /tmp (1777), /run,
+# /var/run -> /run, /tmp/xchg (the exchange directory), /proc, /sys and /etc with mtab -> /proc/mounts,
+# hosts and a root line in passwd; its stage 2 links /bin/sh to bash and runs the builder in /tmp with
+# PATH from the derivation's inputs, writing its status to /tmp/xchg/in-vm-exit. Here the "inputs" are
+# host directories listed in xchg/host-paths, bound read-only at their own paths from the host's root
+# (shared read-only over 9p and mounted outside the guest's root, at /host of the initramfs), and the
+# links in xchg/host-links (such as /lib64 -> usr/lib64 for the dynamic loader, /bin/sh -> bash).
+# Nothing else of the host is there: no /mnt, /home, /root, /srv or /media, no host /tmp.
 # Kept here (not in templates/) because it is part of the VM, not of the image.
 VM_INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
-mkdir -p /proc /sys /dev /host
+fail() { echo "vm-init: $*"; reboot -f; }
+mkdir -p /proc /sys /dev /host /xchg /fs
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 for m in /modules/*.ko; do insmod "$m" 2>/dev/null || true; done
-if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host; then
-  echo "vm-init: cannot mount the host root over 9p"; reboot -f
-fi
-mount -t devtmpfs devtmpfs /host/dev
-mkdir -p /host/dev/pts /host/dev/shm
-mount -t devpts devpts /host/dev/pts
-mount -t tmpfs tmpfs /host/dev/shm
-mount -t proc proc /host/proc
-mount -t sysfs sysfs /host/sys
-mount -t tmpfs -o mode=755 tmpfs /host/run
-mkdir -p /host/run/xchg /host/run/tmp
-chmod 1777 /host/run/tmp
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 xchg /host/run/xchg
-echo "vm-init: running /run/xchg/command.sh"
-chroot /host /bin/sh /run/xchg/command.sh </dev/null
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host ||
+  fail "cannot mount the host root over 9p"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 xchg /xchg || fail "cannot mount the exchange directory"
+bind_ro() {
+  mkdir -p "$2" && mount -o bind "$1" "$2" && mount -o remount,bind,ro "$2" || fail "cannot bind $1 at $2"
+}
+mount -t tmpfs -o mode=755 none /fs
+mkdir -p /fs/dev
+mount -o bind /dev /fs/dev
+mkdir -p /fs/dev/shm /fs/dev/pts
+mount -t tmpfs -o mode=1777 none /fs/dev/shm
+mount -t devpts none /fs/dev/pts
+store=$(cat /xchg/store-dir)
+bind_ro "/host$store" "/fs$store"
+mkdir -p /fs/tmp /fs/run /fs/var
+mount -t tmpfs -o mode=1777 none /fs/tmp
+mount -t tmpfs -o mode=755 none /fs/run
+ln -sfn /run /fs/var/run
+mkdir -p /fs/tmp/xchg
+mount -o move /xchg /fs/tmp/xchg
+mkdir -p /fs/proc /fs/sys
+mount -t proc none /fs/proc
+mount -t sysfs none /fs/sys
+mkdir -p /fs/etc
+ln -sf /proc/mounts /fs/etc/mtab
+echo "127.0.0.1 localhost" > /fs/etc/hosts
+echo "root:x:0:0:System administrator:/root:/bin/sh" > /fs/etc/passwd
+while IFS= read -r path; do
+  [ -n "$path" ] && bind_ro "/host$path" "/fs$path"
+done < /fs/tmp/xchg/host-paths
+while IFS=' ' read -r link target; do
+  [ -n "$link" ] && mkdir -p "/fs${link%/*}" && ln -s "$target" "/fs$link"
+done < /fs/tmp/xchg/host-links
+echo "vm-init: running /tmp/xchg/command.sh"
+chroot /fs /bin/sh -c 'cd /tmp && exec /bin/sh /tmp/xchg/command.sh' </dev/null
 status=$?
-echo "$status" > /host/run/xchg/exit-code
+echo "$status" > /fs/tmp/xchg/in-vm-exit
 echo "vm-init: command exited with status $status"
 sync
-umount /host/run/xchg
+umount /fs/tmp/xchg
 reboot -f
 """
 

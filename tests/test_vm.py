@@ -40,19 +40,64 @@ def test_command_runs_as_root_on_the_disk_and_returns_its_status(tmp_path: Path)
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
     xchg = tmp_path / "xchg"
-    probe = tmp_path / "host-root-probe"
     script = (
-        "id -u > /run/xchg/uid; "
+        "id -u > /tmp/xchg/uid; pwd > /tmp/xchg/pwd; "
         f"printf {MARK.decode()} | dd of=/dev/vda bs=512 seek=1 conv=notrunc 2>/dev/null; "
-        f"if touch {probe} 2>/dev/null; then echo writable; else echo read-only; fi > /run/xchg/root; "
         "exit 7"
     )
     status = run_in_vm(["/bin/sh", "-c", script], disk, mem_mib=512, xchg=xchg, timeout=300, echo=False)
     assert status == 7
     assert (xchg / "uid").read_text() == "0\n"
+    assert (xchg / "pwd").read_text() == "/tmp\n", "vmTools runs the builder in /tmp"
     assert disk.read_bytes()[512:512 + len(MARK)] == MARK
-    assert (xchg / "root").read_text() == "read-only\n" and not probe.exists()
     assert "vm-init: command exited with status 7" in (xchg / "console.log").read_text()
+    assert (xchg / "in-vm-exit").read_text() == "7\n"
+    assert qemu_processes_using(disk) == []
+
+
+def test_guest_is_as_bare_as_vmtools(tmp_path: Path) -> None:
+    """nixpkgs' vmTools gives the builder a tmpfs root with only what its stage 1 makes (DESIGN §5a).
+
+    Host directories that stand for the derivation's inputs (/usr, the Python running the builder) are
+    there read-only at their own paths; /mnt, /home, /srv, /media and the host's /tmp are not.
+    """
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    xchg = tmp_path / "xchg"
+    probe = tmp_path / "host-tmp-probe"
+    probe.write_text("on the host\n")
+    script = (
+        "cd /tmp/xchg; ls -A / > root; ls -A /etc > etc; ls -A /tmp > tmp; ls -A /bin > bin; "
+        "readlink /bin/sh > sh; readlink /etc/mtab > mtab; readlink /var/run > varrun; echo \"$PATH\" > path; "
+        f"test -e {probe} && echo visible > probe || echo absent > probe; "
+        "for d in /nix/store /usr /tmp /run /dev/shm; do "
+        "  if touch \"$d/.mdi-write-probe\" 2>/dev/null; then echo \"$d rw\"; else echo \"$d ro\"; fi; "
+        "done > writable; stat -c %a /tmp > tmpmode; grep -c '^root:x:0:0:' /etc/passwd > passwd"
+    )
+    status = run_in_vm(["/bin/sh", "-c", script], disk, mem_mib=512, xchg=xchg, timeout=300, echo=False)
+    assert status == 0
+
+    def read(name: str) -> list[str]:
+        return (xchg / name).read_text().split()
+
+    top = set(read("root"))
+    expected = {"bin", "dev", "etc", "nix", "proc", "run", "sys", "tmp", "usr", "var", "lib", "lib64"}
+    extra = top - expected
+    # The only other entries are the first components of the Python environment and this checkout.
+    allowed = {Path(p).parts[1] for p in (sys.prefix, sys.base_prefix, str(REPO))}
+    assert extra <= allowed, f"the guest's root has {sorted(extra - allowed)} of the host"
+    for absent in ("mnt", "home", "srv", "media", "opt" if "opt" not in allowed else "mnt", "boot"):
+        assert absent not in top, f"/{absent} of the host is visible in the guest"
+    assert set(read("etc")) == {"mtab", "hosts", "passwd"}
+    assert read("mtab") == ["/proc/mounts"] and read("varrun") == ["/run"]
+    assert read("passwd") == ["1"]
+    assert set(read("tmp")) == {"xchg"}, "the guest's /tmp is a fresh tmpfs holding only the exchange directory"
+    assert read("probe") == ["absent"]
+    assert read("tmpmode") == ["1777"]
+    assert read("bin") == ["sh"] and read("sh") == ["/usr/bin/bash"], "stage 2 links /bin/sh to bash, nothing else"
+    assert read("path") == ["/usr/sbin:/usr/bin"]
+    writable = dict(line.split() for line in (xchg / "writable").read_text().splitlines())
+    assert writable == {"/nix/store": "ro", "/usr": "ro", "/tmp": "rw", "/run": "rw", "/dev/shm": "rw"}
     assert qemu_processes_using(disk) == []
 
 
