@@ -162,6 +162,47 @@ def check_builder_paths(root: Path, spec: Spec) -> None:
                                 "Nix state nixos-install leaves); choose a target outside it")
 
 
+CONFIG_DIR = "/etc/nixos"
+CONFIG_FILE = "/etc/nixos/configuration.nix"
+# nixpkgs' VM script copies configFile with a plain `cp` as root: the new file's mode is the source's
+# without what the umask (022) takes away.
+VM_UMASK = 0o022
+
+
+def place_config_file(spec: Spec, root: Path) -> None:
+    """Make /etc/nixos and copy configFile to /etc/nixos/configuration.nix, as nixpkgs' VM script does.
+
+    nixpkgs' make-disk-image.nix runs `mkdir -p /mnt/etc/nixos` and `cp $configFile
+    /mnt/etc/nixos/configuration.nix` for every image but onlyNixStore ones, after the contents are in
+    place (so it overwrites a contents file of that name). Nothing here needs root or the VM.
+    """
+    parent = _safe_parent(root, CONFIG_FILE, _entry_index(spec, CONFIG_FILE))
+    if spec.config_file is None:
+        return
+    dest = parent / "configuration.nix"
+    try:
+        source_mode = os.stat(spec.config_file).st_mode
+    except OSError as exc:
+        raise UserError(f"configFile {spec.config_file!r}: {exc.strerror}") from None
+    if os.path.islink(dest) or os.path.isdir(dest):
+        raise UserError(f"configFile: {CONFIG_FILE} is a {'symlink' if os.path.islink(dest) else 'directory'} "
+                        f"placed by {_entry_for(spec, CONFIG_FILE)}; the configuration file cannot go there")
+    mode = os.stat(dest).st_mode & 0o7777 if dest.exists() else source_mode & 0o777 & ~VM_UMASK
+    try:
+        shutil.copyfile(spec.config_file, dest)
+    except OSError as exc:
+        raise UserError(f"configFile {spec.config_file!r}: {exc.strerror}") from None
+    os.chmod(dest, mode)
+
+
+def _entry_index(spec: Spec, image_path: str) -> int:
+    """The index of the contents entry that placed image_path or one of its parents (-1 when none did)."""
+    for i, c in enumerate(spec.contents):
+        if image_path == c.target or image_path.startswith(c.target + "/"):
+            return i
+    return -1
+
+
 @dataclass(frozen=True)
 class StagedContents:
     """What staging the contents produced: the copies (which keep their sources' times) and owners to set."""

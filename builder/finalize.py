@@ -77,9 +77,8 @@ def context(spec: Spec, device: str) -> dict[str, Any]:
         "fat_mounts": fat_mounts,
         "touch_efi_vars": spec.touch_efi_vars,
         "enter_command": spec.enter_command,
-        "config_file": spec.config_file,
         "install_boot_loader": spec.install_boot_loader,
-        "grub_link_devices": [d for d in spec.grub_devices if d not in (device, "nodev")],
+        "link_devices": [d for d in spec.boot_devices if d not in (device, "nodev")],
         "named_owners": [
             {"owner": f"{c.user}:{c.group}", "target": c.target} for c in spec.contents if c.named_owner
         ],

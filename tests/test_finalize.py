@@ -18,7 +18,7 @@ from tests.fixtures.system import system_document
 REPO = Path(__file__).resolve().parent.parent
 # Commands the script runs that would touch the host: stubs record their argv instead.
 STUBBED = ("mount", "umount", "mountpoint", "chroot", "tune2fs", "debugfs", "cp", "ln", "mkdir", "sync", "nixos-enter",
-           "find", "dd")
+           "find", "dd", "rm")
 
 
 def hostile(canary: Path) -> str:
@@ -30,7 +30,8 @@ def spec_doc(tmp_path: Path, canary: Path, table: str = "efixbootldr") -> dict[s
     """A spec whose contents target and configFile path are hostile, with named owners and EFI vars."""
     doc = system_document("/nix/store/00000000000000000000000000000000-fixture-system-toplevel",
                           tmp_path / "closure-info", table, "")
-    doc["bootLoader"] = {"grubDevices": ["/dev/vda", "/dev/disk/by-id/a b$(touch x)"]}
+    doc["bootLoader"] = {"grubDevices": ["/dev/vda", "/dev/disk/by-id/a b$(touch x)"],
+                         "limineBiosDevice": "/dev/disk/by-id/limine `touch x`"}
     doc["contents"] = [{"source": "/etc/hostname", "target": hostile(canary), "mode": None,
                         "user": "fixtureuser", "group": "fixturegroup"}]
     doc["configFile"] = hostile(canary).replace("/srv/", "/tmp/cfg ")
@@ -69,8 +70,17 @@ def test_hostile_names_are_data_when_the_script_runs(tmp_path: Path) -> None:
     # activation, then the bootloader, activation again, then chown with the exact target as one argument
     assert chroot_calls[-1] == ["chroot", "/mnt", "chown", "-R", "fixtureuser:fixturegroup", hostile(canary)]
     assert ["chroot", "/mnt", "/nix/var/nix/profiles/system/bin/switch-to-configuration", "boot"] in chroot_calls
-    assert ["cp", doc["configFile"], "/mnt/etc/nixos/configuration.nix"] in calls
+    # configFile is written by prepare on the host, as every other file of the image (not in the VM).
+    assert not [c for c in calls if c[0] == "cp"]
+    # vmTools' guest has no /mnt: the script makes it before mounting the root there.
+    assert calls.index(["mkdir", "-p", "/mnt"]) < calls.index(
+        ["mount", "-o", "noatime,nodelalloc,noinit_itable", "/dev/mdi-no-such-disk3", "/mnt"])
+    # GRUB's devices and Limine's BIOS device are made to name the image's disk before the install.
     assert ["ln", "-sfn", "/dev/mdi-no-such-disk", "/dev/disk/by-id/a b$(touch x)"] in calls
+    assert ["ln", "-sfn", "/dev/mdi-no-such-disk", "/dev/disk/by-id/limine `touch x`"] in calls
+    # The machine id the activation or the installer left is removed after the bootloader install.
+    install = calls.index(["chroot", "/mnt", "/nix/var/nix/profiles/system/bin/switch-to-configuration", "boot"])
+    assert calls.index(["rm", "-f", "/mnt/etc/machine-id"]) > install
     assert ["mount", "-t", "vfat", "-o", "noatime", "/dev/mdi-no-such-disk1", "/mnt/efi"] in calls
     assert ["mount", "-t", "vfat", "-o", "noatime", "/dev/mdi-no-such-disk2", "/mnt/boot"] in calls
     assert ["mount", "-t", "efivarfs", "efivarfs", "/sys/firmware/efi/efivars"] in calls
