@@ -1,4 +1,4 @@
-"""Command line: prepare, finalize, convert, build, inspect, pin. User errors exit 2 without a traceback."""
+"""Command line: prepare, finalize, after-vm, convert, build, inspect, pin. User errors exit 2 without a traceback."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
 
-    s = sub.add_parser("pin-vm-writes", help="after the VM: pin times, journal, free space and FAT entries")
+    s = sub.add_parser("after-vm", help="after the VM: check the image, then pin times, journal, free space and "
+                       "FAT entries (deterministic)")
     s.add_argument("spec", type=Path)
     s.add_argument("--image", type=Path, required=True, help="the raw image the VM finalized")
 
@@ -95,10 +96,10 @@ def run(args: argparse.Namespace) -> int:
 
         print(build(load_spec(args.spec), args.out, args.work))
         return 0
-    if args.command == "pin-vm-writes":
-        from .vmpin import pin_image
+    if args.command == "after-vm":
+        from .pipeline import after_vm
 
-        pin_image(load_spec(args.spec), args.image)
+        after_vm(load_spec(args.spec), args.image)
         return 0
     if args.command == "check-reproducible":
         from .reprocheck import check_reproducible

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import ext4, fat, layout, sizing, store, table
-from .contents import OwnerFix, stage_contents
+from .contents import OwnerFix, place_config_file, stage_contents
 from .errors import BuildError, UserError
+from .fstypes import EXT_FAMILY
 from .log import info, step
 from .namespace import userns_available
 from .sizes import MiB, align_up, human
@@ -101,6 +103,7 @@ def stage_root(spec: Spec, regs: list[store.Registration], root: Path, lazy_stor
         fixes = list(staged_contents.owner_fixes)
         keep = {str(p) for p in staged_contents.copies}
         store.write_nix_state(spec, root, regs)
+        place_config_file(spec, root)
         store_root = root / spec.store_dir.lstrip("/")
         binds = _placeholders(regs, store_root, not lazy_store)
         os.chmod(store_root, 0o1775)
@@ -298,13 +301,26 @@ def _remove_tree_quietly(path: Path) -> None:
         pass
 
 
+def post_vm_env_script() -> Path:
+    """The shell file postVM runs after: the functions nixpkgs' make-disk-image.nix defines before it."""
+    return Path(__file__).resolve().parent / "templates" / "post-vm-env.sh"
+
+
 def run_post_vm(spec: Spec, image: Path) -> None:
-    """Run the user's postVM shell code with $diskImage naming the image, as nixpkgs does."""
+    """Run the user's postVM as nixpkgs does: $diskImage and $out set, nixpkgs' shell functions defined.
+
+    (Under Nix the derivation runs postVM itself, after sourcing the same file, with PATH set to the
+    tools nixpkgs gives it; here PATH is the host's.)
+    """
     if not spec.post_vm.strip():
         return
-    env = dict(os.environ, diskImage=str(image))
+    out = image.parent
+    env = dict(os.environ, diskImage=str(image), out=str(out))
+    if spec.touch_efi_vars:
+        env["efiVars"] = str(out / "efi-vars.fd")
+    script = f"source {shlex.quote(str(post_vm_env_script()))}\n{spec.post_vm}"
     # Its own process group, killed whole if the build is stopped: no command of the user's outlives it.
-    proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", spec.post_vm], env=env, cwd=image.parent,
+    proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], env=env, cwd=out,
                             start_new_session=True)
     try:
         status = proc.wait()
@@ -321,11 +337,27 @@ def run_post_vm(spec: Spec, image: Path) -> None:
 def check_finalized(spec: Spec, image: Path, plan: layout.Layout) -> None:
     """The VM wrote to the image (bootloader, owners, tune2fs): the table and filesystems must still be clean."""
     table.check(image, plan)
-    if spec.fs_type == "ext4":  # other root filesystems are checked as their own file in prepare (rootfs.py)
+    if spec.fs_type in EXT_FAMILY:  # other root filesystems are checked as their own file in prepare (rootfs.py)
         ext4.check(image, plan.root.start)
     for p in plan.partitions:
         if p.fs == "vfat":
             fat.check(image, p)
+
+
+def after_vm(spec: Spec, image: Path) -> None:
+    """After the VM stage, on the host: check what the VM wrote, then settle it (deterministic builds).
+
+    The same step for `build` and for the Nix derivation's postVM, deterministic or not.
+    """
+    plan = layout.plan(spec, image.stat().st_size)
+    with step("check after finalize"):
+        check_finalized(spec, image, plan)
+    if spec.deterministic:
+        from .vmpin import pin_image
+
+        pin_image(spec, image)
+        with step("check after settling"):
+            check_finalized(spec, image, plan)
 
 
 def build(spec: Spec, out: Path, work: Path | None = None) -> Path:
@@ -337,17 +369,13 @@ def build(spec: Spec, out: Path, work: Path | None = None) -> Path:
     try:
         with scratch_dir(work) as scratch:
             raw = scratch / "nixos.raw"
-            plan = prepare_image(spec, raw, scratch)
+            prepare_image(spec, raw, scratch)
             if spec.needs_vm:
                 with step("finalize (VM)"):
                     from .vm import run_finalize
 
                     run_finalize(spec, raw, scratch)
-                with step("check after finalize"):
-                    check_finalized(spec, raw, plan)
-                from .vmpin import pin_image
-
-                pin_image(spec, raw)
+                after_vm(spec, raw)
                 vars_file = scratch / "efi-vars.fd"
                 if spec.touch_efi_vars and vars_file.exists():
                     written.append(out / "efi-vars.fd")
