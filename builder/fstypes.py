@@ -8,8 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 READ_ONLY = ("erofs", "squashfs")
+# The ext family, all made by mke2fs -d (nixpkgs runs mkfs.${fsType}, so ext2 and ext3 work with "none").
+EXT_FAMILY = ("ext2", "ext3", "ext4")
 # Filesystems whose UUID is fixed from rootFSUID when deterministic.
-HAS_UUID = ("ext4", "btrfs", "xfs", "erofs")
+HAS_UUID = (*EXT_FAMILY, "btrfs", "xfs", "erofs")
 WRITABLE_CHOICES = "ext4, btrfs or xfs"
 
 

@@ -13,6 +13,11 @@ def info(message: str) -> None:
     print(f"[makeDiskImage] {message}", file=sys.stderr, flush=True)
 
 
+def warn(message: str) -> None:
+    """Print a warning to stderr: something accepted that the user should know about."""
+    print(f"[makeDiskImage] warning: {message}", file=sys.stderr, flush=True)
+
+
 @contextmanager
 def step(name: str) -> Iterator[None]:
     """Log the start and the elapsed time of a named step."""

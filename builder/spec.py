@@ -11,7 +11,8 @@ from typing import Any
 import jsonschema
 
 from .errors import SpecError
-from .fstypes import fs_type_problems
+from .fstypes import EXT_FAMILY, fs_type_problems
+from .log import warn
 from .sizes import MiB, parse_iec
 
 SCHEMA_PATH = Path(__file__).with_name("spec.schema.json")
@@ -24,8 +25,13 @@ BOOT_END_MINIMUM = {"legacy+boot": 1 * MiB, "efi": 8 * MiB, "hybrid": 8 * MiB, "
 FORMATS = ("raw", "qcow2", "qcow2-compressed", "vdi", "vpc", "vmdk", "vhdx", "qed", "qcow", "parallels")
 # Largest disk, boot end or additional space: 1 EiB, the largest ext4 (4 KiB blocks); beyond it sizes overflow.
 MAX_IMAGE_BYTES = 1 << 60
-# Longest root label each filesystem stores, in UTF-8 bytes (the schema counts characters; mkfs truncates silently).
-LABEL_MAX_BYTES = {"ext4": 16, "btrfs": 255, "xfs": 12, "erofs": 16, "vfat": 11}  # squashfs stores none
+# Longest root label each filesystem stores, in UTF-8 bytes (the schema counts characters).
+LABEL_MAX_BYTES = {"ext2": 16, "ext3": 16, "ext4": 16, "btrfs": 255, "xfs": 12, "erofs": 16, "vfat": 11}
+# Labels mke2fs truncates to 16 bytes with a warning (nixpkgs passes -L as given); the others refuse them.
+TRUNCATED_LABELS = EXT_FAMILY
+CONTENT_KEYS = ("source", "target", "mode", "user", "group")
+# Below this the build VM may not boot; nixpkgs passes any memSize to qemu, so it is only a warning.
+MEM_SIZE_WARNING_MIB = 128
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,14 @@ class Spec:
     grub_devices: tuple[str, ...]
     source_date_epoch: int
     enter_command: str
+    limine_bios_device: str | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def boot_devices(self) -> tuple[str, ...]:
+        """The machine's boot disks the bootloader installs to (GRUB's devices, Limine's BIOS device)."""
+        limine = () if self.limine_bios_device is None else (self.limine_bios_device,)
+        return (*self.grub_devices, *limine)
 
     @property
     def needs_vm(self) -> bool:
@@ -152,7 +166,7 @@ def _target_problem(target: str) -> str | None:
     parts = target.split("/")
     if ".." in parts:
         return "contains '..', which would leave the image root"
-    if posixpath.normpath(target) == "/":
+    if image_target(target) == "/":
         return "is the image root itself"
     if "\0" in target:
         return "contains a NUL byte"
@@ -169,7 +183,7 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
 
     limit = LABEL_MAX_BYTES.get(doc["fsType"])
     label_bytes = len(doc["label"].encode("utf-8", "surrogatepass"))
-    if limit is not None and label_bytes > limit:
+    if limit is not None and label_bytes > limit and doc["fsType"] not in TRUNCATED_LABELS:
         problems.append(f"$.label: {json.dumps(doc['label'], ensure_ascii=False)} is not allowed with "
                         f"fsType = {doc['fsType']!r}: it is {label_bytes} bytes in UTF-8, at most {limit} fit")
 
@@ -203,7 +217,8 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
                 problems.append(f"$.{key}: {doc[key]!r} is not allowed: more than 1 EiB, the largest ext4")
         except ValueError as exc:
             problems.append(f"$.{key}: {exc}")
-    if isinstance(doc["diskSize"], int) and doc["diskSize"] * MiB > MAX_IMAGE_BYTES:
+    fixed_mib = disk_mib(doc["diskSize"])
+    if fixed_mib is not None and fixed_mib * MiB > MAX_IMAGE_BYTES:
         problems.append(f"$.diskSize: {doc['diskSize']} is not allowed: more than 1 EiB (1099511627776 MiB), "
                         "the largest ext4")
     if table in BOOT_END_MINIMUM:
@@ -218,8 +233,8 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
                 f"END offset of the boot partition, which starts at {minimum // MiB} MiB "
                 "(give more than that, e.g. \"256M\")"
             )
-        disk = doc["diskSize"]
-        if boot_end is not None and isinstance(disk, int) and disk * MiB <= boot_end + MiB:
+        disk = disk_mib(doc["diskSize"])
+        if boot_end is not None and disk is not None and disk * MiB <= boot_end + MiB:
             problems.append(
                 f"$.bootSize: {doc['bootSize']!r} does not fit in diskSize = {disk} MiB "
                 "(the root partition starts after it)"
@@ -231,7 +246,7 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
             problems.append(f"$.contents[{i}]: user and group must both be set or both be null "
                             f"(user = {json.dumps(entry['user'])}, group = {json.dumps(entry['group'])})")
         why = _target_problem(entry["target"])
-        norm = posixpath.normpath(entry["target"])
+        norm = image_target(entry["target"])
         store = posixpath.normpath(doc["system"]["storeDir"])
         if not why and (norm == store or norm.startswith(store.rstrip("/") + "/") or store.startswith(norm + "/")):
             why = f"it is or holds {store}, which the builder fills with the closure (use additionalPaths)"
@@ -243,6 +258,43 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
         else:
             seen[norm] = i
     return problems
+
+
+def disk_mib(value: Any) -> int | None:
+    """diskSize in MiB: an int, or a string of digits as nixpkgs' `truncate -s ${diskSize}M` takes it; None for auto."""
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def image_target(target: str) -> str:
+    """A contents target as an absolute, normalized image path; nixpkgs copies to $root/$target, so
+    a relative target is placed under / ("boot/memtest.bin" -> "/boot/memtest.bin")."""
+    return posixpath.normpath("/" + target.lstrip("/")) if target.strip("/") else "/"
+
+
+def _warnings(doc: dict[str, Any]) -> list[str]:
+    """What nixpkgs accepts but does surprisingly: the builder does the same and says so."""
+    out: list[str] = []
+    fs, label = doc["fsType"], doc["label"]
+    if fs in TRUNCATED_LABELS and len(label.encode("utf-8", "surrogatepass")) > LABEL_MAX_BYTES[fs]:
+        out.append(f"label = {json.dumps(label, ensure_ascii=False)} is longer than the 16 bytes {fs} stores; "
+                   f"it is truncated to {json.dumps(truncated_label(fs, label), ensure_ascii=False)}, as mke2fs does")
+    if doc["memSize"] < MEM_SIZE_WARNING_MIB:
+        out.append(f"memSize = {doc['memSize']} MiB is below {MEM_SIZE_WARNING_MIB}: the build VM may not boot")
+    for i, entry in enumerate(doc["contents"]):
+        for key in sorted(set(entry) - set(CONTENT_KEYS)):
+            out.append(f"contents[{i}] has an unknown attribute {json.dumps(key)}, which is ignored "
+                       f"(known: {', '.join(CONTENT_KEYS)})")
+    return out
+
+
+def truncated_label(fs_type: str, label: str) -> str:
+    """The label as the filesystem stores it: the ext family keeps the first 16 bytes (whole characters)."""
+    if fs_type not in TRUNCATED_LABELS:
+        return label
+    data = label.encode("utf-8", "surrogatepass")[:LABEL_MAX_BYTES[fs_type]]
+    return data.decode("utf-8", "ignore")
 
 
 def load_spec_document(doc: Any) -> Spec:
@@ -260,14 +312,14 @@ def load_spec_document(doc: Any) -> Spec:
         format=doc["format"],
         partition_table_type=doc["partitionTableType"],
         fs_type=doc["fsType"],
-        label=doc["label"],
-        disk_size=None if doc["diskSize"] == "auto" else doc["diskSize"] * MiB,
+        label=truncated_label(doc["fsType"], doc["label"]),
+        disk_size=None if doc["diskSize"] == "auto" else int(doc["diskSize"]) * MiB,
         additional_space=parse_iec(doc["additionalSpace"]),
         boot_size=boot_size,
         contents=tuple(
             Content(
                 source=c["source"],
-                target=posixpath.normpath(c["target"]),
+                target=image_target(c["target"]),
                 mode=None if c["mode"] is None else int(c["mode"], 8),
                 user=c["user"],
                 group=c["group"],
@@ -284,7 +336,8 @@ def load_spec_document(doc: Any) -> Spec:
         only_nix_store=doc["onlyNixStore"],
         deterministic=doc["deterministic"],
         root_gpuid=doc["rootGPUID"].upper(),
-        root_fsuid=None if doc["rootFSUID"] is None else doc["rootFSUID"].lower(),
+        # nixpkgs fixes the filesystem UUID only when deterministic; otherwise mkfs draws one.
+        root_fsuid=None if doc["rootFSUID"] is None or not doc["deterministic"] else doc["rootFSUID"].lower(),
         copy_channel=doc["copyChannel"],
         toplevel=doc["system"]["toplevel"],
         closure_info=doc["system"]["closureInfo"],
@@ -294,6 +347,8 @@ def load_spec_document(doc: Any) -> Spec:
         grub_devices=tuple(doc["bootLoader"]["grubDevices"]),
         source_date_epoch=doc["sourceDateEpoch"],
         enter_command=doc["enterCommand"],
+        limine_bios_device=doc["bootLoader"].get("limineBiosDevice"),
+        warnings=tuple(_warnings(doc)),
     )
 
 
@@ -307,4 +362,7 @@ def load_spec(path: Path) -> Spec:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SpecError([f"$: {str(path)!r} is not JSON: {exc}"]) from None
-    return load_spec_document(doc)
+    spec = load_spec_document(doc)
+    for message in spec.warnings:
+        warn(message)
+    return spec

