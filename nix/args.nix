@@ -196,6 +196,11 @@ let
 
   MiB = 1024 * 1024;
 
+  # diskSize as a string of digits ("102400"), which nixpkgs' `truncate -s ${diskSize}M` takes as MiB.
+  # At most 13 digits: 1 EiB is 1099511627776 MiB, and longer numbers would overflow Nix integers.
+  isDigitSize = v: matches "0*[1-9][0-9]{0,12}" v;
+  diskSizeMiB = v: if isString v && v != "auto" then fromDecimal v else v;
+
   # --- the interface ----------------------------------------------------------
 
   tableTypes = [
@@ -233,11 +238,15 @@ let
     "qcow"
     "parallels"
   ];
-  fsTypes = [ "ext4" "btrfs" "xfs" "erofs" "squashfs" ];
+  # ext2 and ext3 as nixpkgs takes them (mkfs.${fsType}); the others are beyond nixpkgs.
+  fsTypes = [ "ext4" "ext3" "ext2" "btrfs" "xfs" "erofs" "squashfs" ];
+  extFsTypes = [ "ext4" "ext3" "ext2" ];
   # Read-only root filesystems: only with onlyNixStore. Label limits in bytes (squashfs stores no label).
   readOnlyFsTypes = [ "erofs" "squashfs" ];
-  uuidFsTypes = [ "ext4" "btrfs" "xfs" "erofs" ];
-  labelMax = { ext4 = 16; btrfs = 255; xfs = 12; erofs = 16; squashfs = 255; };
+  uuidFsTypes = extFsTypes ++ [ "btrfs" "xfs" "erofs" ];
+  labelMax = { ext4 = 16; ext3 = 16; ext2 = 16; btrfs = 255; xfs = 12; erofs = 16; squashfs = 255; };
+  # Below this the build VM may not boot; nixpkgs passes any memSize to qemu, so only a warning.
+  memSizeWarning = 128;
 
   defaults = {
     diskSize = "auto";
@@ -290,7 +299,6 @@ let
     i: e:
     let
       at = "contents[${toString i}]";
-      unknown = filter (k: !elem k contentKeys) (attrNames e);
       owner =
         k:
         let
@@ -306,11 +314,7 @@ let
     if !isAttrs e then
       [ (bad at e "each entry is an attribute set { source, target, mode?, user?, group? }") ]
     else
-      map (
-        k:
-        err "${at} has an unknown attribute ${show k}${didYouMean k contentKeys}; allowed: ${oneOfText contentKeys}"
-      ) unknown
-      ++ (
+      (
         if !(e ? source) then
           [ (err "${at} has no source (the file or directory to copy; `*` globs into target)") ]
         else if !isPathLike e.source then
@@ -321,11 +325,11 @@ let
       ++ (
         if !(e ? target) then
           [ (err "${at} has no target (the absolute path in the image)") ]
-        else if !matches "/.*" e.target then
-          [ (bad "${at}.target" e.target "an absolute path inside the image, such as \"/etc/motd\"") ]
+        else if !isString e.target || e.target == "" then
+          [ (bad "${at}.target" e.target "a path inside the image, such as \"/etc/motd\" (a relative one is placed under /)") ]
         else if elem ".." (filter isString (builtins.split "/" e.target)) then
           [ (bad "${at}.target" e.target "a path without \"..\" (it must stay inside the image root)") ]
-        else if match "/+" e.target != null then
+        else if targetPath e.target == "/" then
           [ (bad "${at}.target" e.target "a path below the image root, not the root itself") ]
         else if builtins.any (c: isString c && stringLength c > 255) (builtins.split "/" e.target) then
           [ (bad "${at}.target" e.target "a path whose components are at most 255 bytes long") ]
@@ -378,14 +382,11 @@ let
           "a size string: digits with an optional K, M, G, T, P or E suffix (powers of 1024), such as \"512M\"";
     in
     (
-      if a.diskSize == "auto" || (isInt a.diskSize && a.diskSize >= 1) then
+      if a.diskSize == "auto" || (isInt a.diskSize && a.diskSize >= 1) || isDigitSize a.diskSize then
         [ ]
       else
         [
-          (bad "diskSize" a.diskSize (
-            "a positive integer (MiB) or \"auto\""
-            + (if matches "[0-9]+" a.diskSize then " (write ${a.diskSize} without quotes)" else "")
-          ))
+          (bad "diskSize" a.diskSize "a positive integer (MiB), a string of digits (MiB, as nixpkgs' truncate reads it) or \"auto\"")
         ]
     )
     ++ iec "additionalSpace"
@@ -428,8 +429,8 @@ let
     ) "null or a path (copied to /etc/nixos/configuration.nix)"
     ++ check "postVM" (isString a.postVM) "a string of shell commands (run after the image is in $out)"
     ++ check "memSize" (
-      isInt a.memSize && a.memSize >= 128 && a.memSize <= 1048576
-    ) "an integer number of MiB between 128 and 1048576"
+      isInt a.memSize && a.memSize >= 1 && a.memSize <= 1048576
+    ) "an integer number of MiB between 1 and 1048576 (at least 128 for the build VM to boot)"
     ++ check "name" (
       matches fileNameRegex a.name && stringLength a.name <= 200 && !matches "\\..*" a.name
     ) "a derivation name of 1 to 200 characters from A-Z a-z 0-9 + . _ ? = -, not starting with \".\""
@@ -476,7 +477,12 @@ let
         [
           (err "fsType = ${show a.fsType} is read-only and allowed only with onlyNixStore = true: use \"ext4\", \"btrfs\" or \"xfs\"")
         ]
-      else if isString a.label && labelMax ? ${a.fsType} && stringLength a.label > labelMax.${a.fsType} then
+      else if
+        isString a.label
+        && labelMax ? ${a.fsType}
+        && !elem a.fsType extFsTypes
+        && stringLength a.label > labelMax.${a.fsType}
+      then
         [
           (err "label = ${show a.label} is too long for fsType = ${show a.fsType}: at most ${toString labelMax.${a.fsType}} bytes")
         ]
@@ -545,12 +551,52 @@ let
 
   fail = problems: throw (concatStringsSep "\n" problems);
 
+  # What nixpkgs accepts and does, surprisingly: done the same, with an evaluation warning.
+  argWarnings =
+    args: a:
+    (
+      if elem a.fsType extFsTypes && stringLength a.label > labelMax.${a.fsType} then
+        [
+          (err "label = ${show a.label} is longer than the ${toString labelMax.${a.fsType}} bytes ${a.fsType} stores; mke2fs truncates it (the builder keeps the first 16 bytes, whole characters)")
+        ]
+      else
+        [ ]
+    )
+    ++ (
+      if a.memSize < memSizeWarning then
+        [ (err "memSize = ${toString a.memSize} MiB is below ${toString memSizeWarning}: the build VM may not boot") ]
+      else
+        [ ]
+    )
+    ++ (
+      if !a.deterministic && args ? rootFSUID && args.rootFSUID != null then
+        [
+          (err "rootFSUID = ${show args.rootFSUID} is ignored with deterministic = false: like nixpkgs, the filesystem gets a random UUID")
+        ]
+      else
+        [ ]
+    )
+    ++ builtins.concatLists (
+      genList (
+        i:
+        let
+          e = elemAt a.contents i;
+          unknown = filter (k: !elem k contentKeys) (attrNames e);
+        in
+        map (
+          k:
+          err "contents[${toString i}] has an unknown attribute ${show k}${didYouMean k contentKeys}, which is ignored (nixpkgs ignores it too); known: ${oneOfText contentKeys}"
+        ) unknown
+      ) (length a.contents)
+    );
+
   # Check the user's arguments and return them complete (defaults applied, paths as strings).
   # `defaultOVMF` is only forced when touchEFIVars needs it and neither OVMF nor efiFirmware/efiVariables is given.
   normalize =
     {
       args,
       defaultOVMF ? throw (err "touchEFIVars = true needs efiFirmware and efiVariables (or OVMF)"),
+      warn ? msg: builtins.trace "evaluation warning: ${msg}",
     }:
     let
       unknown = filter (n: !elem n knownArgs) (attrNames args);
@@ -581,6 +627,7 @@ let
       };
       phase1 = unknownProblems ++ missingProblems ++ typeProblems a0;
       withDerived = base // {
+        diskSize = diskSizeMiB base.diskSize;
         label =
           if args ? label then
             args.label
@@ -609,9 +656,10 @@ let
         else
           throw (bad "OVMF" ovmf "an OVMF output with a ${attr} attribute, such as pkgs.OVMF.fd");
       result = withDerived // {
+        # Like nixpkgs' rsync to $root/$target: a relative target is placed under /.
         contents = map (e: {
           source = pathString e.source;
-          target = e.target;
+          target = targetPath e.target;
           mode = e.mode or null;
           user = if (e.user or null) == null then null else toString e.user;
           group = if (e.group or null) == null then null else toString e.group;
@@ -627,7 +675,7 @@ let
     else if phase2 != [ ] then
       fail phase2
     else
-      removeAttrs result [ "OVMF" ];
+      foldl' (value: w: warn w value) (removeAttrs result [ "OVMF" ]) (argWarnings args withDerived);
 
   # Whether finalize must run as root in a VM (mirrors builder.spec.Spec.needs_vm).
   needsVM =
@@ -670,12 +718,15 @@ let
       additionalPaths,
       storeDir,
       grubDevices,
+      limineBiosDevice ? null,
     }:
     let
       badDevices = filter (d: !matches "nodev|/dev/[^[:cntrl:]]+" d) grubDevices;
     in
     if badDevices != [ ] then
       throw (bad "config.boot.loader.grub.devices" grubDevices "device paths under /dev, or \"nodev\"")
+    else if limineBiosDevice != null && !matches "/dev/[^[:cntrl:]]+" limineBiosDevice then
+      throw (bad "config.boot.loader.limine.biosDevice" limineBiosDevice "a device path under /dev")
     else
       {
         specVersion = 1;
@@ -713,7 +764,7 @@ let
             ;
         };
         bootLoader = {
-          inherit grubDevices;
+          inherit grubDevices limineBiosDevice;
         };
         sourceDateEpoch = 1;
         enterCommand = "nixos-enter";
@@ -733,5 +784,6 @@ in
     parseIEC
     tableTypes
     formats
+    fsTypes
     ;
 }

@@ -1,6 +1,6 @@
 # makeDiskImage: argument-compatible with nixpkgs' nixos/lib/make-disk-image.nix.
 # Arguments are checked in ./args.nix (pure builtins); this file only wires derivations:
-# the closure, the channel, the spec file, and the builder run with or without a VM.
+# the closure, the channel, the spec file, and the builder's steps run with or without a VM.
 {
   pkgs,
   lib,
@@ -12,6 +12,7 @@ let
   a = argsLib.normalize {
     inherit args;
     defaultOVMF = pkgs.OVMF.fd;
+    warn = lib.warn;
   };
 
   builder = import ./package.nix { inherit pkgs; };
@@ -23,13 +24,17 @@ let
   additionalPaths = argsLib.extraPaths basePaths a.additionalPaths;
   closureInfo = pkgs.closureInfo { rootPaths = basePaths ++ additionalPaths; };
 
+  # The disks the bootloader installs to name the machine's disk; in the VM they are linked to /dev/vda.
   grub = config.boot.loader.grub or { };
+  limine = config.boot.loader.limine or { };
   spec = argsLib.toSpec {
     args = a;
     inherit toplevel channel additionalPaths;
     closureInfo = "${closureInfo}";
     storeDir = builtins.storeDir;
     grubDevices = if grub.enable or false then grub.devices or [ ] else [ ];
+    limineBiosDevice =
+      if (limine.enable or false) && (limine.biosSupport or false) then limine.biosDevice or null else null;
   };
   # A file in the store: the derivation depends on every store path the spec names.
   specFile = pkgs.writeText "${a.name}-spec.json" (builtins.toJSON spec);
@@ -38,46 +43,92 @@ let
   needsVM = argsLib.needsVM a;
   efiVars = "$out/efi-vars.fd";
 
+  # nixpkgs 25.11 deprecates config.system.build.nixos-enter in favour of the package.
+  nixosEnter = if pkgs ? nixos-enter then pkgs.nixos-enter else config.system.build.nixos-enter;
+
+  # What postVM sees, as in nixpkgs, whose preVM sets PATH (the same shell runs postVM) to these tools
+  # and defines sectorsToBytes, sectorsToKilobytes and friends (../builder/templates/post-vm-env.sh).
+  postVMPath = lib.makeBinPath (
+    [
+      pkgs.rsync
+      pkgs.util-linux
+      pkgs.parted
+      pkgs.e2fsprogs
+      pkgs.gptfdisk
+      pkgs.nix
+      pkgs.systemdMinimal
+      nixosEnter
+    ]
+    ++ lib.optional (config.system.build ? nixos-install) config.system.build.nixos-install
+    ++ pkgs.stdenv.initialPath
+  );
+  userPostVM = ''
+    export PATH=${postVMPath}
+    source ${../builder/templates/post-vm-env.sh}
+    diskImage=$out/${fileName}
+  ''
+  + lib.optionalString a.touchEFIVars ''
+    efiVars=${efiVars}
+  ''
+  + a.postVM;
+
   passthru = {
     inherit spec specFile needsVM builder closureInfo;
     filePath = fileName;
   };
 
-  # The host part after the image exists: convert into $out, then the user's postVM with $diskImage set.
-  convert = ''
-    ${run} convert ${specFile} --image "$diskImage" --out "$out"
-    diskImage=$out/${fileName}
+  # Everything on the host: no VM, no kvm system feature; prepare and convert in one process.
+  plain = pkgs.runCommand a.name { inherit passthru; } ''
+    ${run} prepare ${specFile} --image nixos.raw --out "$out"
+    ${userPostVM}
   '';
 
-  # Everything on the host: no VM, no kvm system feature; prepare and convert in one process.
-  plain = pkgs.runCommand a.name {
-    inherit passthru;
-  } (''
-    ${run} prepare ${specFile} --image nixos.raw --out "$out"
-    diskImage=$out/${fileName}
-  '' + a.postVM);
+  # nixpkgs passes secure-boot options to qemu when the firmware (OVMF) needs system management mode.
+  # pkgs.OVMF is only looked at when its files are used (touchEFIVars without efiFirmware/efiVariables).
+  smmRequired =
+    if args.OVMF or null != null then
+      args.OVMF.systemManagementModeRequired or false
+    else if a.touchEFIVars && (args.efiFirmware or null == null || args.efiVariables or null == null) then
+      pkgs.OVMF.fd.systemManagementModeRequired or false
+    else
+      false;
 
-  # prepare on the host, finalize as root in the VM (the image is /dev/vda), convert on the host.
+  # prepare on the host, finalize as root in the VM (the image is /dev/vda), then on the host the
+  # after-VM step (check, settle) and convert.
   inVM = pkgs.vmTools.runInLinuxVM (
     pkgs.runCommand a.name {
       inherit passthru;
       inherit (a) memSize;
-      nativeBuildInputs = [ builder ] ++ lib.optional (config.system.build ? nixos-enter) config.system.build.nixos-enter;
+      nativeBuildInputs = [
+        builder
+        nixosEnter
+      ];
+      # runCommand would give the VM one vCPU per build core; ext4 and FAT place what the bootloader
+      # writes differently then, so a deterministic image gets one.
+      enableParallelBuilding = !a.deterministic;
       preVM = ''
         ${run} prepare ${specFile} --image nixos.raw
         diskImage=nixos.raw
-      '' + lib.optionalString a.touchEFIVars ''
+      ''
+      + lib.optionalString a.touchEFIVars ''
         mkdir -p $out
         cp ${a.efiVariables} ${efiVars}
         chmod 0644 ${efiVars}
       '';
-      # pin-vm-writes: deterministic builds get the VM's times, journal, free space and FAT entries pinned.
       postVM = ''
-        ${run} pin-vm-writes ${specFile} --image "$diskImage"
-      '' + convert + a.postVM;
-      QEMU_OPTS = lib.optionalString a.touchEFIVars (
-        "-drive if=pflash,format=raw,unit=0,readonly=on,file=${a.efiFirmware}"
-        + " -drive if=pflash,format=raw,unit=1,file=${efiVars}"
+        ${run} after-vm ${specFile} --image "$diskImage"
+        ${run} convert ${specFile} --image "$diskImage" --out "$out"
+      ''
+      + userPostVM;
+      QEMU_OPTS = lib.concatStringsSep " " (
+        lib.optionals a.touchEFIVars [
+          "-drive if=pflash,format=raw,unit=0,readonly=on,file=${a.efiFirmware}"
+          "-drive if=pflash,format=raw,unit=1,file=${efiVars}"
+        ]
+        ++ lib.optionals smmRequired [
+          "-machine q35,smm=on"
+          "-global driver=cfi.pflash01,property=secure,value=on"
+        ]
       );
     } "${run} finalize ${specFile} --device /dev/vda"
   );

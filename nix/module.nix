@@ -1,4 +1,6 @@
-# NixOS module: makeDiskImage.* options mirror the function's arguments and set system.build.diskImage.
+# NixOS module: makeDiskImage.* options mirror the function's arguments; with makeDiskImage.enable it
+# sets system.build.diskImage (off by default, so importing the module into a configuration that defines
+# system.build.diskImage itself, as many do, changes nothing).
 {
   config,
   lib,
@@ -19,11 +21,16 @@ let
     inherit description;
   };
   d = argsLib.defaults;
-  passed = lib.filterAttrs (n: v: v != null) cfg;
+  passed = lib.filterAttrs (n: v: n != "enable" && v != null) cfg;
 in
 {
   options.makeDiskImage = {
-    diskSize = opt (types.either (types.enum [ "auto" ]) types.ints.positive) d.diskSize "Disk size in MiB, or \"auto\".";
+    enable = lib.mkEnableOption "building the system as a disk image in system.build.diskImage with makeDiskImage";
+    diskSize = opt (types.oneOf [
+      (types.enum [ "auto" ])
+      types.ints.positive
+      (types.strMatching "[0-9]+")
+    ]) d.diskSize "Disk size in MiB, or \"auto\".";
     additionalSpace = opt types.str d.additionalSpace "Free space added when diskSize = \"auto\" (IEC size).";
     bootSize = opt types.str d.bootSize "END offset of the boot partition (IEC size).";
     contents = opt (types.listOf (types.attrsOf types.anything)) d.contents
@@ -34,7 +41,7 @@ in
     OVMF = nullable types.package "OVMF output providing firmware and variables (default pkgs.OVMF.fd).";
     efiFirmware = nullable types.path "UEFI firmware code image (default OVMF.firmware).";
     efiVariables = nullable types.path "UEFI variables template (default OVMF.variables).";
-    fsType = opt (types.enum [ "ext4" "btrfs" "xfs" "erofs" "squashfs" ]) d.fsType "Root filesystem type.";
+    fsType = opt (types.enum argsLib.fsTypes) d.fsType "Root filesystem type.";
     label = nullable types.str "Root filesystem label (default \"nixos\", \"nix-store\" with onlyNixStore).";
     configFile = nullable types.path "File copied to /etc/nixos/configuration.nix.";
     postVM = opt types.lines d.postVM "Shell run after the image is in $out; $diskImage names it.";
@@ -50,5 +57,7 @@ in
     additionalPaths = opt (types.listOf (types.either types.package types.path)) d.additionalPaths "More store paths (with closure) in the image store.";
   };
 
-  config.system.build.diskImage = import ./make-disk-image.nix ({ inherit pkgs lib config; } // passed);
+  config = lib.mkIf cfg.enable {
+    system.build.diskImage = import ./make-disk-image.nix ({ inherit pkgs lib config; } // passed);
+  };
 }

@@ -16,12 +16,20 @@ let
         { modulesPath, ... }:
         {
           imports = [ (modulesPath + "/testing/test-instrumentation.nix") ];
-          makeDiskImage = import ./example/image.nix;
+          makeDiskImage = import ./example/image.nix // {
+            enable = true;
+          };
         }
       )
     ];
   };
   image = machine.config.system.build.diskImage;
+  # nixpkgs' own qemu command for this platform, with KVM when present and TCG otherwise.
+  qemu-common = import (pkgs.path + "/nixos/lib/qemu-common.nix") {
+    inherit (pkgs) lib;
+    inherit pkgs;
+  };
+  qemu = qemu-common.qemuBinary pkgs.qemu_test;
 in
 pkgs.testers.runNixOSTest {
   name = "make-disk-image-boot";
@@ -37,7 +45,7 @@ pkgs.testers.runNixOSTest {
         check=True,
     )
     image = create_machine(
-        "${pkgs.qemu_test}/bin/qemu-system-${pkgs.stdenv.hostPlatform.qemuArch} -m 1024 "
+        "${qemu} -m 1024 "
         + f"-drive file={overlay},if=virtio",
         name="image",
     )

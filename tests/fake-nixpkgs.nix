@@ -7,6 +7,10 @@
     enable = true;
     devices = [ "/dev/vda" ];
   },
+  limine ? { },
+  # Whether pkgs has nixos-enter (nixpkgs 25.11 does; config.system.build.nixos-enter is deprecated there).
+  nixosEnterPackage ? true,
+  smm ? false,
 }:
 let
   store = name: "${builtins.storeDir}/${builtins.substring 0 32 (builtins.hashString "sha256" name)}-${name}";
@@ -28,6 +32,7 @@ let
           fd = {
             firmware = store "OVMF-fd/FV/OVMF_CODE.fd";
             variables = store "OVMF-fd/FV/OVMF_VARS.fd";
+            systemManagementModeRequired = smm;
           };
         }
       else
@@ -57,15 +62,22 @@ let
     erofs-utils = drv "erofs-utils" { };
     squashfsTools = drv "squashfs-tools" { };
     libfaketime = drv "libfaketime" { };
-  };
+    rsync = drv "rsync" { };
+    parted = drv "parted" { };
+    gptfdisk = drv "gptfdisk" { };
+    systemdMinimal = drv "systemd-minimal" { };
+    stdenv.initialPath = map (n: drv n { }) [ "coreutils" "findutils" "diffutils" "gnused" "gnugrep" "gawk" "gnutar" "gzip" "bzip2" "gnumake" "bash" "patch" "xz" "file" ];
+  }
+  // (if nixosEnterPackage then { nixos-enter = drv "nixos-enter" { }; } else { });
   config = {
     system.build.toplevel = drv "nixos-system-test" { };
-    system.build.nixos-enter = drv "nixos-enter" { };
+    system.build.nixos-enter = drv "nixos-enter-from-config" { };
     system.nixos = {
       version = "25.11.0";
       versionSuffix = ".8fd9daa";
     };
     boot.loader.grub = grub;
+    boot.loader.limine = limine;
   };
 in
 {

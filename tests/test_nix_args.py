@@ -84,7 +84,8 @@ VALID: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
             "touchEFIVars": False, "efiFirmware": None, "efiVariables": None, "configFile": None,
             "postVM": "", "memSize": 1024, "onlyNixStore": False, "deterministic": True,
             "rootGPUID": DEFAULT_GUID, "rootFSUID": DEFAULT_GUID, "copyChannel": True,
-            "bootLoader": {"grubDevices": ["/dev/vda"]}, "sourceDateEpoch": 1, "enterCommand": "nixos-enter",
+            "bootLoader": {"grubDevices": ["/dev/vda"], "limineBiosDevice": None}, "sourceDateEpoch": 1,
+            "enterCommand": "nixos-enter",
         },
         {"inVM": True, "filePath": "nixos.img"},
     ),
@@ -145,7 +146,7 @@ VALID: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
         f' user = 1000; group = 100; }} {{ source = "{ENTRY}/share/*"; target = "/usr/share/"; }} ]; }}',
         "{ }",
         {"installBootLoader": False},
-        {"inVM": False, "contents": [("/etc/fake.nix", "0644", "1000", "100"), ("/usr/share/", None, None, None)]},
+        {"inVM": False, "contents": [("/etc/fake.nix", "0644", "1000", "100"), ("/usr/share", None, None, None)]},
     ),
     (
         "contents-named-owner-needs-vm",
@@ -190,14 +191,14 @@ VALID: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
         "grub-disabled",
         "{ }",
         '{ grub = { enable = false; devices = [ "/dev/sda" ]; }; }',
-        {"bootLoader": {"grubDevices": []}},
+        {"bootLoader": {"grubDevices": [], "limineBiosDevice": None}},
         {},
     ),
     (
         "grub-nodev",
         '{ partitionTableType = "efi"; }',
         '{ grub = { enable = true; devices = [ "nodev" ]; }; }',
-        {"bootLoader": {"grubDevices": ["nodev"]}},
+        {"bootLoader": {"grubDevices": ["nodev"], "limineBiosDevice": None}},
         {},
     ),
     (
@@ -318,7 +319,6 @@ INVALID: list[tuple[str, str, list[str]]] = [
     ("unknown-typo", "{ diskSise = 100; }", ["unknown argument diskSise", 'did you mean "diskSize"']),
     ("unknown-case", "{ memsize = 100; }", ["unknown argument memsize", 'did you mean "memSize"']),
     ("unknown-far", "{ frobnicate = true; }", ["unknown argument frobnicate", "known arguments:", "diskSize"]),
-    ("disk-size-quoted", '{ diskSize = "10"; }', ['diskSize = "10"', "positive integer", "without quotes"]),
     ("disk-size-zero", "{ diskSize = 0; }", ["diskSize = 0", "positive integer"]),
     ("disk-size-negative", "{ diskSize = -5; }", ["diskSize = -5", '"auto"']),
     ("disk-size-word", '{ diskSize = "big"; }', ['diskSize = "big"', '"auto"']),
@@ -350,10 +350,8 @@ INVALID: list[tuple[str, str, list[str]]] = [
     ("deterministic-no-uuid", "{ rootFSUID = null; }", ["rootFSUID = null", "deterministic = true"]),
     ("gpuid-malformed", '{ rootGPUID = "not-a-guid"; }', ['rootGPUID = "not-a-guid"', "GUID"]),
     ("fsuid-malformed", '{ rootFSUID = "1234"; }', ['rootFSUID = "1234"', "UUID"]),
-    ("label-long", '{ label = "a-label-that-is-too-long"; }', ['label = "a-label-that-is-too-long"', "16"]),
     ("label-slash", '{ label = "a/b"; }', ['label = "a/b"', '"/"']),
     ("label-null", "{ label = null; }", ["label = null", "filesystem label"]),
-    ("mem-small", "{ memSize = 64; }", ["memSize = 64", "128"]),
     ("mem-string", '{ memSize = "1024"; }', ['memSize = "1024"', "integer"]),
     ("name-space", '{ name = "my image"; }', ['name = "my image"', "derivation name"]),
     ("name-leading-dot", '{ name = ".image"; }', ['name = ".image"', 'not starting with "."']),
@@ -361,8 +359,6 @@ INVALID: list[tuple[str, str, list[str]]] = [
     ("contents-not-list", '{ contents = "file"; }', ['contents = "file"', "list"]),
     ("contents-no-target", f'{{ contents = [ {{ source = "{ENTRY}"; }} ]; }}', ["contents[0] has no target"]),
     ("contents-no-source", '{ contents = [ { target = "/x"; } ]; }', ["contents[0] has no source"]),
-    ("contents-relative-target", f'{{ contents = [ {{ source = "{ENTRY}"; target = "etc/x"; }} ]; }}',
-     ['contents[0].target = "etc/x"', "absolute path"]),
     ("contents-dotdot", f'{{ contents = [ {{ source = "{ENTRY}"; target = "/a/../../x"; }} ]; }}',
      ['contents[0].target = "/a/../../x"', '".."']),
     ("contents-root-target", f'{{ contents = [ {{ source = "{ENTRY}"; target = "/"; }} ]; }}',
@@ -371,8 +367,6 @@ INVALID: list[tuple[str, str, list[str]]] = [
      ["contents[0]", 'user = "root"', "group = null", "both"]),
     ("contents-mode", f'{{ contents = [ {{ source = "{ENTRY}"; target = "/x"; mode = "rwx"; }} ]; }}',
      ['contents[0].mode = "rwx"', "octal"]),
-    ("contents-unknown-key", f'{{ contents = [ {{ source = "{ENTRY}"; target = "/x"; mod = "0644"; }} ]; }}',
-     ['contents[0] has an unknown attribute "mod"', 'did you mean "mode"']),
     ("contents-duplicate",
      f'{{ contents = [ {{ source = "{ENTRY}"; target = "/x"; }} {{ source = "{EXTRA}"; target = "/x/"; }} ]; }}',
      ['contents[1].target = "/x/"', "duplicates"]),
@@ -408,9 +402,9 @@ def test_invalid_arguments_fail_evaluation_naming_the_argument(args: str, fragme
 
 
 def test_all_problems_are_reported_at_once() -> None:
-    done = nix_eval(image_expr('{ diskSize = "x"; format = "iso"; memSize = 1; }'))
+    done = nix_eval(image_expr('{ diskSize = "x"; format = "iso"; memSize = 0; }'))
     assert done.returncode != 0
-    for arg in ('diskSize = "x"', 'format = "iso"', "memSize = 1"):
+    for arg in ('diskSize = "x"', 'format = "iso"', "memSize = 0"):
         assert arg in done.stderr
 
 
@@ -482,16 +476,7 @@ def module_expr(settings: str) -> str:
     return f"""
 let
   fake = import {FAKE} {{ }};
-  type = name: {{ inherit name; }};
-  lib = fake.lib // {{
-    mkOption = o: o;
-    types = {{
-      str = type "str"; bool = type "bool"; lines = type "lines"; anything = type "anything";
-      package = type "package"; path = type "path"; ints.positive = type "ints.positive";
-      enum = vs: type "enum"; either = a: b: type "either"; listOf = t: type "listOf";
-      attrsOf = t: type "attrsOf"; nullOr = t: type "nullOr";
-    }};
-  }};
+  inherit (fake) lib;
   eval = cfg: import {REPO}/nix/module.nix {{
     inherit lib;
     inherit (fake) pkgs;
@@ -499,17 +484,34 @@ let
   }};
   options = (eval {{ }}).options.makeDiskImage;
   cfg = builtins.mapAttrs (_: o: o.default) options // ({settings});
-  image = (eval cfg).config.system.build.diskImage;
+  # The module's config is lib.mkIf makeDiskImage.enable {{ ... }}, as the module system reads it.
+  defined = (eval cfg).config;
+  image = defined.content.system.build.diskImage;
 in {{
-  names = builtins.attrNames options;
-  defaults = builtins.mapAttrs (_: o: o.default) (removeAttrs options [ "label" "rootFSUID" ]);
+  names = builtins.attrNames (removeAttrs options [ "enable" ]);
+  defaults = builtins.mapAttrs (_: o: o.default) (removeAttrs options [ "label" "rootFSUID" "enable" ]);
+  enableDefault = options.enable.default;
+  definedIf = defined._type;
+  condition = defined.condition;
   spec = image.spec;
   inVM = image.inVM or false;
 }}"""
 
 
+def test_module_sets_the_image_only_when_enabled() -> None:
+    # A configuration that defines system.build.diskImage itself (common, also in nixpkgs' tests) can
+    # import the module: unless makeDiskImage.enable is set, the module defines nothing.
+    done = nix_eval(module_expr("{ enable = false; }"))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["enableDefault"] is False
+    assert (result["definedIf"], result["condition"]) == ("if", False)
+    enabled = json.loads(nix_eval(module_expr("{ enable = true; }")).stdout)
+    assert (enabled["definedIf"], enabled["condition"]) == ("if", True)
+
+
 def test_module_options_mirror_the_arguments() -> None:
-    done = nix_eval(module_expr("{ }"))
+    done = nix_eval(module_expr("{ enable = true; }"))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     args = json.loads(nix_eval(f"(import {REPO}/nix/args.nix).knownArgs").stdout)
@@ -521,7 +523,7 @@ def test_module_options_mirror_the_arguments() -> None:
 
 
 def test_module_settings_reach_the_image() -> None:
-    done = nix_eval(module_expr('{ format = "vdi"; onlyNixStore = true; installBootLoader = false;'
+    done = nix_eval(module_expr('{ enable = true; format = "vdi"; onlyNixStore = true; installBootLoader = false;'
                                 ' partitionTableType = "none"; memSize = 2048; }'))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)

@@ -1,32 +1,95 @@
 # The nixpkgs stand-in: a lib subset and the pkgs attributes makeDiskImage uses, made from host tools
-# (builder /bin/sh, needs `--option sandbox false`). host.json is written by the test that assembles
-# this directory: the venv's python, whether the VM stand-in (builder.vm from builderSource) is used, and
-# the fixture system directory to use (null: the small closure of system.nix).
+# (needs `--option sandbox false`). host.json is written by the test that assembles this directory: the
+# venv's python, whether the VM stand-in (builder.vm from builderSource) is used, and the fixture system
+# directory to use (null: the small closure of system.nix).
+#
+# As strict as nixpkgs where a user can see it: each package holds only the programs of the Debian
+# packages it stands for (pkgs.parted has parted, not mkfs.ext4), and runCommand, preVM and postVM see
+# PATH made of their inputs and stdenv's initialPath only, never the host's, as a stdenv build does.
 { system }:
 let
   host = builtins.fromJSON (builtins.readFile ./host.json);
-  hostPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
   lib = import ./lib.nix { inherit nixosSystem; };
 
-  # Every host executable under one bin/, so `${pkg}/bin` works for any tool package.
-  hostBin = derivation {
-    name = "host-tools";
-    inherit system;
-    builder = "/bin/sh";
-    args = [
-      "-ec"
-      ''
-        PATH=${hostPath}
-        mkdir -p $out/bin
-        for d in ${builtins.replaceStrings [ ":" ] [ " " ] hostPath}; do
-          for f in $d/*; do
-            [ -x "$f" ] && [ ! -e "$out/bin/''${f##*/}" ] && ln -s "$f" "$out/bin/" || true
+  # The programs (bin/, sbin/ entries) of some Debian packages, linked under $out/bin. Packages that are
+  # not installed are skipped (make, for instance), so a missing tool fails where nixpkgs' would not.
+  debianTools =
+    name: debs:
+    derivation {
+      name = "stub-${name}";
+      inherit system;
+      builder = "/bin/sh";
+      args = [
+        "-ec"
+        ''
+          PATH=/usr/bin:/bin
+          mkdir -p $out/bin
+          for deb in ${builtins.concatStringsSep " " debs}; do
+            dpkg-query -L "$deb" 2>/dev/null || true
+          done | while read -r f; do
+            case "$f" in */bin/*|*/sbin/*) ;; *) continue ;; esac
+            [ -f "$f" ] && [ -x "$f" ] || continue
+            # /bin/bash -> /usr/bin/bash: merged-/usr names, which the build VM's guest has.
+            real="$(readlink -f "''${f%/*}")/''${f##*/}"
+            [ -e "$out/bin/''${f##*/}" ] || ln -s "$real" "$out/bin/"
           done
-        done
-      ''
-    ];
+        ''
+      ];
+    };
+
+  # What each nixpkgs attribute stands for among Debian's packages.
+  tools = builtins.mapAttrs debianTools {
+    coreutils = [ "coreutils" ];
+    findutils = [ "findutils" ];
+    diffutils = [ "diffutils" ];
+    gnused = [ "sed" ];
+    gnugrep = [ "grep" ];
+    gawk = [ "gawk" "mawk" ];
+    gnutar = [ "tar" ];
+    gzip = [ "gzip" ];
+    bzip2 = [ "bzip2" ];
+    xz = [ "xz-utils" ];
+    gnumake = [ "make" ];
+    bash = [ "bash" ];
+    patch = [ "patch" ];
+    file = [ "file" ];
+    util-linux = [ "util-linux" "util-linux-extra" "mount" "fdisk" "bsdutils" ];
+    e2fsprogs = [ "e2fsprogs" ];
+    dosfstools = [ "dosfstools" ];
+    mtools = [ "mtools" ];
+    parted = [ "parted" ];
+    gptfdisk = [ "gdisk" ];
+    rsync = [ "rsync" ];
+    nix = [ "nix-bin" ];
+    systemdMinimal = [ "systemd" ];
+    qemu-utils = [ "qemu-utils" ];
+    fakeroot = [ "fakeroot" ];
+    btrfs-progs = [ "btrfs-progs" ];
+    xfsprogs = [ "xfsprogs" ];
+    erofs-utils = [ "erofs-utils" ];
+    squashfsTools = [ "squashfs-tools" ];
+    libfaketime = [ "faketime" "libfaketime" ];
+    nixfmt-tree = [ ];
   };
+
+  # stdenv's initialPath (pkgs/stdenv/generic/common-path.nix): on PATH in every stdenv build.
+  initialPath = with tools; [
+    coreutils
+    findutils
+    diffutils
+    gnused
+    gnugrep
+    gawk
+    gnutar
+    gzip
+    bzip2
+    gnumake
+    bash
+    patch
+    xz
+    file
+  ];
 
   # A derivation plus passthru, like nixpkgs' (passthru never reaches the builder).
   mkDrv =
@@ -41,28 +104,35 @@ let
     name: text:
     mkDrv {
       inherit name text;
-      builder = "/bin/sh";
+      builder = "${tools.bash}/bin/bash";
       passAsFile = [ "text" ];
       args = [
         "-ec"
-        "PATH=${hostPath}; cp \"$textPath\" \"$out\""
+        # Not cp as the last command: bash would exec it, and Nix 2.8 (no sandbox) then at times kills
+        # the finished builder before reaping it ("failed due to signal 9").
+        "${tools.coreutils}/bin/cp \"$textPath\" \"$out\"; exit 0"
       ];
     };
 
-  # runCommand: nativeBuildInputs' bin on PATH before the host's, then the script.
+  # runCommand: PATH from nativeBuildInputs, buildInputs and stdenv's initialPath, then the script.
+  # Like nixpkgs' runCommand it asks for parallel building (vmTools then gives the VM that many CPUs).
   runCommand =
     name: env: buildCommand:
     mkDrv (
-      env
+      {
+        enableParallelBuilding = true;
+      }
+      // env
       // {
         inherit name buildCommand;
-        builder = "/bin/bash";
+        builder = "${tools.bash}/bin/bash";
         args = [
           "-e"
           ./run-command.sh
         ];
-        hostPath = hostPath;
         nativeBuildInputs = env.nativeBuildInputs or [ ];
+        buildInputs = env.buildInputs or [ ];
+        initialPath = initialPath;
       }
     );
 
@@ -84,7 +154,7 @@ let
       drv.drvAttrs
       // {
         passthru = drv.passthru or { };
-        builder = "/bin/bash";
+        builder = "${tools.bash}/bin/bash";
         args = [
           "-e"
           ./vm-run.sh
@@ -113,9 +183,14 @@ let
         grubDevices = if systemdBoot then "" else "/dev/vda";
       }).toplevel;
 
+  # nixos-enter's stand-in, with its own PATH as nixpkgs' package has (util-linux, coreutils).
   nixosEnter = runCommand "nixos-enter-stand-in" { } ''
     mkdir -p $out/bin
-    { echo '#!/bin/sh'; cat ${./nixos-enter.sh}; } > $out/bin/nixos-enter
+    {
+      echo '#!${tools.bash}/bin/bash'
+      echo 'export PATH=${lib.makeBinPath [ tools.util-linux tools.coreutils ]}'
+      cat ${./nixos-enter.sh}
+    } > $out/bin/nixos-enter
     chmod +x $out/bin/nixos-enter
   '';
 
@@ -128,7 +203,8 @@ let
     {
       config = {
         system.build.toplevel = toplevel;
-        system.build.nixos-enter = nixosEnter;
+        # Deprecated in nixpkgs 25.11 (a warning; pkgs.nixos-enter replaces it); here an error, so any use shows.
+        system.build.nixos-enter = throw "config.system.build.nixos-enter is deprecated: use pkgs.nixos-enter";
         system.nixos = {
           version = "25.11-stub";
           versionSuffix = "pre-stub";
@@ -163,7 +239,8 @@ let
       } "$python ${./install-python-app.py}";
   };
 in
-{
+tools
+// {
   inherit
     lib
     writeText
@@ -172,23 +249,16 @@ in
     vmTools
     python3Packages
     ;
+  nixos-enter = nixosEnter;
   path = ./.;
-  stdenv.hostPlatform.system = system;
+  stdenv = {
+    hostPlatform.system = system;
+    inherit initialPath;
+  };
+  # Debian's OVMF as pkgs.OVMF.fd; like nixpkgs' default OVMF it needs no system management mode.
   OVMF.fd = {
     firmware = "/usr/share/OVMF/OVMF_CODE_4M.fd";
     variables = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+    systemManagementModeRequired = false;
   };
-  e2fsprogs = hostBin;
-  dosfstools = hostBin;
-  mtools = hostBin;
-  util-linux = hostBin;
-  qemu-utils = hostBin;
-  nix = hostBin;
-  fakeroot = hostBin;
-  btrfs-progs = hostBin;
-  xfsprogs = hostBin;
-  erofs-utils = hostBin;
-  squashfsTools = hostBin;
-  libfaketime = hostBin;
-  nixfmt-tree = hostBin;
 }

@@ -35,6 +35,42 @@ rec {
   mapAttrsToList = f: set: map (n: f n set.${n}) (attrNames set);
   makeBinPath = pkgs: concatStringsSep ":" (map (p: "${p}/bin") pkgs);
   escapeShellArg = s: "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] (toString s) + "'";
+  # nixpkgs' lib.warn on a Nix without builtins.warn (colours left out): the message on stderr, then the value.
+  warn = msg: builtins.trace "evaluation warning: ${msg}";
+  concatStringsSep = builtins.concatStringsSep;
+  # The module system's own representations (lib/modules.nix, lib/options.nix), so a module's
+  # definitions can be read as nixpkgs' evalModules would see them.
+  mkIf = condition: content: {
+    _type = "if";
+    inherit condition content;
+  };
+  mkOption = attrs: attrs // { _type = "option"; };
+  mkEnableOption = name: mkOption {
+    default = false;
+    example = true;
+    description = "Whether to enable ${name}.";
+    type = types.bool;
+  };
+  types =
+    let
+      t = name: extra: { _type = "option-type"; inherit name; } // extra;
+    in
+    {
+      bool = t "bool" { };
+      str = t "str" { };
+      lines = t "lines" { };
+      path = t "path" { };
+      package = t "package" { };
+      anything = t "anything" { };
+      ints.positive = t "positiveInt" { };
+      enum = values: t "enum" { inherit values; };
+      either = a: b: t "either" { inherit a b; };
+      oneOf = ts: t "oneOf" { inherit ts; };
+      strMatching = pattern: t "strMatching" { inherit pattern; };
+      nullOr = a: t "nullOr" { inherit a; };
+      listOf = a: t "listOf" { inherit a; };
+      attrsOf = a: t "attrsOf" { inherit a; };
+    };
   cleanSource = src: {
     outPath = builtins.path {
       path = src;
