@@ -30,22 +30,23 @@ PART1_GUID = "1C06F03B-704E-4657-B9CD-681A087A2FDC"
 PART2_GUID = "970C694F-AFD0-4B99-B750-CDB7A329AB6F"
 ROOT = "root"  # stands for the root partition's end (the disk end, less the backup GPT)
 
-# DESIGN §3 with the fixture's bootSize (64M; 128M for efixbootldr): number, start, end, type, GPT name,
-# fs type, fs label, deterministic partition GUID ("rootGPUID" for the root).
+# DESIGN §3 with the fixture's bootSize (64M; 128M for efixbootldr), which nixpkgs' round_to_nearest turns
+# into ends at 65 and 129 MiB: number, start, end, type, GPT name, fs type, fs label, deterministic
+# partition GUID ("rootGPUID" for the root).
 EXPECTED: dict[str, list[tuple[int, int, int | str, str, str | None, str | None, str | None, str | None]]] = {
     "legacy": [(1, MiB, ROOT, "83", None, "ext4", "nixos", None)],
-    "legacy+boot": [(1, MiB, 64 * MiB, "FAT", None, "vfat", "BOOT", None),
-                    (2, 64 * MiB, ROOT, "83", None, "ext4", "nixos", None)],
+    "legacy+boot": [(1, MiB, 65 * MiB, "FAT", None, "vfat", "BOOT", None),
+                    (2, 65 * MiB, ROOT, "83", None, "ext4", "nixos", None)],
     "legacy+gpt": [(1, MiB, 2 * MiB, BIOS_GRUB, "no-fs", None, None, PART1_GUID),
                    (2, 2 * MiB, ROOT, LINUX, "primary", "ext4", "nixos", "rootGPUID")],
-    "efi": [(1, 8 * MiB, 64 * MiB, ESP, "ESP", "vfat", "ESP", PART1_GUID),
-            (2, 64 * MiB, ROOT, LINUX, "primary", "ext4", "nixos", "rootGPUID")],
+    "efi": [(1, 8 * MiB, 65 * MiB, ESP, "ESP", "vfat", "ESP", PART1_GUID),
+            (2, 65 * MiB, ROOT, LINUX, "primary", "ext4", "nixos", "rootGPUID")],
     "efixbootldr": [(1, 8 * MiB, 100 * MiB, ESP, "ESP", "vfat", "ESP", PART1_GUID),
-                    (2, 100 * MiB, 128 * MiB, XBOOTLDR, "BOOT", "vfat", "BOOT", PART2_GUID),
-                    (3, 128 * MiB, ROOT, LINUX, "ROOT", "ext4", "nixos", "rootGPUID")],
-    "hybrid": [(1, 8 * MiB, 64 * MiB, ESP, "ESP", "vfat", "ESP", PART1_GUID),
+                    (2, 100 * MiB, 129 * MiB, XBOOTLDR, "BOOT", "vfat", "BOOT", PART2_GUID),
+                    (3, 129 * MiB, ROOT, LINUX, "ROOT", "ext4", "nixos", "rootGPUID")],
+    "hybrid": [(1, 8 * MiB, 65 * MiB, ESP, "ESP", "vfat", "ESP", PART1_GUID),
                (2, 34 * 512, MiB, BIOS_GRUB, "no-fs", None, None, PART2_GUID),
-               (3, 64 * MiB, ROOT, LINUX, "primary", "ext4", "nixos", "rootGPUID")],
+               (3, 65 * MiB, ROOT, LINUX, "primary", "ext4", "nixos", "rootGPUID")],
     "none": [],
 }
 FAT_MBR_TYPES = {"b", "c", "e", "6"}  # FAT32 (CHS/LBA), FAT16 LBA, FAT16

@@ -107,15 +107,16 @@ def test_filesystems_clean_and_labelled(layout: str, layout_images: dict[str, Pa
 
 
 def test_layout_offsets_follow_nixpkgs(layout_images: dict[str, Path]) -> None:
-    """Spot-check DESIGN §3 offsets independently of the golden files."""
+    """Spot-check DESIGN §3 offsets independently of the golden files: bootSize "128M" ends the boot partition
+    at 129 MiB (nixpkgs' round_to_nearest always adds a MiB)."""
     starts = {k: [int(p["start"]) * 512 for p in sfdisk_json(v)["partitions"]]
               for k, v in layout_images.items() if k != "none"}
     assert starts["legacy"] == [MiB]
-    assert starts["legacy+boot"] == [MiB, 128 * MiB]
+    assert starts["legacy+boot"] == [MiB, 129 * MiB]
     assert starts["legacy+gpt"] == [MiB, 2 * MiB]
-    assert starts["efi"] == [8 * MiB, 128 * MiB]
-    assert starts["efixbootldr"] == [8 * MiB, 100 * MiB, 128 * MiB]
-    assert starts["hybrid"] == [8 * MiB, 34 * 512, 128 * MiB]
+    assert starts["efi"] == [8 * MiB, 129 * MiB]
+    assert starts["efixbootldr"] == [8 * MiB, 100 * MiB, 129 * MiB]
+    assert starts["hybrid"] == [8 * MiB, 34 * 512, 129 * MiB]
 
 
 # --- the store, the Nix database and what nixos-install leaves -------------------------------------------
@@ -349,13 +350,13 @@ def test_symlink_escape_refused(make_spec: SpecFactory, tmp_path: Path) -> None:
 
 
 def test_esp_in_a_large_image(make_spec: SpecFactory, tmp_path: Path) -> None:
-    """A 248 MiB ESP in a >512 MiB image gets the FAT type mkfs.vfat picks for 248 MiB, not for the file."""
+    """A 249 MiB ESP (8 to 257 MiB) in a >512 MiB image gets the FAT type mkfs.vfat picks for it, not for the file."""
     image = tmp_path / "large.img"
     res = prepare(make_spec(partitionTableType="efi", bootSize="256M", additionalSpace="512M"), image)
     assert res.returncode == 0, res.stderr
     assert os.path.getsize(image) > 512 * MiB
     start, size = part_offset(image, 1), part_size(image, 1)
-    assert size == 248 * MiB
+    assert size == 249 * MiB
     fat = blkid(image, start)
     assert (fat["TYPE"], fat["LABEL"], fat["VERSION"]) == ("vfat", "ESP", "FAT16")
     assert fsck_vfat(image, start, size, tmp_path).returncode == 0
