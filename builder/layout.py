@@ -4,16 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .sizes import SECTOR, MiB
+from .sizes import SECTOR, MiB, align_up
 from .spec import Spec
 
 GPT_BACKUP = 33 * SECTOR  # backup partition entries + header at the end of a GPT disk
+GPT_FIRST_USABLE = 34  # LBA: protective MBR, header and 32 sectors of entries come first
+ALIGN = MiB  # parted's optimal alignment on an image file (no I/O topology): 1 MiB
 
-# Fixed GUIDs nixpkgs uses when deterministic. nixpkgs' disk GUID string has only 11 hex digits in its
-# last group (a typo sgdisk does not accept as written); we complete it with a final 0.
-DISK_GUID = "97FD5997-D90B-4AA3-8D16-C1723AEA73C0"
+# The GUIDs nixos/lib/make-disk-image.nix (nixpkgs) gives sgdisk when deterministic. Its disk GUID,
+# "97FD5997-D90B-4AA3-8D16-C1723AEA73C", has only 11 hex digits in the last group. sgdisk (gptfdisk's
+# GUIDData::operator=) reads a string shorter than 36 characters as 32 hex digits WITHOUT dashes, two
+# characters per byte at fixed places, dashes and all: "-D" reads as -13 (0xF3), "6-" as 6, and so on.
+# What it writes, and so what upstream images carry, is this:
+DISK_GUID = "97FD5997-F390-0B4A-A3F8-D106C1723AEA"
 PART1_GUID = "1C06F03B-704E-4657-B9CD-681A087A2FDC"
 PART2_GUID = "970C694F-AFD0-4B99-B750-CDB7A329AB6F"
+# nixpkgs leaves the MBR disk id to parted (random). We pin one when deterministic, for bit-for-bit rebuilds.
 MBR_DISK_ID = 0x97FD5997
 
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
@@ -83,15 +89,45 @@ def root_start(spec: Spec) -> int:
 
 
 def tail_reserve(spec: Spec) -> int:
-    """Bytes after the root partition that the table needs (the backup GPT)."""
-    return GPT_BACKUP if table_kind(spec.partition_table_type) == "gpt" else 0
+    """The most bytes the table leaves after the root partition, on any disk size (see root_end)."""
+    return ALIGN if table_kind(spec.partition_table_type) == "gpt" else 0
+
+
+def parted_fill_end(disk_size: int, start: int, gpt: bool) -> int:
+    """Where `parted --script IMG -- mkpart ... START 100%` ends a partition (exclusive byte offset).
+
+    nixos/lib/make-disk-image.nix (nixpkgs) ends every root partition at "100%". parted reads a percentage
+    with a fuzz of half a percent (ped_unit_parse_custom: radius = ceil(disk/100 in sectors)/2 - 1 around
+    the sector 100% names) and, under its default optimal alignment, picks the end nearest to it within
+    that range whose next sector is 1 MiB aligned and that the label can hold. msdos can hold the last
+    sector, so the partition reaches the disk's end. GPT keeps its backup in the last 33 sectors, so on a
+    disk of more than about 200 MiB the root ends 1 MiB before the disk does; on a smaller one the aligned
+    end is outside the fuzz and parted falls back to no alignment: the last usable sector.
+    """
+    length = disk_size // SECTOR
+    unit = length * SECTOR // 100  # bytes of one percent, as libparted computes it
+    radius = max(-(-unit // SECTOR) // 2 - 1, 0)
+    lowest = 100 * unit // SECTOR - radius
+    last = length - GPT_FIRST_USABLE if gpt else length - 1
+    aligned = (last + 1) // (ALIGN // SECTOR) * (ALIGN // SECTOR) - 1
+    end = aligned if aligned >= lowest and aligned * SECTOR >= start else last
+    return (end + 1) * SECTOR
 
 
 def root_end(spec: Spec, disk_size: int) -> int:
-    """Byte offset where the root partition ends for a disk of this size."""
-    if spec.partition_table_type == "none":
+    """Byte offset where the root partition ends for a disk of this size (parted's "100%", see parted_fill_end)."""
+    kind = table_kind(spec.partition_table_type)
+    if kind is None:
         return disk_size
-    return disk_size - tail_reserve(spec)
+    return parted_fill_end(disk_size, root_start(spec), kind == "gpt")
+
+
+def smallest_disk(spec: Spec, fs_bytes: int) -> int:
+    """The smallest disk (whole MiB) whose root partition, as root_end places it, holds fs_bytes."""
+    disk = align_up(root_start(spec) + fs_bytes, MiB)
+    while root_end(spec, disk) - root_start(spec) < fs_bytes:
+        disk += MiB
+    return disk
 
 
 def plan(spec: Spec, disk_size: int) -> Layout:
@@ -123,7 +159,12 @@ def plan(spec: Spec, disk_size: int) -> Layout:
         parts.append(part(2, "xbootldr", 100 * MiB, boot, "BOOT", ("bls_boot",), "vfat", "BOOT", "/boot"))
     elif t == "hybrid":
         parts.append(part(1, "esp", 8 * MiB, boot, "ESP", ("boot", "esp"), "vfat", "ESP", "/boot"))
-        parts.append(part(2, "bios_grub", 34 * SECTOR, MiB, "no-fs", ("bios_grub",), None, None, None))
+        # nixpkgs' `mkpart no-fs 0 1024KiB`: "0" is in parted's default unit (MB, fuzz ±0.5 MB), so the start
+        # falls to the first usable sector, 34; and "1024KiB" keeps its last sector, 2048, because parted
+        # takes one sector off an IEC end only for "[kMGTPEZY]iB" (parted.c _string_ends_with_iec_unit):
+        # "KiB", with a capital K, is not one of them. So it ends 1 MiB + 1 sector in, not at 1 MiB.
+        parts.append(part(2, "bios_grub", GPT_FIRST_USABLE * SECTOR, MiB + SECTOR, "no-fs", ("bios_grub",),
+                          None, None, None))
     parts.append(Partition(
         number=root_num or 0, role="root", start=start, end=end,
         name=root_name if gpt else "", flags=(), fs=spec.fs_type, label=spec.label, mountpoint="/",

@@ -155,15 +155,14 @@ def choose_size(spec: Spec, staged: StagedRoot, scratch: Path, store_usage: sizi
     """diskSize: auto from the measured tree + additionalSpace + table space, or the fixed size if it fits."""
     subs = {dest: src for src, dest in staged.store_binds}
     usage = sizing.measure(staged.root, subs, store_usage)
-    extra = layout.root_start(spec) + layout.tail_reserve(spec)
     if spec.disk_size is None:
         fs_size, inodes = _needed_fs_bytes(spec, usage, spec.additional_space, scratch)
-        disk = align_up(fs_size + extra, MiB)
+        disk = layout.smallest_disk(spec, fs_size)
     else:
         disk = spec.disk_size
         need, _ = _needed_fs_bytes(spec, usage, 0, scratch)
         if _fs_bytes_for(disk, spec) < need:
-            minimum = align_up(need + extra, MiB) // MiB
+            minimum = layout.smallest_disk(spec, need) // MiB
             raise UserError(
                 f"diskSize = {disk // MiB} MiB is too small: the root filesystem needs {human(need)} "
                 f"({human(usage.blocks * sizing.BLOCK)} of files and directories in {usage.inodes} inodes, plus "

@@ -28,6 +28,15 @@ def align_up(value: int, unit: int) -> int:
     return -(-value // unit) * unit
 
 
+def round_to_nearest(value: int, unit: int) -> int:
+    """nixpkgs' `round_to_nearest` (nixos/lib/make-disk-image.nix): `(value / unit + 1) * unit`.
+
+    Despite its name it always adds one unit, even to a value that is already a multiple: "256M" of
+    bootSize becomes 257 MiB. nixpkgs computes bootSize's MiB this way, so the boot partition ends there.
+    """
+    return (value // unit + 1) * unit
+
+
 def human(value: int) -> str:
     """Format bytes for logs, e.g. 268435456 -> "256.0 MiB"."""
     size = float(value)

@@ -13,13 +13,13 @@ import jsonschema
 from .errors import SpecError
 from .fstypes import EXT_FAMILY, fs_type_problems
 from .log import warn
-from .sizes import MiB, parse_iec
+from .sizes import MiB, parse_iec, round_to_nearest
 
 SCHEMA_PATH = Path(__file__).with_name("spec.schema.json")
 
 TABLE_TYPES = ("legacy", "legacy+boot", "legacy+gpt", "efi", "efixbootldr", "hybrid", "none")
 EFI_VAR_TABLES = ("hybrid", "efi", "efixbootldr", "legacy+gpt")
-# Tables whose first partition ends at bootSize, with the offset it must lie beyond.
+# Tables whose boot partition ends at bootSize (as boot_end rounds it), with the offset it must lie beyond.
 BOOT_END_MINIMUM = {"legacy+boot": 1 * MiB, "efi": 8 * MiB, "hybrid": 8 * MiB, "efixbootldr": 100 * MiB}
 # Writable qemu-img formats; qcow2-compressed is qcow2 written with -c.
 FORMATS = ("raw", "qcow2", "qcow2-compressed", "vdi", "vpc", "vmdk", "vhdx", "qed", "qcow", "parallels")
@@ -75,7 +75,7 @@ class Spec:
     label: str
     disk_size: int | None  # bytes; None means "auto"
     additional_space: int  # bytes
-    boot_size: int  # bytes, the END offset of the boot partition, rounded up to MiB
+    boot_size: int  # bytes, the END offset of the boot partition: boot_end(bootSize), as nixpkgs rounds it
     contents: tuple[Content, ...]
     install_boot_loader: bool
     touch_efi_vars: bool
@@ -223,18 +223,18 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
                         "the largest ext4")
     if table in BOOT_END_MINIMUM:
         try:
-            boot_end = parse_iec(doc["bootSize"])
+            end: int | None = boot_end(doc["bootSize"])
         except ValueError:
-            boot_end = None
+            end = None
         minimum = BOOT_END_MINIMUM[table]
-        if boot_end is not None and boot_end <= minimum:
+        if end is not None and end <= minimum:
             problems.append(
                 f"$.bootSize: {doc['bootSize']!r} is not allowed with partitionTableType = {table!r}: it is the "
-                f"END offset of the boot partition, which starts at {minimum // MiB} MiB "
-                "(give more than that, e.g. \"256M\")"
+                f"END offset of the boot partition (rounded as nixpkgs does, to {end // MiB} MiB), which starts "
+                f"at {minimum // MiB} MiB (give more than that, e.g. \"256M\")"
             )
         disk = disk_mib(doc["diskSize"])
-        if boot_end is not None and disk is not None and disk * MiB <= boot_end + MiB:
+        if end is not None and disk is not None and disk * MiB <= end:
             problems.append(
                 f"$.bootSize: {doc['bootSize']!r} does not fit in diskSize = {disk} MiB "
                 "(the root partition starts after it)"
@@ -297,6 +297,16 @@ def truncated_label(fs_type: str, label: str) -> str:
     return data.decode("utf-8", "ignore")
 
 
+def boot_end(boot_size: str) -> int:
+    """Byte offset where the boot partition ends for bootSize, as nixos/lib/make-disk-image.nix (nixpkgs) has it.
+
+    nixpkgs runs `round_to_nearest $(numfmt --from=iec bootSize) $mebibyte`, which always adds a MiB: the
+    default "256M" ends the boot partition at 257 MiB, "255.5M" at 256 MiB. Its reservedSpace for
+    `diskSize = "auto"` uses the same value.
+    """
+    return round_to_nearest(parse_iec(boot_size), MiB)
+
+
 def load_spec_document(doc: Any) -> Spec:
     """Validate a parsed spec document completely and return it typed; raise SpecError with every problem."""
     problems = _schema_problems(doc)
@@ -304,7 +314,7 @@ def load_spec_document(doc: Any) -> Spec:
         problems = _cross_field_problems(doc)
     if problems:
         raise SpecError(problems)
-    boot_size = -(-parse_iec(doc["bootSize"]) // MiB) * MiB
+    boot_size = boot_end(doc["bootSize"])
     return Spec(
         raw=doc,
         name=doc["name"],

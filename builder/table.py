@@ -1,4 +1,8 @@
-"""Write the partition table with pyparted at the offsets of the layout, then fix GUIDs/ids with sfdisk."""
+"""Write the partition table with pyparted at the offsets of the layout, then pin GUIDs/ids when deterministic.
+
+The result must read back (sfdisk --json) as what nixos/lib/make-disk-image.nix (nixpkgs) gets from
+`parted --script` and `sgdisk`: tests/test_partition_tables.py runs both and compares.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,13 @@ PARTED_FS = {"vfat": "fat32", "ext4": "ext4"}
 
 
 def write_table(image: Path, layout: Layout) -> None:
-    """Create the msdos or GPT table in image (which has its final size) with flags and names."""
+    """Create the msdos or GPT table in image (which has its final size) with flags and names.
+
+    Each partition is made as parted's `mkpart` makes it: the filesystem type sets the system (msdos type
+    byte, GPT type GUID), then the LBA flag goes on wherever the label has one (parted.c do_mkpart), which
+    turns msdos FAT32 from 0x0b into 0x0c, then the layout's flags (`set N boot on`, ...). Identifiers the
+    layout leaves None (deterministic = false) stay as libparted draws them, at random, as in nixpkgs.
+    """
     if layout.table is None:
         return
     device = parted.getDevice(str(image))
@@ -36,6 +46,8 @@ def write_table(image: Path, layout: Layout) -> None:
                 raise BuildError(f"parted numbered partition {p.role} {part.number}, expected {p.number}")
             if layout.table == "gpt" and p.name:
                 part.name = p.name
+            if part.isFlagAvailable(parted.PARTITION_LBA):
+                part.setFlag(parted.PARTITION_LBA)
             for flag in p.flags:
                 part.setFlag(_ped.partition_flag_get_by_name(flag))
         disk.commit()
@@ -71,7 +83,10 @@ def _patch_gpt_header(f: BinaryIO, lba: int, disk_guid: str | None, part_guids: 
 
 
 def _fix_ids(image: Path, layout: Layout) -> None:
-    """Set the fixed disk GUID / MBR disk id and partition GUIDs of a deterministic build."""
+    """Set the fixed disk GUID / MBR disk id and partition GUIDs of a deterministic build (sgdisk's job upstream).
+
+    A layout of a non-deterministic spec holds none of them, and nothing here is written.
+    """
     with open(image, "r+b") as f:
         if layout.mbr_id is not None:
             f.seek(440)

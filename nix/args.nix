@@ -459,6 +459,8 @@ let
     let
       table = a.partitionTableType;
       boot = parseIEC a.bootSize;
+      # Where the boot partition ends: nixpkgs' round_to_nearest always adds a MiB ("256M" ends at 257 MiB).
+      bootEnd = (boot / MiB + 1) * MiB;
       targets = map (e: normTarget e.target) a.contents;
       dups = filter (i: elem (elemAt targets i) (genList (j: elemAt targets j) i)) (
         genList (i: i) (length targets)
@@ -527,9 +529,11 @@ let
         [ ]
     )
     ++ (
-      if bootStart ? ${table} && boot <= bootStart.${table} * MiB then
+      if bootStart ? ${table} && bootEnd <= bootStart.${table} * MiB then
         [
-          (err "bootSize = ${show a.bootSize} is not allowed with partitionTableType = ${show table}: it is the END offset of the boot partition, which starts at ${
+          (err "bootSize = ${show a.bootSize} is not allowed with partitionTableType = ${show table}: it is the END offset of the boot partition (rounded as nixpkgs does, to ${
+            toString (bootEnd / MiB)
+          } MiB), which starts at ${
             toString bootStart.${table}
           } MiB (give more, such as \"256M\")")
         ]
@@ -537,7 +541,7 @@ let
         [ ]
     )
     ++ (
-      if bootStart ? ${table} && isInt a.diskSize && a.diskSize * MiB <= boot + MiB then
+      if bootStart ? ${table} && isInt a.diskSize && a.diskSize * MiB <= bootEnd then
         [
           (err "diskSize = ${toString a.diskSize} is not allowed with bootSize = ${show a.bootSize}: the root partition starts after the boot partition (give a diskSize larger than bootSize + 1 MiB, or \"auto\")")
         ]

@@ -116,7 +116,7 @@ SPEC_INVALID: list[tuple[str, str, Any, dict[str, Any], list[str]]] = [
     ("label-utf8-bytes", "label", "ééééééé", {"fsType": "xfs"}, ["$.label", "14 bytes", "at most 12"]),
     ("label-slash", "label", "a/b", {}, ["$.label", '"a/b"']),
     ("boot-past-disk", "bootSize", "200M", {"diskSize": 100}, ["$.bootSize", "does not fit in diskSize = 100"]),
-    ("boot-at-esp-start", "bootSize", "8M", {}, ["$.bootSize", "starts at 8 MiB"]),
+    ("boot-at-esp-start", "bootSize", "7M", {}, ["$.bootSize", "rounded as nixpkgs does, to 8 MiB", "starts at 8 MiB"]),
     ("disk-bool", "diskSize", True, {}, ["$.diskSize", "true"]),
     ("mem-bool", "memSize", True, {}, ["$.memSize"]),
     ("epoch-string", "sourceDateEpoch", "1", {}, ["$.sourceDateEpoch", '"1"']),

@@ -229,6 +229,15 @@ VALID: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
         {"bootSize": "512MiB", "additionalSpace": "1.5G"},
         {},
     ),
+    (
+        # nixpkgs' round_to_nearest ends these at 101 and 9 MiB, past where their boot partitions start
+        "boot-ends-rounded-past-start",
+        '{ partitionTableType = "efixbootldr"; bootSize = "100M"; }',
+        "{ }",
+        {"bootSize": "100M"},
+        {},
+    ),
+    ("esp-boot-8M", '{ partitionTableType = "efi"; bootSize = "8M"; }', "{ }", {"bootSize": "8M"}, {}),
     ("name-characters", '{ name = "nixos-image+x.y_z"; }', "{ }", {"name": "nixos-image+x.y_z"}, {}),
     (
         "fixed-size-just-fits-boot",
@@ -325,8 +334,8 @@ INVALID: list[tuple[str, str, list[str]]] = [
     ("additional-space-word", '{ additionalSpace = "lots"; }', ['additionalSpace = "lots"', "size string"]),
     ("additional-space-int", "{ additionalSpace = 512; }", ["additionalSpace = 512", "size string"]),
     ("boot-size-space", '{ bootSize = "256 M"; }', ['bootSize = "256 M"', "size string"]),
-    ("boot-size-below-esp", '{ partitionTableType = "efi"; bootSize = "8M"; }',
-     ['bootSize = "8M"', "END offset", "8 MiB"]),
+    ("boot-size-below-esp", '{ partitionTableType = "efi"; bootSize = "7M"; }',
+     ['bootSize = "7M"', "END offset", "rounded as nixpkgs does, to 8 MiB", "starts at 8 MiB"]),
     ("boot-size-below-xbootldr", '{ partitionTableType = "efixbootldr"; bootSize = "64M"; }',
      ['bootSize = "64M"', "100 MiB"]),
     ("disk-smaller-than-boot", '{ partitionTableType = "efi"; diskSize = 200; }',

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from builder.spec import load_spec
 from tests.conftest import SpecFactory, spec_doc
 from tests.imagecheck import (
     blkid,
@@ -27,8 +28,8 @@ from tests.imagecheck import (
     sfdisk_json,
     superblock,
 )
+from tests.nixpkgs_tables import assert_same_table, nixpkgs_partition
 
-GOLDEN = Path(__file__).parent / "golden"
 MiB = 1024 * 1024
 LAYOUTS = ["legacy", "legacy+boot", "legacy+gpt", "efi", "efixbootldr", "hybrid", "none"]
 ROOT_NUMBER = {"legacy": 1, "legacy+boot": 2, "legacy+gpt": 2, "efi": 2, "efixbootldr": 3, "hybrid": 3}
@@ -60,12 +61,17 @@ def root_offset(image: Path, layout: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def layout_images(make_spec: SpecFactory, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One fixed-size (320 MiB) image per partition table type."""
+def specs(make_spec: SpecFactory) -> dict[str, Path]:
+    """One fixed-size (320 MiB) spec per partition table type, bootSize "128M"."""
+    return {layout: make_spec(partitionTableType=layout, diskSize=320, bootSize="128M") for layout in LAYOUTS}
+
+
+@pytest.fixture(scope="module")
+def layout_images(specs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The image prepared from each of `specs`."""
     out = tmp_path_factory.mktemp("layouts")
     images = {}
-    for layout in LAYOUTS:
-        spec = make_spec(partitionTableType=layout, diskSize=320, bootSize="128M")
+    for layout, spec in specs.items():
         image = out / f"{layout}.img"
         res = prepare(spec, image)
         assert res.returncode == 0, res.stderr
@@ -74,12 +80,12 @@ def layout_images(make_spec: SpecFactory, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.mark.parametrize("layout", [x for x in LAYOUTS if x != "none"])
-def test_table_matches_golden(layout: str, layout_images: dict[str, Path]) -> None:
-    table = sfdisk_json(layout_images[layout])
-    golden = GOLDEN / f"sfdisk-{layout.replace('+', '-')}.json"
-    if os.environ.get("UPDATE_GOLDEN"):
-        golden.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
-    assert table == json.loads(golden.read_text())
+def test_table_matches_nixpkgs_parted(layout: str, layout_images: dict[str, Path], specs: dict[str, Path],
+                                      tmp_path: Path) -> None:
+    """The table is what nixpkgs' own parted + sgdisk commands make on a 320 MiB file (tests/nixpkgs_tables.py)."""
+    spec = load_spec(specs[layout])
+    nixpkgs_partition(tmp_path / "nixpkgs.img", 320 * MiB, layout, "128M", True, spec.root_gpuid)
+    assert_same_table(layout_images[layout], tmp_path / "nixpkgs.img", spec, ids=True)
 
 
 def test_none_has_no_table(layout_images: dict[str, Path]) -> None:
@@ -107,15 +113,16 @@ def test_filesystems_clean_and_labelled(layout: str, layout_images: dict[str, Pa
 
 
 def test_layout_offsets_follow_nixpkgs(layout_images: dict[str, Path]) -> None:
-    """Spot-check DESIGN §3 offsets independently of the golden files."""
+    """Spot-check DESIGN §3 offsets independently of parted: bootSize "128M" ends the boot partition at 129 MiB
+    (nixpkgs' round_to_nearest always adds a MiB)."""
     starts = {k: [int(p["start"]) * 512 for p in sfdisk_json(v)["partitions"]]
               for k, v in layout_images.items() if k != "none"}
     assert starts["legacy"] == [MiB]
-    assert starts["legacy+boot"] == [MiB, 128 * MiB]
+    assert starts["legacy+boot"] == [MiB, 129 * MiB]
     assert starts["legacy+gpt"] == [MiB, 2 * MiB]
-    assert starts["efi"] == [8 * MiB, 128 * MiB]
-    assert starts["efixbootldr"] == [8 * MiB, 100 * MiB, 128 * MiB]
-    assert starts["hybrid"] == [8 * MiB, 34 * 512, 128 * MiB]
+    assert starts["efi"] == [8 * MiB, 129 * MiB]
+    assert starts["efixbootldr"] == [8 * MiB, 100 * MiB, 129 * MiB]
+    assert starts["hybrid"] == [8 * MiB, 34 * 512, 129 * MiB]
 
 
 # --- the store, the Nix database and what nixos-install leaves -------------------------------------------
@@ -349,13 +356,13 @@ def test_symlink_escape_refused(make_spec: SpecFactory, tmp_path: Path) -> None:
 
 
 def test_esp_in_a_large_image(make_spec: SpecFactory, tmp_path: Path) -> None:
-    """A 248 MiB ESP in a >512 MiB image gets the FAT type mkfs.vfat picks for 248 MiB, not for the file."""
+    """A 249 MiB ESP (8 to 257 MiB) in a >512 MiB image gets the FAT type mkfs.vfat picks for it, not for the file."""
     image = tmp_path / "large.img"
     res = prepare(make_spec(partitionTableType="efi", bootSize="256M", additionalSpace="512M"), image)
     assert res.returncode == 0, res.stderr
     assert os.path.getsize(image) > 512 * MiB
     start, size = part_offset(image, 1), part_size(image, 1)
-    assert size == 248 * MiB
+    assert size == 249 * MiB
     fat = blkid(image, start)
     assert (fat["TYPE"], fat["LABEL"], fat["VERSION"]) == ("vfat", "ESP", "FAT16")
     assert fsck_vfat(image, start, size, tmp_path).returncode == 0
