@@ -9,6 +9,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from .chmod import ChmodRules
 from .errors import UserError
 from .spec import Content, Spec
 
@@ -70,17 +71,18 @@ def _copy(source: Path, dest: Path, index: int, target: str) -> None:
         shutil.copytree(source, dest, symlinks=True, copy_function=shutil.copy2)
 
 
-def _chmod_tree(path: Path, mode: int) -> None:
-    """Apply mode to path and everything below it, symlinks excepted (rsync --chmod semantics)."""
-    if path.is_symlink():
-        return
-    os.chmod(path, mode)
-    if path.is_dir():
+def _chmod_tree(path: Path, rules: ChmodRules) -> None:
+    """Give path and everything below it, symlinks excepted, the mode rsync -a --chmod gives (from each one's own)."""
+    def one(p: str) -> None:
+        st = os.lstat(p)
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(p, stat.S_IMODE(rules.apply(st.st_mode)))
+
+    one(str(path))
+    if path.is_dir() and not path.is_symlink():
         for dirpath, dirnames, filenames in os.walk(path):
             for name in dirnames + filenames:
-                p = Path(dirpath) / name
-                if not p.is_symlink():
-                    os.chmod(p, mode)
+                one(os.path.join(dirpath, name))
 
 
 def _tree_paths(path: Path, root: Path) -> list[str]:

@@ -370,7 +370,7 @@ INVALID: list[tuple[str, str, list[str]]] = [
     ("contents-user-only", f'{{ contents = [ {{ source = "{ENTRY}"; target = "/x"; user = "root"; }} ]; }}',
      ["contents[0]", 'user = "root"', "group = null", "both"]),
     ("contents-mode", f'{{ contents = [ {{ source = "{ENTRY}"; target = "/x"; mode = "rwx"; }} ]; }}',
-     ['contents[0].mode = "rwx"', "octal"]),
+     ['contents[0].mode = "rwx"', "rsync --chmod string"]),
     ("contents-unknown-key", f'{{ contents = [ {{ source = "{ENTRY}"; target = "/x"; mod = "0644"; }} ]; }}',
      ['contents[0] has an unknown attribute "mod"', 'did you mean "mode"']),
     ("contents-duplicate",
