@@ -53,9 +53,9 @@ def make(build: RootBuild, fs_file: Path, size: int) -> None:
         source = build.scratch / "btrfs-root"
         argv = _argv(build, fs_file, size, source)
         res = run_tool(argv, binds=build.binds, scratch=build.scratch, epoch=build.epoch, use_fakeroot=True,
-                       sorted_copy=(build.root, source, build.owner_fixes))
+                       sorted_copy=(build.root, source, build.owner_fixes, build.mode_fixes))
     else:  # the closure was copied into the staging root; inode numbers come from the build's filesystem
-        state = fakeroot_state(build.owner_fixes, build.root, build.scratch / "fakeroot.state")
+        state = fakeroot_state(build.owner_fixes, build.root, build.scratch / "fakeroot.state", build.mode_fixes)
         argv = _argv(build, fs_file, size, build.root)
         res = run_tool(argv, binds=build.binds, scratch=build.scratch, epoch=build.epoch, fake_owners=state)
     if res.returncode != 0:

@@ -9,6 +9,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from .chmod import ChmodRules
 from .errors import UserError
 from .spec import Content, Spec
 
@@ -20,6 +21,20 @@ class OwnerFix:
     image_path: str
     uid: int
     gid: int
+
+
+@dataclass(frozen=True)
+class ModeFix:
+    """A path whose mode in the image (st_mode, type included) is not its staged copy's.
+
+    rsync -a [--chmod] gives modes the build user cannot read or write through (--chmod=0644 or "=" on
+    a directory, "=" on a file, a 0555 directory from the store); rsync itself sets a directory's mode
+    after filling it. The staged copy keeps its owner's access, so later steps and mkfs (even without a
+    user namespace) can read and write it, and each filesystem writer gives the image this mode.
+    """
+
+    image_path: str
+    mode: int
 
 
 def _safe_parent(root: Path, target: str, index: int) -> Path:
@@ -70,17 +85,40 @@ def _copy(source: Path, dest: Path, index: int, target: str) -> None:
         shutil.copytree(source, dest, symlinks=True, copy_function=shutil.copy2)
 
 
-def _chmod_tree(path: Path, mode: int) -> None:
-    """Apply mode to path and everything below it, symlinks excepted (rsync --chmod semantics)."""
-    if path.is_symlink():
-        return
-    os.chmod(path, mode)
-    if path.is_dir():
+def _staged_mode(mode: int) -> int:
+    """The mode a staged copy gets: its image mode plus the owner access the build needs (rwx dirs, r files)."""
+    return mode | (0o700 if stat.S_ISDIR(mode) else 0o400)
+
+
+def _apply_modes(path: Path, root: Path, rules: ChmodRules | None, index: int) -> list[ModeFix]:
+    """Give path and everything below it, symlinks excepted, the mode rsync -a [--chmod] gives; return the fixes.
+
+    The mode starts from the copy's (the source's) bits; a directory is opened up before it is entered.
+    """
+    fixes: list[ModeFix] = []
+
+    def one(p: str) -> None:
+        st = os.lstat(p)
+        if stat.S_ISLNK(st.st_mode):
+            return
+        final = st.st_mode if rules is None else rules.apply(st.st_mode)
+        staged = _staged_mode(final)
+        if staged != st.st_mode:
+            os.chmod(p, stat.S_IMODE(staged))
+        if os.lstat(p).st_mode != final:  # also when the kernel dropped a bit the build user may not set
+            image_path = "/" + os.path.relpath(p, root)
+            if "\n" in image_path:
+                raise UserError(f"contents[{index}].target: {image_path!r} holds a newline and needs mode "
+                                f"{stat.S_IMODE(final):04o}, which cannot be set on it in the image")
+            fixes.append(ModeFix(image_path, final))
+
+    one(str(path))
+    if path.is_dir() and not path.is_symlink():
         for dirpath, dirnames, filenames in os.walk(path):
-            for name in dirnames + filenames:
-                p = Path(dirpath) / name
-                if not p.is_symlink():
-                    os.chmod(p, mode)
+            dirnames.sort()
+            for name in sorted(dirnames + filenames):
+                one(os.path.join(dirpath, name))
+    return fixes
 
 
 def _tree_paths(path: Path, root: Path) -> list[str]:
@@ -205,25 +243,27 @@ def _entry_index(spec: Spec, image_path: str) -> int:
 
 @dataclass(frozen=True)
 class StagedContents:
-    """What staging the contents produced: the copies (which keep their sources' times) and owners to set."""
+    """What staging the contents produced: the copies (which keep their sources' times), owners and modes to set."""
 
     copies: tuple[Path, ...]
     owner_fixes: tuple[OwnerFix, ...]
+    mode_fixes: tuple[ModeFix, ...]
 
 
 def stage_contents(spec: Spec, root: Path) -> StagedContents:
-    """Place every contents entry under root; return the copies made and the numeric owners to apply."""
+    """Place every contents entry under root; return the copies made and the numeric owners and modes to apply."""
     fixes: list[OwnerFix] = []
+    mode_fixes: list[ModeFix] = []
     copies: list[Path] = []
     for index, entry in enumerate(spec.contents):
         try:
             created = _stage_entry(root, entry, index, spec.store_dir)
+            for path in created:
+                mode_fixes += _apply_modes(path, root, entry.mode, index)
         except OSError as exc:
             raise UserError(f"contents[{index}] ({entry.source!r} -> {entry.target!r}): {exc}") from None
         copies += created
         for path in created:
-            if entry.mode is not None:
-                _chmod_tree(path, entry.mode)
             owner = entry.numeric_owner
             if owner is not None:
                 for image_path in _tree_paths(path, root):
@@ -232,4 +272,4 @@ def stage_contents(spec: Spec, root: Path) -> StagedContents:
                                         "be given a numeric owner")
                     fixes.append(OwnerFix(image_path, owner[0], owner[1]))
     check_builder_paths(root, spec)
-    return StagedContents(tuple(copies), tuple(fixes))
+    return StagedContents(tuple(copies), tuple(fixes), tuple(mode_fixes))

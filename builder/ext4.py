@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from .contents import OwnerFix
+from .contents import ModeFix, OwnerFix
 from .errors import BuildError
 from .log import info
 from .namespace import run_with_binds
@@ -185,9 +185,9 @@ def _quote(path: str) -> str:
 
 def normalize(
     image: Path, offset: int, fixes: Sequence[OwnerFix], epoch: int, scratch: Path, params: Ext4Params,
-    every_inode: bool = True,
+    every_inode: bool = True, modes: Sequence[ModeFix] = (),
 ) -> None:
-    """The contents' numeric owners, and with every_inode root and the epoch's times on all others: one debugfs run.
+    """Contents' numeric owners and modes, and with every_inode root and the epoch's times on all others: one debugfs.
 
     It also zeroes the superblock's lifetime-writes counter, which counts what each pass wrote, so an image
     made with the stat shim and one made without it are the same bytes.
@@ -204,12 +204,13 @@ def normalize(
             out.writelines(f"sif <{ino}> {field} {value}\n" for field, value in times)
         for fix in fixes:
             out.write(f"sif {_quote(fix.image_path)} uid {fix.uid}\nsif {_quote(fix.image_path)} gid {fix.gid}\n")
+        out.writelines(f"sif {_quote(m.image_path)} mode 0{m.mode:o}\n" for m in modes)
         out.write("ssv kbytes_written 0\n")
     res = subprocess.run(["debugfs", "-w", "-f", str(cmd_file), target], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, errors="replace", env=_env(params))
     errors = [ln for ln in res.stderr.splitlines() if ln and not ln.startswith("debugfs ")]
     if res.returncode != 0 or errors:
-        raise BuildError(f"debugfs could not set owners and times: {'; '.join(errors[:5]) or res.returncode}")
+        raise BuildError(f"debugfs could not set owners, modes and times: {'; '.join(errors[:5]) or res.returncode}")
 
 
 def check(image: Path, offset: int) -> None:

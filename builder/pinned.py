@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .contents import OwnerFix
+from .contents import ModeFix, OwnerFix
 from .errors import BuildError
 from .namespace import userns_available
 
@@ -53,10 +53,14 @@ def libfaketime() -> str:
                      f"{LIBFAKETIME_ENV} to libfaketime.so.1); or build with deterministic = false")
 
 
-def fakeroot_state(fixes: Sequence[OwnerFix], root: Path, state: Path) -> Path:
-    """A fakeroot state file recording the contents' numeric owners (paths under the staged root)."""
+def fakeroot_state(fixes: Sequence[OwnerFix], root: Path, state: Path, modes: Sequence[ModeFix] = ()) -> Path:
+    """A fakeroot state file recording the contents' numeric owners and modes (paths under the staged root).
+
+    Modes come after owners: a chown clears set-id bits. fakeroot keeps the owner's access on the real file.
+    """
     state.unlink(missing_ok=True)
-    script = "\n".join(f"chown -h {f.uid}:{f.gid} -- {_sh(str(root) + f.image_path)}" for f in fixes)
+    script = "\n".join([*(f"chown -h {f.uid}:{f.gid} -- {_sh(str(root) + f.image_path)}" for f in fixes),
+                        *(f"chmod {m.mode & 0o7777:04o} -- {_sh(str(root) + m.image_path)}" for m in modes)])
     res = subprocess.run(["fakeroot", "-s", str(state), "--", "sh", "-ec", script or "true"],
                          capture_output=True, text=True)
     if res.returncode != 0:
@@ -69,9 +73,12 @@ def _sh(word: str) -> str:
     return "'" + word.replace("'", "'\\''") + "'"
 
 
+SortedCopy = tuple[Path, Path, Sequence[OwnerFix], Sequence[ModeFix]]  # staged root, tmpfs copy, owners, modes
+
+
 def run_tool(argv: Sequence[str], *, binds: Sequence[tuple[str, str]], scratch: Path, epoch: int | None,
              fake_owners: Path | None = None, use_fakeroot: bool = False,
-             sorted_copy: tuple[Path, Path, Sequence[OwnerFix]] | None = None) -> subprocess.CompletedProcess[str]:
+             sorted_copy: SortedCopy | None = None) -> subprocess.CompletedProcess[str]:
     """Run argv with the store bound in (user+mount+PID namespace), under fakeroot if asked, pinned by epoch."""
     # FAKEROOTDONTTRYCHOWN: libfakeroot records owners without calling chown (which fails in the namespace).
     env = dict(os.environ, TZ="UTC", LC_ALL="C", FAKEROOTDONTTRYCHOWN="1")
@@ -86,10 +93,11 @@ def run_tool(argv: Sequence[str], *, binds: Sequence[tuple[str, str]], scratch: 
     bind_file = scratch / "binds.json"
     bind_file.write_text(json.dumps(list(binds)))
     if sorted_copy is not None and userns_available():
-        src, dest, fixes = sorted_copy
+        src, dest, fixes, modes = sorted_copy
         dest.mkdir(exist_ok=True)
         owners = scratch / "owners.json"
-        owners.write_text(json.dumps([[f.image_path, f.uid, f.gid] for f in fixes]))
+        owners.write_text(json.dumps({"owners": [[f.image_path, f.uid, f.gid] for f in fixes],
+                                      "modes": [[m.image_path, m.mode] for m in modes]}))
         cmd = [sys.executable, "-m", "builder.sortedcopy", str(bind_file), str(src), str(dest), str(owners), "--",
                *cmd]
     elif binds:

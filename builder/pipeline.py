@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import ext4, fat, layout, sizing, store, table
-from .contents import OwnerFix, place_config_file, stage_contents
+from .contents import ModeFix, OwnerFix, place_config_file, stage_contents
 from .errors import BuildError, UserError
 from .fstypes import EXT_FAMILY
 from .log import info, step
@@ -31,6 +31,7 @@ class StagedRoot:
     root: Path
     store_binds: tuple[tuple[str, str], ...]  # (store path, placeholder in root)
     owner_fixes: tuple[OwnerFix, ...]
+    mode_fixes: tuple[ModeFix, ...]  # contents whose image mode is not their staged copy's (builder/contents.py)
     # The staged store directory when its placeholders are made on a tmpfs inside mkfs's namespace
     # (builder/namespace.py) rather than on disk; None when they are on disk.
     lazy_store: str | None = None
@@ -94,6 +95,7 @@ def stage_root(spec: Spec, regs: list[store.Registration], root: Path, lazy_stor
     root.mkdir(mode=0o755)
     os.chmod(root, 0o755)
     fixes: list[OwnerFix] = []
+    mode_fixes: list[ModeFix] = []
     keep: set[str] = set()
     if spec.only_nix_store:
         store_root = root
@@ -101,6 +103,7 @@ def stage_root(spec: Spec, regs: list[store.Registration], root: Path, lazy_stor
     else:
         staged_contents = stage_contents(spec, root)
         fixes = list(staged_contents.owner_fixes)
+        mode_fixes = list(staged_contents.mode_fixes)
         keep = {str(p) for p in staged_contents.copies}
         store.write_nix_state(spec, root, regs)
         place_config_file(spec, root)
@@ -109,7 +112,7 @@ def stage_root(spec: Spec, regs: list[store.Registration], root: Path, lazy_stor
         os.chmod(store_root, 0o1775)
     keep |= {dest for _, dest in binds}
     _set_times(root, spec.source_date_epoch, keep)
-    return StagedRoot(root, tuple(binds), tuple(fixes), str(store_root) if lazy_store else None)
+    return StagedRoot(root, tuple(binds), tuple(fixes), tuple(mode_fixes), str(store_root) if lazy_store else None)
 
 
 @dataclass(frozen=True)
@@ -235,7 +238,8 @@ def _finish_root_and_boot(spec: Spec, staged: StagedRoot, image: Path, plan: lay
     """After mkfs: owners and times still to set, the empty FAT partitions, then every filesystem checked."""
     root, epoch = plan.root, spec.source_date_epoch
     with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
-        ext4.normalize(image, root.start, staged.owner_fixes, epoch, scratch, params, every_inode=not stamped)
+        ext4.normalize(image, root.start, staged.owner_fixes, epoch, scratch, params, every_inode=not stamped,
+                       modes=staged.mode_fixes)
     with step("boot filesystems"):
         for p in plan.partitions:
             if p.fs == "vfat":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .contents import OwnerFix
+from .contents import ModeFix, OwnerFix
 from .errors import BuildError
 
 
@@ -16,6 +16,7 @@ class RootBuild:
     root: Path
     binds: tuple[tuple[str, str], ...]  # (store path, placeholder under root)
     owner_fixes: tuple[OwnerFix, ...]
+    mode_fixes: tuple[ModeFix, ...]  # contents whose image mode is not their staged copy's (builder/contents.py)
     label: str
     uuid: str | None
     epoch: int | None

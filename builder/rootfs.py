@@ -125,8 +125,8 @@ def prepare_root(spec: Spec, staged: StagedRoot, image: Path, scratch: Path) -> 
     """Build the non-ext4 root as its own file, then the disk: table, root placed at its offset, FAT partitions."""
     epoch = spec.source_date_epoch
     build = RootBuild(
-        root=staged.root, binds=_binds(staged, epoch), owner_fixes=staged.owner_fixes, label=spec.label,
-        uuid=spec.root_fsuid, epoch=epoch if spec.deterministic else None, source_date_epoch=epoch,
+        root=staged.root, binds=_binds(staged, epoch), owner_fixes=staged.owner_fixes, mode_fixes=staged.mode_fixes,
+        label=spec.label, uuid=spec.root_fsuid, epoch=epoch if spec.deterministic else None, source_date_epoch=epoch,
         scratch=scratch,
     )
     fs_file = scratch / f"root.{spec.fs_type}"

@@ -4,7 +4,9 @@ mkfs.btrfs 6.2 --rootdir takes inode numbers from the source files (st_ino) and 
 readdir order, so its output depends on the host filesystem. A tmpfs mounted in the private namespace
 numbers inodes in creation order; creating entries in sorted name order makes both the numbers and the
 walk the same on every machine. Hard links stay links, modes and mtimes are copied, and the contents'
-numeric owners are applied with lchown (recorded by fakeroot, which this runs under).
+numeric owners (lchown) and the modes the staged copies could not have (ModeFix, builder/contents.py;
+chmod, after the owners: a chown clears set-id bits) are applied, recorded by fakeroot, which this runs
+under.
 """
 
 from __future__ import annotations
@@ -65,15 +67,18 @@ def copy_sorted(src: str, dest: str) -> None:
 
 
 def _main(args: list[str]) -> None:
-    """Namespace side: binds, tmpfs, sorted copy, owners, then exec the command."""
+    """Namespace side: binds, tmpfs, sorted copy, owners and modes, then exec the command."""
     bind_file, src, dest, owners_file, sep, *argv = args
     if sep != "--" or not argv:
         raise SystemExit("usage: python -m builder.sortedcopy BINDS SRC DEST OWNERS -- COMMAND...")
     _mount_binds(json.loads(open(bind_file).read()))
     _mount_tmpfs(dest)
     copy_sorted(src, dest)
-    for image_path, uid, gid in json.loads(open(owners_file).read()):
+    fixes = json.loads(open(owners_file).read())
+    for image_path, uid, gid in fixes["owners"]:
         os.lchown(dest + image_path, uid, gid)
+    for image_path, mode in fixes["modes"]:
+        os.chmod(dest + image_path, stat.S_IMODE(mode))
     os.execvp(argv[0], argv)
 
 

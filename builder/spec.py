@@ -10,6 +10,7 @@ from typing import Any
 
 import jsonschema
 
+from . import chmod
 from .errors import SpecError
 from .fstypes import EXT_FAMILY, fs_type_problems
 from .log import warn
@@ -40,7 +41,7 @@ class Content:
 
     source: str
     target: str
-    mode: int | None
+    mode: chmod.ChmodRules | None  # rsync --chmod rules, applied as nixpkgs' rsync -a --chmod applies them
     user: str | None
     group: str | None
 
@@ -144,7 +145,11 @@ def _schema_problems(doc: Any) -> list[str]:
     problems = []
     for err in sorted(validator.iter_errors(doc), key=lambda e: (list(map(str, e.absolute_path)), e.message)):
         where = _path_str(err.absolute_path)
-        if err.validator in ("oneOf", "anyOf") and err.context:
+        custom = [e.schema["errorMessage"] for e in [err, *(err.context or [])]
+                  if isinstance(e.schema, dict) and "errorMessage" in e.schema]
+        if custom:  # the schema says in words what is allowed (e.g. rsyncChmod): better than its regex
+            problems.append(f"{where}: {json.dumps(err.instance)[:200]} is not {custom[0]}")
+        elif err.validator in ("oneOf", "anyOf") and err.context:
             allowed = "; ".join(sorted({c.message for c in err.context}))
             problems.append(f"{where}: {json.dumps(err.instance)[:200]} is not allowed ({allowed})")
         elif err.validator == "additionalProperties":
@@ -330,7 +335,7 @@ def load_spec_document(doc: Any) -> Spec:
             Content(
                 source=c["source"],
                 target=image_target(c["target"]),
-                mode=None if c["mode"] is None else int(c["mode"], 8),
+                mode=None if c["mode"] is None else chmod.parse(c["mode"]),
                 user=c["user"],
                 group=c["group"],
             )

@@ -31,14 +31,14 @@ def needed_bytes(data_bytes: int, inodes: int, free: int) -> int:
     return max(MIN_BYTES, align_up(int(data_bytes * 1.05) + inodes * 1024 + free + 80 * MiB, MiB))
 
 
-def _mode_token(st: os.stat_result) -> str:
+def _mode_token(mode: int) -> str:
     """The protofile's six-character mode: type, setuid, setgid, three octal digits."""
-    kind = TYPE_CHAR.get(stat.S_IFMT(st.st_mode))
+    kind = TYPE_CHAR.get(stat.S_IFMT(mode))
     if kind is None:
         raise UserError("fsType = \"xfs\" cannot hold sockets")
-    suid = "u" if st.st_mode & stat.S_ISUID else "-"
-    sgid = "g" if st.st_mode & stat.S_ISGID else "-"
-    return f"{kind}{suid}{sgid}{st.st_mode & 0o777:03o}"
+    suid = "u" if mode & stat.S_ISUID else "-"
+    sgid = "g" if mode & stat.S_ISGID else "-"
+    return f"{kind}{suid}{sgid}{mode & 0o777:03o}"
 
 
 def _check_name(name: str, image_path: str) -> None:
@@ -51,6 +51,7 @@ def _check_name(name: str, image_path: str) -> None:
 def protofile(build: RootBuild) -> tuple[str, list[str], int]:
     """The prototype text, image paths of sticky directories and the data bytes (per link)."""
     owners = {f.image_path: (f.uid, f.gid) for f in build.owner_fixes}
+    modes = {m.image_path: m.mode for m in build.mode_fixes}
     sticky: list[str] = []
     data = 0
     lines = ["mdi-root", "0 0"]
@@ -60,8 +61,9 @@ def protofile(build: RootBuild) -> tuple[str, list[str], int]:
         real = build.real_path(staged)
         st = os.lstat(real)
         uid, gid = owners.get(image_path, (0, 0))
-        token = _mode_token(st)
-        if st.st_mode & stat.S_ISVTX:
+        mode = modes.get(image_path, st.st_mode)
+        token = _mode_token(mode)
+        if mode & stat.S_ISVTX:
             sticky.append(image_path)
         name = "" if depth == 0 else os.path.basename(image_path)
         head = ("  " * depth) + (f"{name} " if depth else "") + f"{token} {uid} {gid}"

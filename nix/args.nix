@@ -134,7 +134,11 @@ let
   guidRegex = "[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}";
   fileNameRegex = "[A-Za-z0-9+._?=-]+";
   ownerRegex = "[0-9]+|[A-Za-z_][A-Za-z0-9_.-]*\\$?";
-  modeRegex = "[0-7]{3,4}";
+  # What rsync's --chmod accepts (nixpkgs copies contents with rsync -a --chmod=MODE): comma-separated
+  # clauses, each [DF]* + octal <= 07777, or [DFugoa]* (not both D and F) + -+= + [rwxXst]* or one of u g o.
+  # The same language as builder/chmod.py's MODE_REGEX (tests/test_chmod.py runs both on one table).
+  modeClauseRegex = "(([Dugoa]*|[Fugoa]*)[-+=]([rwxXst]*|[ugo])|(D*|F*)0*[0-7]{1,4})";
+  modeRegex = "${modeClauseRegex}(,${modeClauseRegex})*";
 
   pow = base: n: foldl' (acc: _: acc * base) 1 (genList (x: x) n);
 
@@ -352,7 +356,9 @@ let
         if m == null || matches modeRegex m then
           [ ]
         else
-          [ (bad "${at}.mode" m "an octal mode string such as \"0644\" or \"755\"") ]
+          [
+            (bad "${at}.mode" m "an rsync --chmod string such as \"0644\", \"u+x\", \"a=r,u+w\" or \"D755,F644\" (nixpkgs copies contents with rsync -a --chmod; rsync refuses this one)")
+          ]
       )
       ++ owner "user"
       ++ owner "group"

@@ -131,7 +131,8 @@ def test_spec_is_valid_and_points_at_the_fixture(fixture_dir: Path, roots: list[
     assert spec.toplevel == roots[0] and spec.toplevel.endswith("-mdi-fixture-toplevel")
     assert Path(spec.closure_info) == fixture_dir / "closure-info"
     modes = {c.target: c.mode for c in spec.contents}
-    assert modes["/usr/local/bin/suid-tool"] == 0o4755
+    suid = modes["/usr/local/bin/suid-tool"]
+    assert suid is not None and suid.text == "4755" and suid.apply(0o100644) == 0o104755
     for content in spec.contents:
         src = content.source
         if content.is_glob:

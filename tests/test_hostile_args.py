@@ -68,7 +68,7 @@ NIX_INVALID: list[tuple[str, str, list[str]]] = [
     ("contents-group-only", f'{{ contents = [ {{ source = "{ENTRY}"; target = "/x"; group = "root"; }} ]; }}',
      ["contents[0]", 'group = "root"', "both"]),
     ("contents-mode-int", f'{{ contents = [ {{ source = "{ENTRY}"; target = "/x"; mode = 644; }} ]; }}',
-     ["contents[0].mode = 644", "octal"]),
+     ["contents[0].mode = 644", "rsync --chmod string"]),
     ("contents-duplicate-slashes",
      f'{{ contents = [ {{ source = "{ENTRY}"; target = "/x"; }} {{ source = "{EXTRA}"; target = "//x"; }} ]; }}',
      ['contents[1].target = "//x"', "duplicates"]),

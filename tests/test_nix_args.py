@@ -375,7 +375,7 @@ INVALID: list[tuple[str, str, list[str]]] = [
     ("contents-user-only", f'{{ contents = [ {{ source = "{ENTRY}"; target = "/x"; user = "root"; }} ]; }}',
      ["contents[0]", 'user = "root"', "group = null", "both"]),
     ("contents-mode", f'{{ contents = [ {{ source = "{ENTRY}"; target = "/x"; mode = "rwx"; }} ]; }}',
-     ['contents[0].mode = "rwx"', "octal"]),
+     ['contents[0].mode = "rwx"', "rsync --chmod string"]),
     ("contents-duplicate",
      f'{{ contents = [ {{ source = "{ENTRY}"; target = "/x"; }} {{ source = "{EXTRA}"; target = "/x/"; }} ]; }}',
      ['contents[1].target = "/x/"', "duplicates"]),
