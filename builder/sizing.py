@@ -191,8 +191,12 @@ class StoreMeasure:
 def _fork_worker(tops: list[str]) -> tuple[int, int]:
     """Fork a process that measures tops and writes ("ok", _Partial) or ("error", message) to a pipe."""
     read_end, write_end = os.pipe()
+    # Termination signals stay blocked across the fork until the child has its own (default) handlers:
+    # one arriving in between would run the builder's handler inside the child's at-fork hooks.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)
     pid = os.fork()
     if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         os.close(write_end)
         return pid, read_end
     status = 0
@@ -200,6 +204,7 @@ def _fork_worker(tops: list[str]) -> tuple[int, int]:
         os.close(read_end)
         for sig in TERMINATING:
             signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         die_with_parent()
         try:
             payload: tuple[str, object] = ("ok", _walk(tops))
