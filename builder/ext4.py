@@ -44,16 +44,19 @@ class Ext4Params:
     hash_seed: str | None
     inodes: int
     fake_time: int | None
+    # ext4, or ext3/ext2 as nixpkgs makes them for partitionTableType = "none" (mkfs.${fsType}).
+    fs_type: str = "ext4"
 
 
 def _mkfs_argv(params: Ext4Params, target: str, size_bytes: int, offset: int | None, source: str | None) -> list[str]:
-    """mkfs.ext4's command line; every -E option in one list since only the last -E counts."""
+    """mkfs.ext4's command line (-t for ext2/ext3); every -E option in one list since only the last -E counts."""
     ext = ["nodiscard", "lazy_itable_init=1", "lazy_journal_init=1", "root_owner=0:0"]
     if offset is not None:
         ext.insert(0, f"offset={offset}")
     if params.hash_seed:
         ext.append(f"hash_seed={params.hash_seed}")
-    argv = ["mkfs.ext4", "-q", "-F", "-b", str(BLOCK), "-T", "default", "-m", "5", "-N", str(params.inodes),
+    argv = ["mkfs.ext4", "-q", "-F", "-t", params.fs_type, "-b", str(BLOCK), "-T", "default", "-m", "5",
+            "-N", str(params.inodes),
             "-L", params.label, "-E", ",".join(ext)]
     if params.uuid:
         argv += ["-U", params.uuid]

@@ -13,6 +13,7 @@ from typing import Any
 import jinja2
 
 from .errors import BuildError
+from .fstypes import EXT_FAMILY
 from .layout import plan
 from .log import step
 from .sizes import MiB
@@ -83,6 +84,7 @@ def context(spec: Spec, device: str) -> dict[str, Any]:
             {"owner": f"{c.user}:{c.group}", "target": c.target} for c in spec.contents if c.named_owner
         ],
         "fs_type": spec.fs_type,
+        "ext_root": spec.fs_type in EXT_FAMILY,
         "deterministic": spec.deterministic,
         "root_fsuid": spec.root_fsuid,
         "epoch": spec.source_date_epoch,

@@ -136,7 +136,7 @@ def _ext4_params(spec: Spec, inodes: int) -> ext4.Ext4Params:
     det = spec.deterministic
     return ext4.Ext4Params(
         label=spec.label, uuid=spec.root_fsuid, hash_seed=spec.root_fsuid if det else None,
-        inodes=inodes, fake_time=spec.source_date_epoch if det else None,
+        inodes=inodes, fake_time=spec.source_date_epoch if det else None, fs_type=spec.fs_type,
     )
 
 
@@ -258,7 +258,7 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.L
         try:
             with step("read closure"):
                 regs = store.read_closure(spec)
-            if spec.fs_type == "ext4":
+            if spec.fs_type in EXT_FAMILY:
                 # Sizing the store starts now, in worker processes, and overlaps the staging.
                 with sizing.StoreMeasure([r.path for r in regs]) as store_usage:
                     with step("stage root"):

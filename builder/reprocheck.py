@@ -186,7 +186,7 @@ def explain(a: Path, b: Path) -> list[str]:
                f"{len(inside)} blocks differ"
         report.append(head)
         detail: list[str] = []
-        if region.fs == "ext4":
+        if region.fs in ("ext2", "ext3", "ext4"):
             detail = explain_ext4(a, region, inside, b)
         elif region.fs == "vfat":
             detail = explain_fat(a, region, inside, b)

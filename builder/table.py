@@ -21,7 +21,7 @@ from .errors import BuildError
 from .layout import Layout
 from .sizes import SECTOR
 
-PARTED_FS = {"vfat": "fat32", "ext4": "ext4"}
+PARTED_FS = {"vfat": "fat32", "ext4": "ext4", "ext3": "ext3", "ext2": "ext2"}
 
 
 def write_table(image: Path, layout: Layout) -> None:

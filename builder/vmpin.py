@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import fat
 from .errors import BuildError
+from .fstypes import EXT_FAMILY
 from .layout import Layout, plan
 from .log import step
 from .spec import Spec
@@ -127,8 +128,9 @@ def _scrub_free_space(image: Path, offset: int) -> None:
 def pin_ext4(image: Path, offset: int, epoch: int, scratch: Path) -> None:
     """The root ext4 after the VM: empty journal, pinned times, rewritten directories, scrubbed free space."""
     target = f"{image}?offset={offset}"
-    _run(["tune2fs", "-O", "^has_journal", target], epoch, "removing the journal")
-    _run(["tune2fs", "-j", target], epoch, "recreating the journal")
+    if "has_journal" in _run(["dumpe2fs", "-h", target], epoch, "dumpe2fs -h"):  # not ext2
+        _run(["tune2fs", "-O", "^has_journal", target], epoch, "removing the journal")
+        _run(["tune2fs", "-j", target], epoch, "recreating the journal")
     _inode_times(image, offset, epoch, scratch)
     _run(["e2fsck", "-fyD", target], epoch, "e2fsck -fyD (rewriting directories)", ok=(0, 1))
     _scrub_free_space(image, offset)
@@ -180,7 +182,7 @@ def pin_after_vm(spec: Spec, image: Path, layout: Layout, scratch: Path) -> None
         return
     epoch = spec.source_date_epoch
     with step("pin the VM's writes (times, journal, free space, FAT)"):
-        if spec.fs_type == "ext4":
+        if spec.fs_type in EXT_FAMILY:
             pin_ext4(image, layout.root.start, epoch, scratch)
         pin_fat(image, layout, epoch, spec.deterministic)
 

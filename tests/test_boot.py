@@ -101,9 +101,16 @@ def legacy_gpt_job(tmp: Path) -> Booted:
     return Booted(built, {"bios": boot_facts(built.image, tmp, fmt="qcow2")})
 
 
+# legacy+boot exists for Limine: nixpkgs links boot.loader.limine.biosDevice to the build VM's disk. The
+# fixture system installs its BIOS loader (GRUB, standing in for `limine bios-install`) on that device
+# only, so the build fails unless finalize made it name the disk.
+LIMINE_DEVICE = "/dev/disk/by-id/virtio-limine-bios"
+
+
 def legacy_boot_job(tmp: Path) -> Booted:
-    """legacy+boot (FAT /boot on an MBR disk) with SeaBIOS."""
-    built = build_layout(tmp, "legacy+boot")
+    """legacy+boot (FAT /boot on an MBR disk) with its BIOS loader on Limine's device, SeaBIOS."""
+    built = build_layout(tmp, "legacy+boot", grub_devices=LIMINE_DEVICE,
+                         bootLoader={"grubDevices": [], "limineBiosDevice": LIMINE_DEVICE})
     return Booted(built, {"bios": boot_facts(built.image, tmp)})
 
 
@@ -202,6 +209,17 @@ def test_config_file_lands_in_etc_nixos(legacy: Built, legacy_facts: dict[str, A
     assert legacy_facts["config_sha256"] == hashlib.sha256(CONFIG_TEXT.encode()).hexdigest()
     offset = root_offset(legacy.image, "legacy")
     assert debugfs(legacy.image, offset, "cat /etc/nixos/configuration.nix") == CONFIG_TEXT
+
+
+def test_machine_id_the_activation_wrote_is_removed(legacy: Built) -> None:
+    # The fixture's activation writes /etc/machine-id, as NixOS's does; nixpkgs removes it after the
+    # bootloader install so that machines made from one image do not share an id. Activation did run
+    # (its /etc/passwd is there), so a missing id means it was removed.
+    offset = root_offset(legacy.image, "legacy")
+    assert "fixtureuser:x:4242" in debugfs(legacy.image, offset, "cat /etc/passwd")
+    looked = subprocess.run(["debugfs", "-R", "stat /etc/machine-id", f"{legacy.image}?offset={offset}"],
+                            capture_output=True, text=True)
+    assert "File not found" in looked.stderr, looked.stdout
 
 
 def test_superblock_has_no_fsck_schedule_and_pinned_state(legacy: Built) -> None:

@@ -136,15 +136,111 @@ def test_lib_make_disk_image_is_the_function(glue: Glue) -> None:
     assert json.loads(done.stdout) == {"pkgs": False, "lib": False, "config": False}
 
 
+# postVM as real callers write it: nixpkgs' preVM put these tools on PATH and defined these functions.
+POST_VM = r"""
+mkdir -p $out/report
+eval $(partx $diskImage -o START,SECTORS --nr 1 --pairs)
+sectorsToBytes $START > $out/report/root-offset
+sectorsToKilobytes $SECTORS > $out/report/root-kib
+parted -s $diskImage unit s print > $out/report/parted
+dumpe2fs -h "$diskImage?offset=$(sectorsToBytes $START)" 2>/dev/null | grep '^Filesystem volume' > $out/report/label
+mkfs.ext4 -V 2> $out/report/mkfs-version
+sgdisk --version > $out/report/sgdisk-version
+rsync --version | head -n 1 > $out/report/rsync-version
+nix-store --version > $out/report/nix-version
+printf '%s\n' 1 2 3 | sum_lines > $out/report/sum
+tar -cf - -C $out/report sum | xz | xz -d | tar -xOf - sum > $out/report/tar-roundtrip
+echo "$(find $out/report -name sum | wc -l) $(echo abc | sed s/b/B/ | awk '{print toupper($0)}')" > $out/report/tools
+gzip -c $out/report/sum | bzip2 | bzip2 -d | gzip -d | grep -q 6
+"""
+
+
+def post_vm_expr(glue: Glue) -> str:
+    """Two images of the stand-in's system built by the flake's makeDiskImage, both with POST_VM: one through
+    the build VM (deterministic = false, so only the after-VM check guards it) and one without a VM."""
+    return f"""
+let
+  pkgs = import {glue.stub}/default.nix {{ system = "x86_64-linux"; }};
+  inherit (pkgs.lib.nixosSystem {{ system = "x86_64-linux"; modules = [ ]; }}) config;
+  make = args: import {glue.flake}/nix/make-disk-image.nix ({{
+    inherit pkgs config;
+    inherit (pkgs) lib;
+    format = "raw";
+    copyChannel = false;
+    additionalSpace = "16M";
+    postVM = {json.dumps(POST_VM)};
+  }} // args);
+in {{
+  vm = make {{ deterministic = false; name = "post-vm-in-vm"; }};
+  plain = make {{ installBootLoader = false; name = "post-vm-plain"; }};
+}}"""
+
+
+def _build_post_vm_images(glue: Glue) -> tuple[dict[str, Path], str]:
+    """nix-build both POST_VM images; their outputs by attribute, and the build log (stderr)."""
+    out: dict[str, Path] = {}
+    cmd = ["nix-build", "--max-jobs", "2", "--option", "substituters", "", "--option", "sandbox", "false",
+           "-o", str(glue.work / "result-post-vm"), "-A", "vm", "-A", "plain", "--expr", post_vm_expr(glue)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=glue.work)
+    assert done.returncode == 0, done.stderr[-6000:]
+    paths = [Path(p) for p in done.stdout.split()]
+    for path in paths:
+        out["vm" if path.name.endswith("post-vm-in-vm") else "plain"] = path
+    return out, done.stderr
+
+
 @pytest.fixture(scope="module")
-def vm_images(glue: Glue) -> tuple[Path, Path]:
-    """`nix build .#image` (the project's main job) and the touchEFIVars job, two build VMs in parallel."""
-    attrs = ["image", "hydraJobs.efi-vars-qcow2.x86_64-linux"]
-    glue.nix("build", "--max-jobs", "2", "-o", str(glue.work / "result-vm"), *map(glue.ref, attrs))
-    links = {p.resolve() for p in glue.work.glob("result-vm*")}
-    image, efi = (Path(glue.eval_json(f"{attr}.outPath")) for attr in attrs)
-    assert links == {image, efi}, "both builds are kept alive by their result links"
-    return image, efi
+def vm_builds(glue: Glue) -> tuple[tuple[Path, Path], tuple[dict[str, Path], str]]:
+    """The flake's two VM jobs and the two postVM images, built at once (each VM on one TCG core)."""
+    def flake_jobs() -> tuple[Path, Path]:
+        attrs = ["image", "hydraJobs.efi-vars-qcow2.x86_64-linux"]
+        glue.nix("build", "--max-jobs", "2", "-o", str(glue.work / "result-vm"), *map(glue.ref, attrs))
+        links = {p.resolve() for p in glue.work.glob("result-vm*")}
+        image, efi = (Path(glue.eval_json(f"{attr}.outPath")) for attr in attrs)
+        assert links == {image, efi}, "both builds are kept alive by their result links"
+        return image, efi
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = pool.submit(flake_jobs)
+        post_vm = pool.submit(_build_post_vm_images, glue)
+        return jobs.result(), post_vm.result()
+
+
+@pytest.fixture(scope="module")
+def vm_images(vm_builds: tuple[tuple[Path, Path], tuple[dict[str, Path], str]]) -> tuple[Path, Path]:
+    """`nix build .#image` (the project's main job) and the touchEFIVars job."""
+    return vm_builds[0]
+
+
+@pytest.mark.parametrize("variant", ["vm", "plain"])
+def test_post_vm_has_nixpkgs_tools_and_functions(vm_builds: tuple[tuple[Path, Path], tuple[dict[str, Path], str]],
+                                                 variant: str) -> None:
+    # The stand-in gives postVM only what the derivation puts on PATH, as nixpkgs' stdenv does: partx,
+    # parted, mkfs.ext4, sgdisk, rsync, nix-store and the functions must come from makeDiskImage.
+    outs, _ = vm_builds[1]
+    report = outs[variant] / "report"
+    assert (report / "root-offset").read_text() == f"{1024 * 1024}\n"
+    assert int((report / "root-kib").read_text()) > 16 * 1024
+    assert "Partition Table: msdos" in (report / "parted").read_text()
+    assert "nixos" in (report / "label").read_text()
+    assert "mke2fs" in (report / "mkfs-version").read_text()
+    assert "GPT fdisk" in (report / "sgdisk-version").read_text()
+    assert "rsync" in (report / "rsync-version").read_text()
+    assert "nix-store" in (report / "nix-version").read_text()
+    assert (report / "sum").read_text() == "6\n"
+    assert (report / "tar-roundtrip").read_text() == "6\n"
+    assert (report / "tools").read_text() == "1 ABC\n"
+    products = (outs[variant] / "nix-support" / "hydra-build-products").read_text()
+    assert products == f"file raw-image {outs[variant]}/nixos.img\n"
+
+
+def test_after_vm_check_runs_without_determinism(vm_builds: tuple[tuple[Path, Path], tuple[dict[str, Path], str]]
+                                                 ) -> None:
+    # nixpkgs' function has no such check; ours runs it on every VM build, deterministic or not.
+    _, log = vm_builds[1]
+    vm_log = log[log.index("post-vm-in-vm"):]
+    assert "[makeDiskImage] check after finalize done" in vm_log
+    assert "pin the VM's writes" not in vm_log, "nothing to settle without determinism"
 
 
 @pytest.fixture(scope="module")
@@ -361,3 +457,56 @@ def test_flake_lock_and_pin_json_pin_the_same_nixpkgs() -> None:
     nix32 = subprocess.run([*NIX, "hash", "to-base32", pin["hash"]], capture_output=True, text=True, check=True)
     assert nix32.stdout.strip() == pin["sha256"]
     assert pin["url"] == f"https://github.com/NixOS/nixpkgs/archive/{pin['rev']}.tar.gz"
+
+
+def test_stand_in_is_as_strict_as_nixpkgs(glue: Glue) -> None:
+    # Each package holds only its own programs, and a runCommand's PATH is its inputs and stdenv's
+    # initialPath: a derivation that forgets an input fails here as it fails with nixpkgs (DESIGN §5a).
+    probe = ("{ for t in cp sed awk xz partx mkfs.ext4 parted qemu-img; do"
+             " command -v $t >/dev/null && echo \"$t found\" || echo \"$t missing\"; done; } > $out")
+    expr = (f'let p = import {glue.stub}/default.nix {{ system = "x86_64-linux"; }}; in '
+            f'[ p.parted p.util-linux (p.runCommand "path-probe" {{ nativeBuildInputs = [ p.parted ]; }} '
+            f"{json.dumps(probe)}) ]")
+    done = subprocess.run(["nix-build", "--no-out-link", "--option", "substituters", "", "--option", "sandbox",
+                           "false", "--expr", expr], capture_output=True, text=True, check=False, cwd=glue.work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    parted, util_linux, probe_out = (Path(p) for p in done.stdout.split())
+    assert {p.name for p in (parted / "bin").iterdir()} >= {"parted"}
+    assert not (parted / "bin" / "mkfs.ext4").exists()
+    assert {"partx", "sfdisk", "mount", "losetup"} <= {p.name for p in (util_linux / "bin").iterdir()}
+    found = dict(line.split() for line in probe_out.read_text().splitlines())
+    assert found == {"cp": "found", "sed": "found", "awk": "found", "xz": "found", "parted": "found",
+                     "partx": "missing", "mkfs.ext4": "missing", "qemu-img": "missing"}
+
+
+def test_example_system_has_virtio_drivers(glue: Glue) -> None:
+    # profiles/qemu-guest.nix puts virtio_blk and friends in the initrd: the image boots as a virtio disk.
+    expr = f'(import {glue.flake}/nix/example/configuration.nix {{ modulesPath = "/M"; }}).imports'
+    imports = json.loads(subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr],
+                                        capture_output=True, text=True, check=True).stdout)
+    assert "/M/profiles/qemu-guest.nix" in imports and "/M/profiles/minimal.nix" in imports
+
+
+def test_vm_test_boots_with_nixpkgs_qemu_and_the_enabled_module(glue: Glue) -> None:
+    # nix/vm-test.nix needs nixpkgs' test framework and KVM; here its wiring is evaluated: the image comes
+    # from the module with makeDiskImage.enable, and the machine runs nixpkgs' own qemu command.
+    expr = f"""
+let
+  stub = import {glue.stub}/default.nix {{ system = "x86_64-linux"; }};
+  pkgs = stub // {{ testers.runNixOSTest = t: t; }};
+  nixosSystem = {{ system, modules }}:
+    let
+      user = builtins.elemAt modules 2 {{ modulesPath = "/M"; }};
+    in {{
+      config.system.build.diskImage =
+        if user.makeDiskImage.enable or false then {{ outPath = "/nix/store/image"; filePath = "nixos.qcow2"; }}
+        else throw "the module is imported but makeDiskImage.enable is not set: no system.build.diskImage";
+    }};
+  t = import {glue.flake}/nix/vm-test.nix {{ inherit pkgs nixosSystem; module = {{ }}; }};
+in {{ script = t.testScript; }}"""
+    done = subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    script = json.loads(done.stdout)["script"]
+    assert re.search(r"-qemu-test/bin/qemu-system-x86_64 -machine accel=kvm:tcg -cpu max -m 1024", script), script
+    assert "/nix/store/image/nixos.qcow2" in script

@@ -250,6 +250,11 @@ tools
     python3Packages
     ;
   nixos-enter = nixosEnter;
+  # qemu for NixOS tests (nixos/lib/qemu-common.nix reads its stdenv).
+  qemu_test = debianTools "qemu-test" [ "qemu-system-x86" "qemu-system-arm" ] // {
+    stdenv.hostPlatform.isLinux = true;
+    stdenv.system = system;
+  };
   path = ./.;
   stdenv = {
     hostPlatform.system = system;
