@@ -34,6 +34,10 @@ let
             real="$(readlink -f "''${f%/*}")/''${f##*/}"
             [ -e "$out/bin/''${f##*/}" ] || ln -s "$real" "$out/bin/"
           done
+          # nixpkgs' gawk provides awk (Debian's comes through the alternatives system, not the package).
+          for a in gawk mawk; do
+            if [ -e "$out/bin/$a" ] && [ ! -e "$out/bin/awk" ]; then ln -s "$(readlink "$out/bin/$a")" "$out/bin/awk"; fi
+          done
         ''
       ];
     };
