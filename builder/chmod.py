@@ -27,14 +27,16 @@ import re
 import stat
 from dataclasses import dataclass
 
+from . import rules
+
 # Nix builders run with this umask (nix's builder sets it before exec); rsync masks class-less clauses by it.
 BUILD_UMASK = 0o022
 CHMOD_BITS = 0o7777
 
 # The whole language rsync's parse_chmod accepts, as a regex with the same verdict for every string.
-# Written with constructs POSIX ERE (Nix's builtins.match, nix/args.nix), ECMA (JSON Schema) and
+# Written with constructs POSIX ERE (Nix's builtins.match, nix/args), ECMA (JSON Schema) and
 # Python agree on; anchored by each user (fullmatch, builtins.match, ^...(?![\s\S]) in the schema).
-CLAUSE_REGEX = r"(([Dugoa]*|[Fugoa]*)[-+=]([rwxXst]*|[ugo])|(D*|F*)0*[0-7]{1,4})"
+CLAUSE_REGEX = rules.pattern("chmodClause")  # builder/rules.json, which nix/args reads too
 MODE_REGEX = rf"{CLAUSE_REGEX}(,{CLAUSE_REGEX})*"
 ALLOWED = 'an rsync --chmod string such as "0644", "u+x", "a=r,u+w" or "D755,F644"'
 

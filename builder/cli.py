@@ -78,16 +78,16 @@ def run(args: argparse.Namespace) -> int:
                             "image is converted; run prepare without --out, then finalize, then convert")
         prepare_image(spec, args.image, args.work)
         if args.out is not None:
-            from .convert import convert
+            from .disk.convert import convert
 
             print(convert(spec, args.image, args.out))
         return 0
     if args.command == "finalize":
-        from .finalize import finalize
+        from .vm.finalize import finalize
 
         return finalize(load_spec(args.spec), args.device, print_only=args.print)
     if args.command == "convert":
-        from .convert import convert
+        from .disk.convert import convert
 
         print(convert(load_spec(args.spec), args.image, args.out))
         return 0
@@ -102,16 +102,16 @@ def run(args: argparse.Namespace) -> int:
         after_vm(load_spec(args.spec), args.image)
         return 0
     if args.command == "check-reproducible":
-        from .reprocheck import check_reproducible
+        from .tools.reprocheck import check_reproducible
 
         return check_reproducible(load_spec(args.spec), args.work)
     if args.command == "inspect":
-        from .inspection import inspect_image
+        from .tools.inspect import inspect_image
 
         print(json.dumps(inspect_image(args.image), indent=2, sort_keys=True))
         return 0
     if args.command == "pin":
-        from .pin import refresh_pin
+        from .tools.nixpkgs_pin import refresh_pin
 
         refresh_pin(args.file, args.owner, args.repo, args.rev)
         return 0

@@ -10,29 +10,19 @@ from typing import Any
 
 import jsonschema
 
-from . import chmod
+from . import chmod, rules
 from .errors import SpecError
-from .fstypes import EXT_FAMILY, fs_type_problems
 from .log import warn
-from .sizes import MiB, parse_iec, round_to_nearest
+from .resources import data_file
+from .units import MiB, parse_iec, round_to_nearest
 
-SCHEMA_PATH = Path(__file__).with_name("spec.schema.json")
-
-TABLE_TYPES = ("legacy", "legacy+boot", "legacy+gpt", "efi", "efixbootldr", "hybrid", "none")
-EFI_VAR_TABLES = ("hybrid", "efi", "efixbootldr", "legacy+gpt")
-# Tables whose boot partition ends at bootSize (as boot_end rounds it), with the offset it must lie beyond.
-BOOT_END_MINIMUM = {"legacy+boot": 1 * MiB, "efi": 8 * MiB, "hybrid": 8 * MiB, "efixbootldr": 100 * MiB}
-# Writable qemu-img formats; qcow2-compressed is qcow2 written with -c.
-FORMATS = ("raw", "qcow2", "qcow2-compressed", "vdi", "vpc", "vmdk", "vhdx", "qed", "qcow", "parallels")
+SCHEMA_PATH = data_file("spec.schema.json")
 # Largest disk, boot end or additional space: 1 EiB, the largest ext4 (4 KiB blocks); beyond it sizes overflow.
-MAX_IMAGE_BYTES = 1 << 60
-# Longest root label each filesystem stores, in UTF-8 bytes (the schema counts characters).
-LABEL_MAX_BYTES = {"ext2": 16, "ext3": 16, "ext4": 16, "btrfs": 255, "xfs": 12, "erofs": 16, "vfat": 11}
-# Labels mke2fs truncates to 16 bytes with a warning (nixpkgs passes -L as given); the others refuse them.
-TRUNCATED_LABELS = EXT_FAMILY
-CONTENT_KEYS = ("source", "target", "mode", "user", "group")
-# Below this the build VM may not boot; nixpkgs passes any memSize to qemu, so it is only a warning.
-MEM_SIZE_WARNING_MIB = 128
+MAX_IMAGE_BYTES = rules.limit("maxImageMiB") * MiB
+WRITABLE_CHOICES = ", ".join(n for n, f in rules.fs_types().items() if not f.read_only)
+FAT_ROOT = ("$.fsType: \"vfat\" is not allowed for the root filesystem: FAT has no owners, permission bits, "
+            f"symlinks or hard links, which a Nix store and a NixOS root need (use {WRITABLE_CHOICES}; "
+            "erofs or squashfs with onlyNixStore = true)")
 
 
 @dataclass(frozen=True)
@@ -108,6 +98,11 @@ class Spec:
         return (*self.grub_devices, *limine)
 
     @property
+    def ext_root(self) -> bool:
+        """Whether the root is ext2/3/4, made in place by mke2fs -d (the others are built apart and placed)."""
+        return rules.fs_types()[self.fs_type].family == "ext"
+
+    @property
     def needs_vm(self) -> bool:
         """Whether finalize must run as root in a VM: bootloader install, owners by name, EFI vars."""
         if self.only_nix_store:
@@ -121,13 +116,12 @@ class Spec:
     @property
     def image_file_name(self) -> str:
         """`<baseName>.<ext>` as nixpkgs names the output file."""
-        ext = {"raw": "img", "qcow2": "qcow2", "qcow2-compressed": "qcow2", "vdi": "vdi", "vpc": "vhd"}
-        return f"{self.base_name}.{ext.get(self.format, self.format)}"
+        return f"{self.base_name}.{rules.formats()[self.format].extension}"
 
     @property
     def hydra_format(self) -> str:
         """The format word of the hydra-build-products line (qcow2 for qcow2-compressed)."""
-        return "qcow2" if self.format == "qcow2-compressed" else self.format
+        return rules.formats()[self.format].hydra
 
 
 def _path_str(path: Any) -> str:
@@ -145,6 +139,9 @@ def _schema_problems(doc: Any) -> list[str]:
     problems = []
     for err in sorted(validator.iter_errors(doc), key=lambda e: (list(map(str, e.absolute_path)), e.message)):
         where = _path_str(err.absolute_path)
+        if where == "$.fsType" and err.instance == "vfat":
+            problems.append(FAT_ROOT)
+            continue
         custom = [e.schema["errorMessage"] for e in [err, *(err.context or [])]
                   if isinstance(e.schema, dict) and "errorMessage" in e.schema]
         if custom:  # the schema says in words what is allowed (e.g. rsyncChmod): better than its regex
@@ -186,17 +183,25 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
     table = doc["partitionTableType"]
     only_store = doc["onlyNixStore"]
 
-    limit = LABEL_MAX_BYTES.get(doc["fsType"])
+    fs = rules.fs_types()[doc["fsType"]]
     label_bytes = len(doc["label"].encode("utf-8", "surrogatepass"))
-    if limit is not None and label_bytes > limit and doc["fsType"] not in TRUNCATED_LABELS:
+    if fs.label_bytes is not None and label_bytes > fs.label_bytes and not fs.label_truncated:
         problems.append(f"$.label: {json.dumps(doc['label'], ensure_ascii=False)} is not allowed with "
-                        f"fsType = {doc['fsType']!r}: it is {label_bytes} bytes in UTF-8, at most {limit} fit")
-
-    problems += fs_type_problems(doc)
-    if doc["touchEFIVars"] and table not in EFI_VAR_TABLES:
+                        f"fsType = {fs.name!r}: it is {label_bytes} bytes in UTF-8, at most {fs.label_bytes} fit")
+    if fs.read_only and not only_store:
+        problems.append(
+            f"$.fsType: {fs.name!r} is read-only and allowed only with onlyNixStore = true (a system root must be "
+            f"writable for activation and the bootloader; use {WRITABLE_CHOICES})"
+        )
+    if fs.uuid and doc["deterministic"] and doc["rootFSUID"] is None:
+        problems.append(
+            f"$.rootFSUID: null is not allowed with deterministic = true and fsType = \"{fs.name}\" (give a UUID)"
+        )
+    efi_tables = [name for name, t in rules.tables().items() if t.efi_variables]
+    if doc["touchEFIVars"] and table not in efi_tables:
         problems.append(
             f"$.touchEFIVars: true is not allowed with partitionTableType = {table!r} "
-            f"(allowed with: {', '.join(EFI_VAR_TABLES)})"
+            f"(allowed with: {', '.join(efi_tables)})"
         )
     if doc["touchEFIVars"] and (doc["efiVariables"] is None or doc["efiFirmware"] is None):
         problems.append("$.efiVariables: touchEFIVars = true needs efiFirmware and efiVariables (OVMF files)")
@@ -213,8 +218,6 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
         problems.append("$.system.channel: null is not allowed with copyChannel = true (the channel store path)")
     if not doc["copyChannel"] and doc["system"]["channel"] is not None:
         problems.append("$.system.channel: must be null with copyChannel = false")
-    if doc["format"] not in FORMATS:
-        problems.append(f"$.format: {doc['format']!r} is not allowed (allowed: {', '.join(FORMATS)})")
 
     for key in ("additionalSpace", "bootSize"):
         try:
@@ -226,12 +229,12 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
     if fixed_mib is not None and fixed_mib * MiB > MAX_IMAGE_BYTES:
         problems.append(f"$.diskSize: {doc['diskSize']} is not allowed: more than 1 EiB (1099511627776 MiB), "
                         "the largest ext4")
-    if table in BOOT_END_MINIMUM:
+    minimum = rules.tables()[table].boot_start
+    if minimum is not None:
         try:
             end: int | None = boot_end(doc["bootSize"])
         except ValueError:
             end = None
-        minimum = BOOT_END_MINIMUM[table]
         if end is not None and end <= minimum:
             problems.append(
                 f"$.bootSize: {doc['bootSize']!r} is not allowed with partitionTableType = {table!r}: it is the "
@@ -281,24 +284,28 @@ def image_target(target: str) -> str:
 def _warnings(doc: dict[str, Any]) -> list[str]:
     """What nixpkgs accepts but does surprisingly: the builder does the same and says so."""
     out: list[str] = []
-    fs, label = doc["fsType"], doc["label"]
-    if fs in TRUNCATED_LABELS and len(label.encode("utf-8", "surrogatepass")) > LABEL_MAX_BYTES[fs]:
-        out.append(f"label = {json.dumps(label, ensure_ascii=False)} is longer than the 16 bytes {fs} stores; "
-                   f"it is truncated to {json.dumps(truncated_label(fs, label), ensure_ascii=False)}, as mke2fs does")
-    if doc["memSize"] < MEM_SIZE_WARNING_MIB:
-        out.append(f"memSize = {doc['memSize']} MiB is below {MEM_SIZE_WARNING_MIB}: the build VM may not boot")
+    fs, label = rules.fs_types()[doc["fsType"]], doc["label"]
+    if truncated_label(fs.name, label) != label:
+        out.append(f"label = {json.dumps(label, ensure_ascii=False)} is longer than the {fs.label_bytes} bytes "
+                   f"{fs.name} stores; it is truncated to "
+                   f"{json.dumps(truncated_label(fs.name, label), ensure_ascii=False)}, as mke2fs does")
+    warn_below = rules.limit("memSizeWarningMiB")
+    if doc["memSize"] < warn_below:
+        out.append(f"memSize = {doc['memSize']} MiB is below {warn_below}: the build VM may not boot")
+    keys = rules.content_keys()
     for i, entry in enumerate(doc["contents"]):
-        for key in sorted(set(entry) - set(CONTENT_KEYS)):
+        for key in sorted(set(entry) - set(keys)):
             out.append(f"contents[{i}] has an unknown attribute {json.dumps(key)}, which is ignored "
-                       f"(known: {', '.join(CONTENT_KEYS)})")
+                       f"(known: {', '.join(keys)})")
     return out
 
 
 def truncated_label(fs_type: str, label: str) -> str:
     """The label as the filesystem stores it: the ext family keeps the first 16 bytes (whole characters)."""
-    if fs_type not in TRUNCATED_LABELS:
+    fs = rules.fs_types()[fs_type]
+    if not fs.label_truncated or fs.label_bytes is None:
         return label
-    data = label.encode("utf-8", "surrogatepass")[:LABEL_MAX_BYTES[fs_type]]
+    data = label.encode("utf-8", "surrogatepass")[:fs.label_bytes]
     return data.decode("utf-8", "ignore")
 
 

@@ -1,5 +1,5 @@
 # makeDiskImage: argument-compatible with nixpkgs' nixos/lib/make-disk-image.nix.
-# Arguments are checked in ./args.nix (pure builtins); this file only wires derivations:
+# Arguments are checked in ./args (pure builtins, rules from builder/rules.json); this file only wires derivations:
 # the closure, the channel, the spec file, and the builder's steps run with or without a VM.
 {
   pkgs,
@@ -8,7 +8,7 @@
   ...
 }@args:
 let
-  argsLib = import ./args.nix;
+  argsLib = import ./args;
   a = argsLib.normalize {
     inherit args;
     defaultOVMF = pkgs.OVMF.fd;
@@ -47,7 +47,7 @@ let
   nixosEnter = if pkgs ? nixos-enter then pkgs.nixos-enter else config.system.build.nixos-enter;
 
   # What postVM sees, as in nixpkgs, whose preVM sets PATH (the same shell runs postVM) to these tools
-  # and defines sectorsToBytes, sectorsToKilobytes and friends (../builder/templates/post-vm-env.sh).
+  # and defines sectorsToBytes, sectorsToKilobytes and friends (../templates/post-vm-env.sh).
   postVMPath = lib.makeBinPath (
     [
       pkgs.rsync
@@ -64,7 +64,7 @@ let
   );
   userPostVM = ''
     export PATH=${postVMPath}
-    source ${../builder/templates/post-vm-env.sh}
+    source ${../templates/post-vm-env.sh}
     diskImage=$out/${fileName}
   ''
   + lib.optionalString a.touchEFIVars ''

@@ -9,7 +9,7 @@
 }:
 let
   cfg = config.makeDiskImage;
-  argsLib = import ./args.nix;
+  argsLib = import ./args;
   inherit (lib) mkOption types;
   opt =
     type: default: description:

@@ -15,7 +15,12 @@ let
       rel == "pyproject.toml"
       || rel == "builder"
       || lib.hasPrefix "builder/" rel
+      || rel == "templates"
+      || lib.hasPrefix "templates/" rel
     );
+  # The tools every build runs, and those of each root filesystem (builder/rules.json's fsTypes).
+  rules = builtins.fromJSON (builtins.readFile ../builder/rules.json);
+  fsTools = lib.unique (lib.concatMap (fs: fs.tools) rules.fsTypes);
 in
 python3Packages.buildPythonApplication {
   pname = "make-disk-image";
@@ -36,21 +41,17 @@ python3Packages.buildPythonApplication {
     "--prefix"
     "PATH"
     ":"
-    (lib.makeBinPath [
-      pkgs.e2fsprogs
-      pkgs.dosfstools
-      pkgs.mtools
-      pkgs.util-linux
-      pkgs.qemu-utils
-      pkgs.nix
-      pkgs.fakeroot
-      # root filesystems other than ext4 (builder/rootfs.py); libfaketime pins btrfs/xfs (builder/pinned.py)
-      pkgs.btrfs-progs
-      pkgs.xfsprogs
-      pkgs.erofs-utils
-      pkgs.squashfsTools
-      pkgs.libfaketime
-    ])
+    (lib.makeBinPath (
+      [
+        pkgs.e2fsprogs
+        pkgs.dosfstools
+        pkgs.mtools
+        pkgs.util-linux
+        pkgs.qemu-utils
+        pkgs.nix
+      ]
+      ++ map (name: pkgs.${name}) fsTools
+    ))
   ];
   meta = {
     description = "Builds NixOS disk images from a validated JSON spec (makeDiskImage's builder)";

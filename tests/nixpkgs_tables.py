@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from builder import layout
+from builder.disk import layout
 from builder.spec import Spec
 
 NIXPKGS_PARTITION = r"""

@@ -188,10 +188,10 @@ def test_parser_and_regex_match_rsync(sources: dict[str, Path], tmp_path: Path) 
 
 
 def nix_verdicts(modes: list[str]) -> list[bool]:
-    """Whether nix/args.nix's normalize accepts each mode in a contents entry (one nix-instantiate run)."""
+    """Whether nix/args's normalize accepts each mode in a contents entry (one nix-instantiate run)."""
     expr = f"""
 let
-  A = import {REPO}/nix/args.nix;
+  A = import {REPO}/nix/args;
   entry = m: {{ source = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-pkg"; target = "/t"; mode = m; }};
   args = m: {{ pkgs = {{ }}; lib = {{ }}; config = {{ }}; contents = [ (entry m) ]; }};
   ok = m: (builtins.tryEval (builtins.deepSeq (A.normalize {{ args = args m; }}) true)).success;
@@ -205,7 +205,7 @@ in map ok (builtins.fromJSON {json.dumps(json.dumps(modes))})"""
 
 @pytest.mark.nix
 def test_nix_schema_and_loader_agree_with_rsync(fixture_spec: Path) -> None:
-    """One table through nix-instantiate (nix/args.nix), the JSON Schema and the spec loader: rsync's verdicts."""
+    """One table through nix-instantiate (nix/args), the JSON Schema and the spec loader: rsync's verdicts."""
     modes = [*VALID, *INVALID]
     base = spec_doc(fixture_spec)
     validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
@@ -224,7 +224,7 @@ def test_nix_schema_and_loader_agree_with_rsync(fixture_spec: Path) -> None:
 
 @pytest.mark.nix
 def test_nix_message_says_what_is_allowed() -> None:
-    expr = (f'(import {REPO}/nix/args.nix).normalize {{ args = {{ pkgs = {{ }}; lib = {{ }}; config = {{ }}; '
+    expr = (f'(import {REPO}/nix/args).normalize {{ args = {{ pkgs = {{ }}; lib = {{ }}; config = {{ }}; '
             'contents = [ { source = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-pkg"; target = "/t"; '
             'mode = "u+q"; } ]; }; }')
     done = subprocess.run(["nix-instantiate", "--eval", "--strict", "--option", "substituters", "", "--expr", expr],
@@ -237,10 +237,11 @@ def test_nix_message_says_what_is_allowed() -> None:
 def test_schema_pattern_is_the_parsers_language() -> None:
     schema = json.loads(SCHEMA_PATH.read_text())
     assert schema["$defs"]["rsyncChmod"]["pattern"] == rf"^(?:{chmod.MODE_REGEX})(?![\s\S])"
-    args = (REPO / "nix" / "args.nix").read_text()
-    clause = re.search(r'modeClauseRegex = "([^"]*)";', args)
-    assert clause is not None and clause.group(1) == chmod.CLAUSE_REGEX
-    assert 'modeRegex = "${modeClauseRegex}(,${modeClauseRegex})*";' in args
+    # nix/args builds its mode pattern from the same rules.json clause.
+    rules = json.loads((REPO / "builder" / "rules.json").read_text())
+    assert rules["patterns"]["chmodClause"] == chmod.CLAUSE_REGEX
+    checks = (REPO / "nix" / "args" / "checks.nix").read_text()
+    assert 'modeRegex = "${pattern.chmodClause}(,${pattern.chmodClause})*";' in checks
 
 
 # -- images: the builder's modes against real rsync run as nixpkgs runs it ---------------------------------

@@ -14,10 +14,14 @@ from typing import Any
 
 import pytest
 
-from builder.convert import convert
+from builder import rules
+from builder.crc32c import crc32c
+from builder.disk.convert import convert
+from builder.disk.image_ids import fix_vmdk
 from builder.errors import BuildError, UserError
-from builder.image_ids import crc32c, pin_vmdk
-from builder.spec import FORMATS, Spec, load_spec_document
+from builder.spec import Spec, load_spec_document
+
+FORMATS = tuple(rules.formats())
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -241,7 +245,7 @@ def test_vmdk_cid_of_any_width_is_pinned(raw_image: Path, tmp_path: Path) -> Non
     image.write_bytes(data[:line_at] + b"CID=a1" + data[line_end:text_end] + b"\0" * shrink + data[text_end:])
     assert image.stat().st_size == len(data)
     assert subprocess.run(["qemu-img", "check", str(image)]).returncode == 0, "still a valid vmdk with a short CID"
-    pin_vmdk(image, 0x0123ABCD)
+    fix_vmdk(image, 0x0123ABCD)
     lines = image.read_bytes()[line_at:text_end + 16].split(b"\n")
     assert lines[0] == b"CID=0123abcd" and lines[1] == b"parentCID=ffffffff"
     subprocess.run(["qemu-img", "check", str(image)], check=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from builder.finalize import environment, render
 from builder.spec import load_spec_document
+from builder.vm.finalize import environment, render
 from tests.fixtures.system import system_document
 
 REPO = Path(__file__).resolve().parent.parent
@@ -135,8 +135,8 @@ def test_templates_refuse_undefined_and_unquoted_values(tmp_path: Path) -> None:
 
 
 def test_every_template_is_rendered_through_the_quoting_filter() -> None:
-    for template in sorted((REPO / "builder" / "templates").glob("*.j2")):
+    for template in sorted((REPO / "templates").glob("*.j2")):
         for line in template.read_text().splitlines():
             for chunk in line.split("{{")[1:]:
                 assert "| shell_quote" in chunk.split("}}")[0], f"{template.name}: {line}"
-    assert os.path.isdir(REPO / "builder" / "templates")
+    assert os.path.isdir(REPO / "templates")

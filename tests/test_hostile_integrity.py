@@ -20,11 +20,13 @@ from typing import Any
 
 import pytest
 
-from builder import ext4, fat, table
+from builder.disk import table
+from builder.disk.layout import Partition, plan
 from builder.errors import BuildError
-from builder.layout import Partition, plan
-from builder.sizes import MiB
+from builder.fs import ext as ext4
+from builder.fs import fat
 from builder.spec import load_spec
+from builder.units import MiB
 from tests.conftest import SpecFactory
 from tests.imagecheck import part_offset
 

@@ -10,13 +10,15 @@ from typing import Any
 
 import pytest
 
-from builder.convert import convert
+from builder import rules
+from builder.disk.convert import convert
 from builder.errors import UserError
-from builder.inspection import inspect_image
-from builder.spec import TABLE_TYPES, load_spec
+from builder.spec import load_spec
+from builder.tools.inspect import inspect_image
 from tests.conftest import SpecFactory
 
 REPO = Path(__file__).resolve().parent.parent
+TABLE_TYPES = tuple(rules.tables())
 MiB = 1024 * 1024
 GPT_TAIL = 33 * 512  # backup GPT: 32 sectors of entries + 1 header
 

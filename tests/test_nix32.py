@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from builder.store import nix32, nix32_to_hex
+from builder.staging.store import nix32, nix32_to_hex
 
 NIX = ["nix", "--extra-experimental-features", "nix-command"]
 

@@ -437,7 +437,7 @@ def test_every_nixpkgs_argument_is_accepted() -> None:
         "configFile", "postVM", "memSize", "onlyNixStore", "name", "format", "baseName", "deterministic",
         "rootGPUID", "rootFSUID", "copyChannel", "additionalPaths",
     }
-    done = nix_eval(f"(import {REPO}/nix/args.nix).knownArgs")
+    done = nix_eval(f"(import {REPO}/nix/args).knownArgs")
     assert done.returncode == 0, done.stderr
     assert set(json.loads(done.stdout)) == nixpkgs_args
 
@@ -456,7 +456,7 @@ def _levenshtein(a: str, b: str) -> int:
 def test_edit_distance_matches_a_reference() -> None:
     pairs = [("kitten", "sitting"), ("", "abc"), ("abc", ""), ("diskSize", "disksise"), ("flaw", "lawn"),
              ("partitionTableType", "partitiontabletype"), ("qcow3", "qcow2"), ("a", "a")]
-    expr = "let A = import {}/nix/args.nix; in [ {} ]".format(
+    expr = "let A = import {}/nix/args; in [ {} ]".format(
         REPO, " ".join(f"(A.editDistance {json.dumps(a)} {json.dumps(b)})" for a, b in pairs)
     )
     done = nix_eval(expr)
@@ -465,10 +465,10 @@ def test_edit_distance_matches_a_reference() -> None:
 
 
 def test_iec_parsing_matches_the_builder() -> None:
-    from builder.sizes import parse_iec
+    from builder.units import parse_iec
 
     sizes = ["512M", "1.5G", "256MiB", "1", "0.5K", "3.333M", "1E", "100MB"]
-    expr = "let A = import {}/nix/args.nix; in map A.parseIEC [ {} ]".format(
+    expr = "let A = import {}/nix/args; in map A.parseIEC [ {} ]".format(
         REPO, " ".join(json.dumps(s) for s in sizes)
     )
     done = nix_eval(expr)
@@ -523,9 +523,9 @@ def test_module_options_mirror_the_arguments() -> None:
     done = nix_eval(module_expr("{ enable = true; }"))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    args = json.loads(nix_eval(f"(import {REPO}/nix/args.nix).knownArgs").stdout)
+    args = json.loads(nix_eval(f"(import {REPO}/nix/args).knownArgs").stdout)
     assert set(result["names"]) == set(args) - {"pkgs", "lib", "config"}
-    defaults = json.loads(nix_eval(f"(import {REPO}/nix/args.nix).defaults").stdout)
+    defaults = json.loads(nix_eval(f"(import {REPO}/nix/args).defaults").stdout)
     assert result["defaults"] == defaults
     # Options left at their defaults give exactly the function's defaults (label, rootFSUID derived).
     assert result["spec"] == evaluate("{ }")["spec"]

@@ -17,15 +17,18 @@ from typing import Any
 
 import pytest
 
-from builder import layout, table
+from builder import rules
+from builder.disk import layout, table
 from builder.errors import SpecError
-from builder.sizes import MiB
-from builder.spec import BOOT_END_MINIMUM, Spec, boot_end, load_spec, load_spec_document
+from builder.spec import Spec, boot_end, load_spec, load_spec_document
+from builder.units import MiB
 from tests.conftest import SpecFactory
 from tests.fixtures.closure_fixture import fixture_document
 from tests.nixpkgs_tables import assert_same_table, nixpkgs_partition, numfmt_accepts, sfdisk_table
 
 REPO = Path(__file__).resolve().parent.parent
+# Where each table's boot partition starts, for those whose boot partition ends at bootSize.
+BOOT_END_MINIMUM = {n: t.boot_start for n, t in rules.tables().items() if t.boot_start is not None}
 TABLES = ["legacy", "legacy+boot", "legacy+gpt", "efi", "efixbootldr", "hybrid"]
 # bootSize strings nixpkgs' numfmt reads; which a layout allows is what our spec validation says (below).
 BOOT_SIZES = ["256M", "64M", "100M", "1G", "260M", "256.5M", "8M", "1M"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.reprocheck import explain
+from builder.tools.reprocheck import explain
 from tests.conftest import SpecFactory, spec_doc
 from tests.imagecheck import part_offset
 
@@ -213,7 +213,7 @@ def test_vm_stage_builds_identical(table: str, tmp_path_factory: pytest.TempPath
         res = subprocess.run([sys.executable, "-m", "builder", "build", str(spec), "--out", str(base / "out"),
                               "--work", str(base / "work")], capture_output=True, text=True, cwd=REPO)
         assert res.returncode == 0, res.stderr[-3000:]
-        assert "pin the VM's writes" in res.stderr
+        assert "settle the VM's writes" in res.stderr
         (image,) = (base / "out").glob("*.img")
         images.append(image)
         time.sleep(1.1)
@@ -236,12 +236,13 @@ def test_stat_shim_gives_the_bytes_of_the_debugfs_pass(shim: str, make_spec: Spe
     "none" takes the debugfs pass on purpose; libm is a library that loads but changes nothing, which
     the builder must notice on the image and repair with the debugfs pass rather than trust.
     """
-    from builder import ext4
+    from builder.sandbox import statshim
 
-    assert ext4.stat_shim() is not None, "the stat shim is not built (pip install -e . builds builder/_statshim*.so)"
+    assert statshim.stat_shim() is not None, \
+        "the stat shim is not built (pip install -e . builds builder/sandbox/_statshim*.so)"
     spec = write_spec(shared / "shim.json", make_spec(partitionTableType="efi"), fixture_spec, shared)
     digests, logs = [], []
-    for name, env in (("shim", {}), ("other", {ext4.SHIM_ENV: shim})):
+    for name, env in (("shim", {}), ("other", {statshim.SHIM_ENV: shim})):
         image = shared / f"shim-{name}.img"
         cmd = ["runuser", "-u", "nobody", "--", sys.executable, "-m", "builder", "prepare", str(spec),
                "--image", str(image), "--work", str(shared / f"work-shim-{name}")]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from builder.cli import main
-from builder.sizes import parse_iec
+from builder.units import parse_iec
 from tests.conftest import spec_doc
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from builder.errors import BuildError
-from builder.vm import run_in_vm
+from builder.vm.runner import run_in_vm
 from tests.conftest import SpecFactory
 from tests.fixtures.system import fixture_system_spec
 
@@ -143,7 +143,7 @@ def test_image_that_needs_no_vm_is_built_without_starting_one(tmp_path: Path) ->
 def test_sigterm_stops_the_vm(tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
-    code = ("import sys; from pathlib import Path; from builder.vm import run_in_vm; "
+    code = ("import sys; from pathlib import Path; from builder.vm.runner import run_in_vm; "
             "run_in_vm(['sleep', '600'], Path(sys.argv[1]), mem_mib=256, xchg=Path(sys.argv[2]), timeout=600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(disk), str(tmp_path / "xchg")], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -1,7 +1,8 @@
 """buildPythonApplication's install in the nixpkgs stand-in: lay the package out as setuptools would.
 
-Only the packages listed in pyproject.toml's [tool.setuptools] and their package-data are installed into
-$out/lib/site-packages (files elsewhere in the source are not, as in a real wheel); each
+Only the packages listed in pyproject.toml's [tool.setuptools] (from where package-dir maps them) and their
+package-data are installed into $out/lib/site-packages (files elsewhere in the source are not, as in a
+real wheel); each
 [project.scripts] entry becomes $out/bin/<name>, running the venv's python with $binPath on PATH.
 """
 
@@ -15,10 +16,11 @@ out = Path(os.environ["out"])
 site = out / "lib" / "site-packages"
 pyproject = tomllib.loads((src / "pyproject.toml").read_text())
 setuptools = pyproject["tool"]["setuptools"]
+package_dir = setuptools.get("package-dir", {})
 for package in setuptools["packages"]:
     dest = site / package.replace(".", "/")
-    dest.mkdir(parents=True)
-    source = src / package.replace(".", "/")
+    dest.mkdir(parents=True, exist_ok=True)
+    source = src / package_dir.get(package, package.replace(".", "/"))
     for module in sorted(source.glob("*.py")):
         shutil.copy(module, dest)
     for pattern in setuptools.get("package-data", {}).get(package, []):

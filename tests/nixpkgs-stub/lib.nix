@@ -32,6 +32,8 @@ rec {
     [ "\\\\" "\\." "\\*" "\\+" "\\?" "\\(" "\\)" "\\[" "\\]" "\\{" "\\}" "\\|" "\\^" "\\$" ];
   concatStrings = concatStringsSep "";
   concatMapStrings = f: list: concatStringsSep "" (map f list);
+  concatMap = builtins.concatMap;
+  unique = builtins.foldl' (acc: e: if builtins.elem e acc then acc else acc ++ [ e ]) [ ];
   mapAttrsToList = f: set: map (n: f n set.${n}) (attrNames set);
   makeBinPath = pkgs: concatStringsSep ":" (map (p: "${p}/bin") pkgs);
   escapeShellArg = s: "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] (toString s) + "'";

@@ -17,7 +17,7 @@ sys.path.insert(0, host["builderSource"])
 os.environ["XDG_CACHE_HOME"] = host["cacheDir"]
 
 from builder.errors import BuildError  # noqa: E402
-from builder.vm import run_in_vm  # noqa: E402
+from builder.vm.runner import run_in_vm  # noqa: E402
 
 
 def qemu_opts(text: str) -> tuple[list[str], int]:

@@ -1,0 +1,1 @@
+"""The disk around the filesystems: partition layout and table, sparse placement, formats and their identifiers."""

@@ -1,0 +1,102 @@
+"""Write the finished raw image as `$out/<baseName>.<ext>` in the requested format, plus the Hydra product line.
+
+raw is moved (renamed, or copied sparse-aware across filesystems); every other format goes through
+`qemu-img convert -f raw -O <format>` (`-c` for qcow2-compressed, `-o force_size=on` for vpc so the
+virtual size is the raw size exactly, not a CHS rounding). The image is written under a temporary
+directory inside `out` with its final file name (vmdk embeds it) and renamed into place at the end, so
+a failure leaves no partial image.
+
+With `deterministic`, the identifiers qemu-img draws at random (vdi, vpc, vmdk, vhdx) are replaced by
+spec-derived ones (builder.image_ids), so rebuilding the same spec gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ..errors import BuildError, UserError
+from ..log import step
+from ..spec import Spec
+from .image_ids import fix_identifiers
+
+
+def qemu_img_args(spec: Spec) -> list[str]:
+    """The `qemu-img convert` arguments that select the output format for this spec (not raw)."""
+    if spec.format == "qcow2-compressed":
+        return ["-O", "qcow2", "-c"]
+    if spec.format == "vpc":
+        return ["-O", "vpc", "-o", "force_size=on"]
+    return ["-O", spec.format]
+
+
+def _run_qemu_img(args: list[str]) -> str:
+    """Run qemu-img; a failure becomes a BuildError carrying its stderr."""
+    try:
+        done = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise BuildError("qemu-img is not on PATH (needed to write formats other than raw)") from None
+    if done.returncode != 0:
+        raise BuildError(f"qemu-img {' '.join(args)} failed (exit {done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+def virtual_size(path: Path, fmt: str) -> int:
+    """The virtual size in bytes that qemu-img reads from an image."""
+    return int(json.loads(_run_qemu_img(["info", "--output=json", "-f", fmt, str(path)]))["virtual-size"])
+
+
+def _move_raw(raw: Path, dest: Path) -> None:
+    """Move raw to dest: rename when on one filesystem, else copy keeping holes and remove the source."""
+    try:
+        os.replace(raw, dest)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise BuildError(f"cannot move {raw} to {dest}: {exc}") from None
+    done = subprocess.run(["cp", "--sparse=always", "--", str(raw), str(dest)], stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise BuildError(f"cannot copy {raw} to {dest}: {done.stderr.strip()}")
+    raw.unlink()
+
+
+def _write_image(spec: Spec, raw: Path, dest: Path) -> None:
+    """Write dest (a temporary name) from raw in spec.format, checked and with identifiers pinned."""
+    if spec.format == "raw":
+        _move_raw(raw, dest)
+        return
+    _run_qemu_img(["convert", "-f", "raw", *qemu_img_args(spec), str(raw), str(dest)])
+    if spec.format == "vpc":
+        want, got = raw.stat().st_size, virtual_size(dest, "vpc")
+        if want != got:
+            raise BuildError(f"vpc image has virtual size {got} bytes, the raw image has {want}")
+    if spec.deterministic:
+        fix_identifiers(spec, dest)
+
+
+def convert(spec: Spec, raw: Path, out: Path) -> Path:
+    """Write out/<spec.image_file_name> from the raw image, append the Hydra product line, return its path."""
+    if not raw.is_file():
+        raise UserError(f"--image {str(raw)!r}: no such raw image file")
+    out = out.absolute()
+    final = out / spec.image_file_name
+    with step(f"convert to {spec.format} as {final.name}"):
+        out.mkdir(parents=True, exist_ok=True)
+        if not (spec.format == "raw" and raw.absolute() == final):  # else already in place
+            tmpdir = Path(tempfile.mkdtemp(prefix=".convert-", dir=out))
+            try:
+                tmp = tmpdir / final.name
+                _write_image(spec, raw, tmp)
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+        support = out / "nix-support"
+        support.mkdir(exist_ok=True)
+        with (support / "hydra-build-products").open("a") as products:
+            products.write(f"file {spec.hydra_format}-image {final}\n")
+    return final

@@ -1,0 +1,55 @@
+"""Sparse copies between image files: only the data segments are copied (SEEK_DATA/SEEK_HOLE), holes stay holes."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from ..errors import BuildError
+
+
+def data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """(start, end) of every data segment of a file within [start, end)."""
+    ranges: list[tuple[int, int]] = []
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole remains
+                break
+            raise
+        if data >= end:
+            break
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        ranges.append((data, min(hole, end)))
+        pos = hole
+    return ranges
+
+
+def copy_sparse(src: Path, src_offset: int, length: int, dst: Path, dst_offset: int) -> None:
+    """Copy bytes [src_offset, src_offset+length) of src to dst at dst_offset, data segments only."""
+    with open(src, "rb") as s, open(dst, "r+b") as d:
+        for start, end in data_ranges(s.fileno(), src_offset, src_offset + length):
+            pos = start
+            while pos < end:
+                done = os.copy_file_range(s.fileno(), d.fileno(), end - pos, pos, dst_offset + pos - src_offset)
+                if done <= 0:
+                    raise BuildError(f"copying {src} into {dst} stopped at byte {pos}")
+                pos += done
+
+
+def place(fs_file: Path, image: Path, offset: int, limit: int) -> None:
+    """Write fs_file's data segments into image at offset; refuse a file larger than its partition (limit)."""
+    size = fs_file.stat().st_size
+    if size > limit:
+        raise BuildError(f"the root filesystem ({size} bytes) does not fit its partition ({limit} bytes)")
+    copy_sparse(fs_file, 0, size, image, offset)
+
+
+def extract(image: Path, start: int, size: int, dest: Path) -> None:
+    """Copy bytes [start, start+size) of image into a new sparse file dest (for tools that take no offset)."""
+    with open(dest, "wb") as f:
+        f.truncate(size)
+    copy_sparse(image, start, size, dest, 0)

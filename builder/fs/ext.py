@@ -1,0 +1,343 @@
+"""The root ext4: created and populated at its partition offset with mkfs.ext4 -d, in one pass over the tree.
+
+No root and no mount: mkfs.ext4 writes the tree at `-E offset`. mkfs copies owners and times from the
+build's files, so it runs with the stat shim (builder/statshim.c, LD_PRELOAD) that shows it every file as
+owned by root with atime/ctime at the epoch, and E2FSPROGS_FAKE_TIME pins what it stamps itself (crtime;
+with deterministic also the superblock's times; e2fsprogs 1.47.0 ignores SOURCE_DATE_EPOCH). The numeric
+owners contents asked for are then set with debugfs. Without the shim (not built, or MDI_STAT_SHIM=none)
+one debugfs pass over every inode sets owners and times instead: same result, slower.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..disk import layout, table
+from ..errors import BuildError, UserError
+from ..log import info, step
+from ..sandbox.namespace import run_with_binds, userns_available
+from ..sandbox.statshim import stat_shim
+from ..spec import Spec
+from ..staging import measure, store
+from ..staging.contents import ModeFix, OwnerFix
+from ..staging.measure import BLOCK
+from ..staging.root import StagedRoot, closure_binds, remove_tree_quietly, stage_root
+from ..units import MiB, align_up, human
+from . import fat
+
+# The first inode mkfs -d creates from the tree (after the reserved ones and lost+found).
+FIRST_TREE_INODE = 12
+
+# Free space on the work directory's filesystem below which a mkfs "No space left" means the host is full.
+HOST_FULL_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Ext4Params:
+    """How to create the root ext4."""
+
+    label: str
+    uuid: str | None
+    hash_seed: str | None
+    inodes: int
+    fake_time: int | None
+    # ext4, or ext3/ext2 as nixpkgs makes them for partitionTableType = "none" (mkfs.${fsType}).
+    fs_type: str = "ext4"
+
+
+def _mkfs_argv(params: Ext4Params, target: str, size_bytes: int, offset: int | None, source: str | None) -> list[str]:
+    """mkfs.ext4's command line (-t for ext2/ext3); every -E option in one list since only the last -E counts."""
+    ext = ["nodiscard", "lazy_itable_init=1", "lazy_journal_init=1", "root_owner=0:0"]
+    if offset is not None:
+        ext.insert(0, f"offset={offset}")
+    if params.hash_seed:
+        ext.append(f"hash_seed={params.hash_seed}")
+    argv = ["mkfs.ext4", "-q", "-F", "-t", params.fs_type, "-b", str(BLOCK), "-T", "default", "-m", "5",
+            "-N", str(params.inodes),
+            "-L", params.label, "-E", ",".join(ext)]
+    if params.uuid:
+        argv += ["-U", params.uuid]
+    if source is not None:
+        argv += ["-d", source]
+    return [*argv, target, f"{size_bytes // 1024}k"]
+
+
+def _env(params: Ext4Params) -> dict[str, str]:
+    """Environment for e2fsprogs: fixed time when deterministic, no mke2fs.conf surprises."""
+    env = dict(os.environ)
+    if params.fake_time is not None:
+        env["E2FSPROGS_FAKE_TIME"] = str(params.fake_time)
+    env.pop("MKE2FS_CONFIG", None)
+    return env
+
+
+def superblock(target: str) -> dict[str, str]:
+    """dumpe2fs -h of a filesystem (target may carry '?offset=N'), as a dict."""
+    res = subprocess.run(["dumpe2fs", "-h", target], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BuildError(f"dumpe2fs -h {target} failed: {res.stderr.strip()}")
+    out: dict[str, str] = {}
+    for line in res.stdout.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def overhead_blocks(size_bytes: int, params: Ext4Params, scratch: Path) -> int:
+    """Blocks an EMPTY ext4 of this size and inode count uses (metadata, journal, root, lost+found)."""
+    with tempfile.NamedTemporaryFile(dir=scratch, prefix="probe-", suffix=".ext4") as f:
+        os.truncate(f.name, size_bytes)
+        res = subprocess.run(_mkfs_argv(params, f.name, size_bytes, None, None), capture_output=True, text=True,
+                             env=_env(params))
+        if res.returncode != 0:
+            raise BuildError(f"mkfs.ext4 probe failed: {res.stderr.strip()}")
+        sb = superblock(f.name)
+    return int(sb["Block count"]) - int(sb["Free blocks"])
+
+
+def _inode_times(target: str, ino: int) -> tuple[int, int, int, int]:
+    """(uid, gid, ctime, crtime) of one inode, read back with debugfs."""
+    res = subprocess.run(["debugfs", "-R", f"stat <{ino}>", target], capture_output=True, text=True)
+    found = dict(re.findall(r"^\s*(ctime|crtime): 0x([0-9a-f]+)", res.stdout, re.M))
+    owner = re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", res.stdout)
+    if res.returncode != 0 or owner is None or len(found) != 2:
+        raise BuildError(f"debugfs could not read inode {ino} back: {res.stderr.strip()}")
+    return int(owner[1]), int(owner[2]), int(found["ctime"], 16), int(found["crtime"], 16)
+
+
+def populate(
+    image: Path, offset: int, size_bytes: int, root: Path, params: Ext4Params,
+    binds: Sequence[tuple[str, str]], scratch: Path, epoch: int, lazy_store: str | None = None,
+) -> bool:
+    """Create the ext4 at offset in image and fill it from root (with store paths bound in when given).
+
+    Returns whether mkfs already wrote owner 0 and the epoch's times (the stat shim was loaded), which is
+    checked on the image rather than assumed: a library the loader refuses is only a warning to it.
+    """
+    argv = _mkfs_argv(params, str(image), size_bytes, offset, str(root))
+    env = _env(params)
+    shim = stat_shim()
+    if shim:
+        preload = ":".join(filter(None, [os.environ.get("LD_PRELOAD"), shim]))
+        # Through env(1), so only mkfs is preloaded, not the namespace helper that execs it.
+        argv = ["env", f"LD_PRELOAD={preload}", f"MDI_SHIM_EPOCH={epoch}", *argv]
+        env["E2FSPROGS_FAKE_TIME"] = str(params.fake_time if params.fake_time is not None else epoch)
+    if binds:
+        res = run_with_binds(binds, argv, scratch / "binds.json", env, lazy_store, epoch)
+    else:
+        res = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        msg = (res.stderr or res.stdout).strip()
+        host = os.statvfs(image.parent)
+        if "No space left" in msg and host.f_bavail * host.f_frsize < HOST_FULL_BYTES:
+            # The sparse image file could not grow: the build host's disk is full, not the image's filesystem.
+            raise BuildError(f"the work directory {str(image.parent)!r} ran out of space "
+                             f"({host.f_bavail * host.f_frsize} bytes free) while writing the image: {msg}")
+        if "Could not allocate" in msg or "No space left" in msg:
+            raise BuildError(f"the root filesystem ({size_bytes} bytes) is too small for its contents: {msg}")
+        raise BuildError(f"mkfs.ext4 -d failed: {msg}")
+    if not shim:
+        return False
+    if _inode_times(f"{image}?offset={offset}", FIRST_TREE_INODE) == (0, 0, epoch, epoch):
+        return True
+    info(f"the stat shim {shim} did not take effect in mkfs.ext4; setting owners and times with debugfs")
+    return False
+
+
+def _used_inodes(target: str) -> list[int]:
+    """Inode numbers in use, from dumpe2fs's per-group free inode ranges."""
+    res = subprocess.run(["dumpe2fs", target], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BuildError(f"dumpe2fs {target} failed: {res.stderr.strip()}")
+    per_group = int(re.search(r"^Inodes per group:\s+(\d+)", res.stdout, re.M).group(1))  # type: ignore[union-attr]
+    used: list[int] = []
+    group = 0
+    for m in re.finditer(r"^Group (\d+):.*?\n\s+Free inodes: ?([^\n]*)", res.stdout, re.M | re.S):
+        group = int(m.group(1))
+        first, last = group * per_group + 1, (group + 1) * per_group
+        free: set[int] = set()
+        for part in filter(None, (p.strip() for p in m.group(2).split(","))):
+            lo, _, hi = part.partition("-")
+            free.update(range(int(lo), int(hi or lo) + 1))
+        used.extend(i for i in range(first, last + 1) if i not in free)
+    return used
+
+
+def _quote(path: str) -> str:
+    """Quote a path for debugfs' command parser (doubled quotes inside quotes)."""
+    return '"' + path.replace('"', '""') + '"'
+
+
+def normalize(
+    image: Path, offset: int, fixes: Sequence[OwnerFix], epoch: int, scratch: Path, params: Ext4Params,
+    every_inode: bool = True, modes: Sequence[ModeFix] = (),
+) -> None:
+    """Contents' numeric owners and modes, and with every_inode root and the epoch's times on all others: one debugfs.
+
+    It also zeroes the superblock's lifetime-writes counter, which counts what each pass wrote, so an image
+    made with the stat shim and one made without it are the same bytes.
+    """
+    target = f"{image}?offset={offset}"
+    cmd_file = scratch / "debugfs.cmds"
+    times = [("uid", 0), ("gid", 0), ("atime", f"@{epoch}"), ("ctime", f"@{epoch}"), ("crtime", f"@{epoch}")]
+    # Written as produced, and debugfs' echo discarded, so memory stays flat however many inodes there are.
+    # surrogateescape: names that are not UTF-8 (os.fsdecode'd from a source tree) go back as their own bytes.
+    with open(cmd_file, "w", encoding="utf-8", errors="surrogateescape") as out:
+        for ino in _used_inodes(target) if every_inode else []:
+            if ino != 2 and ino < 11:
+                continue
+            out.writelines(f"sif <{ino}> {field} {value}\n" for field, value in times)
+        for fix in fixes:
+            out.write(f"sif {_quote(fix.image_path)} uid {fix.uid}\nsif {_quote(fix.image_path)} gid {fix.gid}\n")
+        out.writelines(f"sif {_quote(m.image_path)} mode 0{m.mode:o}\n" for m in modes)
+        out.write("ssv kbytes_written 0\n")
+    res = subprocess.run(["debugfs", "-w", "-f", str(cmd_file), target], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, errors="replace", env=_env(params))
+    errors = [ln for ln in res.stderr.splitlines() if ln and not ln.startswith("debugfs ")]
+    if res.returncode != 0 or errors:
+        raise BuildError(f"debugfs could not set owners, modes and times: {'; '.join(errors[:5]) or res.returncode}")
+
+
+def check(image: Path, offset: int) -> None:
+    """e2fsck -fn must find the filesystem clean; the build fails otherwise."""
+    # No readahead: the image was just written and sits in the page cache; e2fsck's fadvise calls (one per
+    # inode table chunk) only cost system calls.
+    res = subprocess.run(["e2fsck", "-fn", "-E", "readahead_kb=0", f"{image}?offset={offset}"], capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        raise BuildError(f"e2fsck found problems in the root filesystem:\n{res.stdout[-2000:]}{res.stderr[-1000:]}")
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """The chosen disk and root filesystem sizes and how they were reached."""
+
+    disk_size: int
+    fs_size: int
+    inodes: int
+    usage: measure.Usage
+
+
+def _fs_bytes_for(disk_size: int, spec: Spec) -> int:
+    """The root filesystem size a disk of disk_size leaves (partition size floored to 4 KiB)."""
+    start, end = layout.root_start(spec), layout.root_end(spec, disk_size)
+    return (end - start) // measure.BLOCK * measure.BLOCK
+
+
+def ext_params(spec: Spec, inodes: int) -> Ext4Params:
+    """ext4 creation parameters from the spec."""
+    det = spec.deterministic
+    return Ext4Params(
+        label=spec.label, uuid=spec.root_fsuid, hash_seed=spec.root_fsuid if det else None,
+        inodes=inodes, fake_time=spec.source_date_epoch if det else None, fs_type=spec.fs_type,
+    )
+
+
+def _needed_fs_bytes(spec: Spec, usage: measure.Usage, free: int, scratch: Path) -> tuple[int, int]:
+    """Smallest ext4 size (and inode count) holding usage with at least `free` bytes left, by measuring mkfs."""
+    want = usage.blocks * measure.BLOCK + free
+    size = align_up(int(want * 1.05) + 8 * MiB, measure.BLOCK)
+    for _ in range(6):
+        inodes = measure.inode_count(size, usage.inodes, free)
+        over = overhead_blocks(size, ext_params(spec, inodes), scratch)
+        new = align_up(want + over * measure.BLOCK, measure.BLOCK)
+        if new == size:
+            break
+        size = new
+    return size, measure.inode_count(size, usage.inodes, free)
+
+
+def choose_size(spec: Spec, staged: StagedRoot, scratch: Path, store_usage: measure.StoreMeasure) -> Sizing:
+    """diskSize: auto from the measured tree + additionalSpace + table space, or the fixed size if it fits."""
+    subs = {dest: src for src, dest in staged.store_binds}
+    usage = measure.measure(staged.root, subs, store_usage)
+    if spec.disk_size is None:
+        fs_size, inodes = _needed_fs_bytes(spec, usage, spec.additional_space, scratch)
+        disk = layout.smallest_disk(spec, fs_size)
+    else:
+        disk = spec.disk_size
+        need, _ = _needed_fs_bytes(spec, usage, 0, scratch)
+        if _fs_bytes_for(disk, spec) < need:
+            minimum = layout.smallest_disk(spec, need) // MiB
+            raise UserError(
+                f"diskSize = {disk // MiB} MiB is too small: the root filesystem needs {human(need)} "
+                f"({human(usage.blocks * measure.BLOCK)} of files and directories in {usage.inodes} inodes, plus "
+                f"ext4 metadata); use diskSize >= {minimum} or \"auto\""
+            )
+        fs_size = _fs_bytes_for(disk, spec)
+        inodes = measure.inode_count(fs_size, usage.inodes, 0)
+    fs_size = _fs_bytes_for(disk, spec)
+    info(f"content: {usage.inodes} inodes, {human(usage.file_bytes)} of file data, "
+         f"{human(usage.blocks * measure.BLOCK)} in 4 KiB blocks")
+    info(f"root filesystem {human(fs_size)} ({inodes} inodes); disk {human(disk)} "
+         f"({'auto, additionalSpace ' + human(spec.additional_space) if spec.disk_size is None else 'fixed'})")
+    return Sizing(disk, fs_size, inodes, usage)
+
+
+def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scratch: Path) -> layout.Layout:
+    """Create the sparse image, its table, the root ext4 (populated) and empty FAT partitions; check them."""
+    plan = layout.plan(spec, size.disk_size)
+    with open(image, "wb") as f:
+        f.truncate(size.disk_size)
+    with step("partition table"):
+        table.write_table(image, plan)
+    root = plan.root
+    params = ext_params(spec, size.inodes)
+    epoch = spec.source_date_epoch
+    with step("root filesystem (mkfs.ext4 -d)"):
+        binds = closure_binds(staged, epoch)
+        stamped = populate(image, root.start, size.fs_size, staged.root, params, binds, scratch, epoch,
+                                staged.lazy_store)
+    # The staging tree is read; removing it (a syscall per entry) overlaps the checks below on the other core.
+    remover = threading.Thread(target=remove_tree_quietly, args=(staged.root,), name="remove staging", daemon=True)
+    remover.start()
+    try:
+        _finish_root_and_boot(spec, staged, image, plan, params, stamped, scratch)
+    finally:
+        remover.join()
+    sb = superblock(f"{image}?offset={root.start}")
+    free = int(sb["Free blocks"]) * measure.BLOCK
+    info(f"root filesystem free: {human(free)}")
+    if spec.disk_size is None and free < spec.additional_space:
+        raise BuildError(f"auto sizing left {human(free)} free, less than additionalSpace "
+                         f"{human(spec.additional_space)} (estimate too low; please report)")
+    return plan
+
+
+def _finish_root_and_boot(spec: Spec, staged: StagedRoot, image: Path, plan: layout.Layout,
+                          params: Ext4Params, stamped: bool, scratch: Path) -> None:
+    """After mkfs: owners and times still to set, the empty FAT partitions, then every filesystem checked."""
+    root, epoch = plan.root, spec.source_date_epoch
+    with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
+        normalize(image, root.start, staged.owner_fixes, epoch, scratch, params, every_inode=not stamped,
+                       modes=staged.mode_fixes)
+    with step("boot filesystems"):
+        for p in plan.partitions:
+            if p.fs == "vfat":
+                fat.make(image, p, spec.deterministic)
+    with step("check filesystems"):
+        check(image, root.start)
+        for p in plan.partitions:
+            if p.fs == "vfat":
+                fat.check(image, p)
+
+
+
+
+def prepare_root(spec: Spec, regs: list[store.Registration], image: Path, scratch: Path) -> layout.Layout:
+    """Stage, size and write the image with its ext2/3/4 root made in place by mkfs -d; the layout written."""
+    # Sizing the store starts now, in worker processes, and overlaps the staging.
+    with measure.StoreMeasure([r.path for r in regs]) as store_usage:
+        with step("stage root"):
+            staged = stage_root(spec, regs, scratch / "root", lazy_store=userns_available())
+        with step("size"):
+            size = choose_size(spec, staged, scratch, store_usage)
+    return write_image(spec, staged, size, image, scratch)

@@ -1,0 +1,156 @@
+"""Root filesystems other than ext4: build each as its own file, size it, place it into its partition, check it.
+
+ext4 is made in place at its offset (builder/ext4.py, the pipeline's own path). Every other fsType goes
+through here: btrfs and xfs (writable; sized from the measured tree + additionalSpace, grown and rebuilt
+if mkfs runs out of space or leaves too little free), erofs and squashfs (read-only; onlyNixStore only,
+their size is what mkfs wrote). The finished file is copied into the partition sparse-aware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import rules
+from ..disk import layout, table
+from ..disk.sparse import place
+from ..errors import UserError
+from ..log import info, step
+from ..sandbox.namespace import userns_available
+from ..spec import Spec
+from ..staging import measure
+from ..staging.root import StagedRoot, closure_binds
+from ..units import MiB, align_up, human
+from . import btrfs, erofs, fat, squashfs, xfs
+from .build import NoSpace, RootBuild
+
+WRITABLE: dict[str, tuple[Callable[[int, int, int], int], Callable[[RootBuild, Path, int], None],
+                          Callable[[Path], int], Callable[[Path], None], str]] = {
+    "btrfs": (btrfs.needed_bytes, btrfs.make, btrfs.free_bytes, btrfs.check, "mkfs.btrfs --rootdir"),
+    "xfs": (xfs.needed_bytes, xfs.make, xfs.free_bytes, xfs.check, "mkfs.xfs -p"),
+}
+READ_ONLY_MAKERS: dict[str, tuple[Callable[[RootBuild, Path], None], Callable[[Path], None], str]] = {
+    "erofs": (erofs.make, erofs.check, "mkfs.erofs"),
+    "squashfs": (squashfs.make, squashfs.check, "mksquashfs"),
+}
+MAX_ATTEMPTS = 8
+
+
+def _root_bytes(spec: Spec, disk_size: int) -> int:
+    """Bytes of the root partition on a disk of disk_size, floored to 4 KiB."""
+    return (layout.root_end(spec, disk_size) - layout.root_start(spec)) // 4096 * 4096
+
+
+def _disk_for(spec: Spec, fs_bytes: int) -> int:
+    """The smallest disk (whole MiB) whose root partition holds fs_bytes."""
+    return align_up(fs_bytes + layout.root_start(spec) + layout.tail_reserve(spec), MiB)
+
+
+def _binds(staged: StagedRoot, epoch: int) -> tuple[tuple[str, str], ...]:
+    """The store binds, or none after copying the closure in when user namespaces are unavailable."""
+    if userns_available() or not staged.store_binds:
+        return staged.store_binds
+    return tuple(closure_binds(staged, epoch))
+
+
+def _build_writable(spec: Spec, build: RootBuild, fs_file: Path) -> tuple[int, int]:
+    """Make a btrfs/xfs that fits (fixed diskSize) or leaves additionalSpace free (auto); return (disk, free)."""
+    needed, make, free_of, _, tool = WRITABLE[spec.fs_type]
+    usage = measure.measure(build.root, {dest: src for src, dest in build.binds})
+    data = usage.blocks * measure.BLOCK
+    if spec.fs_type == "xfs":
+        data = max(data, xfs.protofile(build)[2])  # hard links become copies in xfs
+    if spec.disk_size is not None:
+        size = _root_bytes(spec, spec.disk_size)
+        minimum = needed(data, usage.inodes, 0)
+        try:
+            if size < (xfs.MIN_BYTES if spec.fs_type == "xfs" else btrfs.MIN_BYTES):
+                raise NoSpace("below the minimum size")
+            with step(f"root filesystem ({tool})"):
+                make(build, fs_file, size)
+            _refuse_grown(fs_file, size)
+        except NoSpace:
+            raise UserError(f"diskSize = {spec.disk_size // MiB} MiB is too small for fsType = \"{spec.fs_type}\": "
+                            f"the root filesystem needs about {human(minimum)}; use diskSize >= "
+                            f"{_disk_for(spec, minimum) // MiB} or \"auto\"") from None
+        return spec.disk_size, free_of(fs_file)
+    want = needed(data, usage.inodes, spec.additional_space)
+    for _ in range(MAX_ATTEMPTS):
+        disk = _disk_for(spec, want)
+        size = _root_bytes(spec, disk)
+        try:
+            with step(f"root filesystem ({tool}, {human(size)})"):
+                make(build, fs_file, size)
+        except NoSpace:
+            want = align_up(int(want * 1.4), MiB)
+            continue
+        grown = fs_file.stat().st_size
+        if grown > size:  # mkfs.btrfs --rootdir extends a file that is too small instead of failing
+            want = align_up(grown + spec.additional_space + 16 * MiB, MiB)
+            continue
+        free = free_of(fs_file)
+        if free >= spec.additional_space:
+            return disk, free
+        want = align_up(want + spec.additional_space - free + 16 * MiB, MiB)
+    raise UserError(f"could not size the {spec.fs_type} root: mkfs kept running out of space (last try "
+                    f"{human(want)}); give diskSize explicitly")
+
+
+def _refuse_grown(fs_file: Path, size: int) -> None:
+    """A filesystem file mkfs grew beyond its partition does not fit (fixed diskSize)."""
+    if fs_file.stat().st_size > size:
+        raise NoSpace(f"needs {fs_file.stat().st_size} bytes")
+
+
+def _build_read_only(spec: Spec, build: RootBuild, fs_file: Path) -> int:
+    """Make an erofs/squashfs (its own size) and return the disk size that holds it."""
+    make, _, tool = READ_ONLY_MAKERS[spec.fs_type]
+    with step(f"root filesystem ({tool})"):
+        make(build, fs_file)
+    fs_bytes = align_up(fs_file.stat().st_size, 4096)
+    if spec.additional_space:
+        info(f"additionalSpace is not used: {spec.fs_type} is read-only")
+    if spec.disk_size is None:
+        return _disk_for(spec, fs_bytes)
+    if _root_bytes(spec, spec.disk_size) < fs_bytes:
+        raise UserError(f"diskSize = {spec.disk_size // MiB} MiB is too small: the {spec.fs_type} root is "
+                        f"{human(fs_bytes)}; use diskSize >= {_disk_for(spec, fs_bytes) // MiB} or \"auto\"")
+    return spec.disk_size
+
+
+def prepare_root(spec: Spec, staged: StagedRoot, image: Path, scratch: Path) -> layout.Layout:
+    """Build the non-ext4 root as its own file, then the disk: table, root placed at its offset, FAT partitions."""
+    epoch = spec.source_date_epoch
+    build = RootBuild(
+        root=staged.root, binds=_binds(staged, epoch), owner_fixes=staged.owner_fixes, mode_fixes=staged.mode_fixes,
+        label=spec.label, uuid=spec.root_fsuid, epoch=epoch if spec.deterministic else None, source_date_epoch=epoch,
+        scratch=scratch,
+    )
+    fs_file = scratch / f"root.{spec.fs_type}"
+    try:
+        if rules.fs_types()[spec.fs_type].read_only:
+            disk = _build_read_only(spec, build, fs_file)
+            check = READ_ONLY_MAKERS[spec.fs_type][1]
+        else:
+            disk, free = _build_writable(spec, build, fs_file)
+            check = WRITABLE[spec.fs_type][3]
+            info(f"root filesystem free: {human(free)}")
+        with step(f"check root filesystem ({spec.fs_type})"):
+            check(fs_file)
+        plan = layout.plan(spec, disk)
+        info(f"root {spec.fs_type} {human(fs_file.stat().st_size)}; disk {human(disk)}")
+        with open(image, "wb") as f:
+            f.truncate(disk)
+        with step("partition table"):
+            table.write_table(image, plan)
+        root = plan.root
+        with step("place root filesystem"):
+            place(fs_file, image, root.start, root.size)
+    finally:
+        fs_file.unlink(missing_ok=True)
+    with step("boot filesystems"):
+        for p in plan.partitions:
+            if p.fs == "vfat" and p.role != "root":
+                fat.make(image, p, spec.deterministic)
+                fat.check(image, p)
+    return plan

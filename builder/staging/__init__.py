@@ -1,0 +1,1 @@
+"""Staging the image tree: contents, the Nix state, store placeholders, and measuring it for sizing."""

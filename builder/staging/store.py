@@ -1,0 +1,210 @@
+"""The image's Nix store side: closureInfo parsing, the Nix database, profiles and what nixos-install leaves."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..spec import Spec
+
+NIX32_ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
+HASH_BYTES = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}
+
+# Nix's local store schema, version 10 (src/libstore/schema.sql), as every Nix since 2.0 writes it.
+DB_SCHEMA = """
+create table if not exists ValidPaths (
+    id               integer primary key autoincrement not null,
+    path             text unique not null,
+    hash             text not null,
+    registrationTime integer not null,
+    deriver          text,
+    narSize          integer,
+    ultimate         integer, -- null implies "false"
+    sigs             text, -- space-separated
+    ca               text -- if not null, an assertion that the path is content-addressed; see ValidPathInfo
+);
+create table if not exists Refs (
+    referrer  integer not null,
+    reference integer not null,
+    primary key (referrer, reference),
+    foreign key (referrer) references ValidPaths(id) on delete cascade,
+    foreign key (reference) references ValidPaths(id) on delete restrict
+);
+create index if not exists IndexReferrer on Refs(referrer);
+create index if not exists IndexReference on Refs(reference);
+create trigger if not exists DeleteSelfRefs before delete on ValidPaths
+  begin
+    delete from Refs where referrer = old.id and reference = old.id;
+  end;
+create table if not exists DerivationOutputs (
+    drv  integer not null,
+    id   text not null, -- symbolic output id, usually "out"
+    path text not null,
+    primary key (drv, id),
+    foreign key (drv) references ValidPaths(id) on delete cascade
+);
+create index if not exists IndexDerivationOutputs on DerivationOutputs(path);
+"""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One store path as closureInfo's registration file lists it."""
+
+    path: str
+    nar_hash: str
+    nar_size: int
+    deriver: str
+    references: tuple[str, ...]
+
+
+# Nix's base-32 digits mapped to int()'s base-32 digits; Nix writes the most significant digit first
+# (of the digest read as a little-endian number), so the whole conversion is int(..., 32) and back.
+_TO_INT32 = str.maketrans(NIX32_ALPHABET, "0123456789abcdefghijklmnopqrstuv")
+_FROM_INT32 = {i: c for i, c in enumerate(NIX32_ALPHABET)}
+
+
+def nix32(digest: bytes) -> str:
+    """Encode a digest in Nix's base-32, as nix-store, closureInfo and fetchTarball's sha256 print it."""
+    length = (len(digest) * 8 - 1) // 5 + 1
+    value = int.from_bytes(digest, "little")
+    return "".join(_FROM_INT32[(value >> (5 * n)) & 0x1F] for n in range(length - 1, -1, -1))
+
+
+def nix32_to_hex(text: str) -> str:
+    """Decode Nix's base-32 hash encoding into lowercase hex (bits beyond the digest's length dropped)."""
+    if not text or text.strip(NIX32_ALPHABET):
+        raise ValueError(f"not a Nix base-32 string: {text!r}")
+    length = len(text) * 5 // 8
+    value = int(text.translate(_TO_INT32), 32) & ((1 << (8 * length)) - 1)
+    return value.to_bytes(length, "little").hex()
+
+
+def db_hash(nar_hash: str) -> str:
+    """The narHash as Nix stores it in the database: '<algo>:<base16>'."""
+    algo, sep, digest = nar_hash.partition(":")
+    if not sep:  # nix-store --dump-db writes bare base-16 SHA-256
+        algo, digest = "sha256", nar_hash
+    if algo not in HASH_BYTES:
+        raise ValueError(f"unsupported hash {nar_hash!r}")
+    n = HASH_BYTES[algo]
+    if len(digest) == 2 * n:
+        return f"{algo}:{digest.lower()}"
+    if len(digest) == (n * 8 - 1) // 5 + 1:
+        return f"{algo}:{nix32_to_hex(digest)}"
+    raise ValueError(f"hash {nar_hash!r} has an unexpected length")
+
+
+def parse_registration(text: str, source: str) -> list[Registration]:
+    """Parse nix-store --load-db input (closureInfo's registration)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    regs: list[Registration] = []
+    i = 0
+    try:
+        while i < len(lines):
+            path, nar_hash, nar_size, deriver, count = lines[i:i + 5]
+            n = int(count)
+            refs = tuple(lines[i + 5:i + 5 + n])
+            if len(refs) != n:
+                raise ValueError("truncated reference list")
+            db_hash(nar_hash)
+            regs.append(Registration(path, nar_hash, int(nar_size), deriver, refs))
+            i += 5 + n
+    except ValueError as exc:
+        raise UserError(f"{source}: malformed closureInfo registration near line {i + 1}: {exc}") from None
+    return regs
+
+
+def read_closure(spec: Spec) -> list[Registration]:
+    """Read closureInfo's registration and check it covers the system, channel and additionalPaths."""
+    info = Path(spec.closure_info)
+    reg_file = info / "registration"
+    try:
+        regs = parse_registration(reg_file.read_text(), str(reg_file))
+    except OSError as exc:
+        raise UserError(f"system.closureInfo: cannot read {str(reg_file)!r}: {exc}") from None
+    paths = {r.path for r in regs}
+    prefix = spec.store_dir.rstrip("/") + "/"
+    for r in regs:
+        if not r.path.startswith(prefix) or "/" in r.path[len(prefix):]:
+            raise UserError(f"system.closureInfo: {r.path!r} is not a store path under {spec.store_dir}")
+        missing = [ref for ref in r.references if ref not in paths]
+        if missing:
+            raise UserError(f"system.closureInfo: the closure is not closed: {r.path} references {missing[0]}")
+    wanted = [("system.toplevel", spec.toplevel)]
+    if spec.channel:
+        wanted.append(("system.channel", spec.channel))
+    wanted += [(f"system.additionalPaths[{i}]", p) for i, p in enumerate(spec.additional_paths)]
+    for field, path in wanted:
+        if path not in paths:
+            raise UserError(f"{field}: {path!r} is not in closureInfo's registration (the closure must include it)")
+    for r in regs:
+        if not os.path.lexists(r.path):
+            raise UserError(f"system.closureInfo: store path {r.path!r} does not exist on this machine")
+    return sorted(regs, key=lambda r: r.path)
+
+
+def write_db(root: Path, regs: list[Registration], registration_time: int) -> None:
+    """Write the image's Nix database registering exactly the closure, in path order with a fixed time."""
+    db_dir = root / "nix/var/nix/db"
+    db_dir.mkdir(parents=True, exist_ok=True)
+    db_file = db_dir / "db.sqlite"
+    if db_file.exists():
+        db_file.unlink()
+    con = sqlite3.connect(db_file)
+    try:
+        con.executescript(DB_SCHEMA)
+        ids: dict[str, int] = {}
+        for r in regs:
+            cur = con.execute(
+                "insert into ValidPaths (path, hash, registrationTime, deriver, narSize) values (?, ?, ?, ?, ?)",
+                (r.path, db_hash(r.nar_hash), registration_time, r.deriver or None, r.nar_size),
+            )
+            assert cur.lastrowid is not None
+            ids[r.path] = cur.lastrowid
+        for r in regs:
+            for ref in sorted(set(r.references)):
+                con.execute("insert into Refs (referrer, reference) values (?, ?)", (ids[r.path], ids[ref]))
+        con.commit()
+        con.execute("vacuum")
+    finally:
+        con.close()
+    (db_dir / "schema").write_text("10")
+    (db_dir / "big-lock").touch()
+    for f in ("db.sqlite", "schema"):
+        os.chmod(db_dir / f, 0o644)
+    os.chmod(db_dir / "big-lock", 0o600)
+
+
+def _link(target: str, path: Path) -> None:
+    """Create a symlink path -> target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, path)
+
+
+def write_nix_state(spec: Spec, root: Path, regs: list[Registration]) -> None:
+    """What nixos-install --no-bootloader --no-root-passwd leaves: DB, profiles, channel links, /etc/NIXOS."""
+    var = root / "nix/var/nix"
+    for d in ("gcroots", "profiles/per-user/root", "temproots", "userpool", "db"):
+        (var / d).mkdir(parents=True, exist_ok=True)
+    _link("/nix/var/nix/profiles", var / "gcroots/profiles")
+    write_db(root, regs, spec.source_date_epoch)
+    _link(spec.toplevel, var / "profiles/system-1-link")
+    _link("system-1-link", var / "profiles/system")
+    if spec.channel:
+        _link(spec.channel, var / "profiles/per-user/root/channels-1-link")
+        _link("channels-1-link", var / "profiles/per-user/root/channels")
+        defexpr = root / "root/.nix-defexpr"
+        defexpr.mkdir(parents=True, exist_ok=True)
+        os.chmod(defexpr, 0o700)
+        _link("/nix/var/nix/profiles/per-user/root/channels", defexpr / "channels")
+    etc = root / "etc"
+    etc.mkdir(exist_ok=True)
+    os.chmod(etc, 0o755)
+    (etc / "NIXOS").touch()
+    os.chmod(etc / "NIXOS", 0o644)

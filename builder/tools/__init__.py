@@ -1,0 +1,1 @@
+"""Tools around the build: inspecting images, checking reproducibility, pinning nixpkgs."""

@@ -1,0 +1,206 @@
+# makeDiskImage's argument handling, in builtins only so it evaluates without nixpkgs: nixpkgs'
+# defaults (./defaults.nix), every check of the seed and of nixpkgs as an evaluation error that names the
+# argument, the value and what is allowed (./checks.nix, worded by ./messages.nix, with the rules of
+# builder/rules.json that the builder's spec loader reads too), and the spec (builder/spec.schema.json)
+# built from the checked arguments.
+let
+  inherit (builtins)
+    any
+    attrNames
+    concatStringsSep
+    elem
+    filter
+    foldl'
+    isAttrs
+    removeAttrs
+    sort
+    ;
+  # builder/rules.json keeps tables, fsTypes and formats as lists (nixpkgs' order); here also by name.
+  rulesFile = builtins.fromJSON (builtins.readFile ../../builder/rules.json);
+  byName = list: builtins.listToAttrs (map (e: { inherit (e) name; value = e; }) list);
+  rules = rulesFile // {
+    tables = byName rulesFile.tables;
+    fsTypes = byName rulesFile.fsTypes;
+    formats = byName rulesFile.formats;
+    order = {
+      tables = map (e: e.name) rulesFile.tables;
+      fsTypes = map (e: e.name) rulesFile.fsTypes;
+      formats = map (e: e.name) rulesFile.formats;
+    };
+  };
+  messages = import ./messages.nix;
+  inherit (import ./defaults.nix) defaults knownArgs;
+  checks = import ./checks.nix { inherit rules messages; };
+  inherit (messages) err bad didYouMean;
+  inherit (checks) pathString matches;
+
+  fail = problems: throw (concatStringsSep "\n" problems);
+in
+{
+  inherit rules defaults knownArgs;
+  inherit (messages) editDistance closest;
+  inherit (checks) parseIEC;
+  tableTypes = checks.tableNames;
+  formats = checks.formatNames;
+  fsTypes = checks.fsTypeNames;
+
+  # Check the user's arguments and return them complete (defaults applied, paths as strings), warning
+  # where nixpkgs does something surprising. `defaultOVMF` is only forced when touchEFIVars needs it and
+  # neither OVMF nor efiFirmware/efiVariables is given.
+  normalize =
+    {
+      args,
+      defaultOVMF ? throw (err "touchEFIVars = true needs efiFirmware and efiVariables (or OVMF)"),
+      warn ? msg: builtins.trace "evaluation warning: ${msg}",
+    }:
+    let
+      unknown = filter (n: !elem n knownArgs) (attrNames args);
+      unknownProblems = map (
+        n:
+        err "unknown argument ${n}${didYouMean n knownArgs}; known arguments: ${
+          concatStringsSep ", " (sort (x: y: x < y) knownArgs)
+        }"
+      ) unknown;
+      missingProblems = map (n: err "argument ${n} is required (makeDiskImage { inherit pkgs lib config; ... })") (
+        filter (n: !(args ? ${n})) [
+          "pkgs"
+          "lib"
+          "config"
+        ]
+      );
+      base =
+        defaults
+        // removeAttrs args [
+          "pkgs"
+          "lib"
+          "config"
+        ];
+      # Placeholders for the derived defaults, so only values the caller gave are type-checked.
+      typed = base // {
+        label = args.label or "nixos";
+        rootFSUID = args.rootFSUID or null;
+      };
+      withDerived = base // {
+        diskSize = checks.diskSizeMiB base.diskSize;
+        label = args.label or (if base.onlyNixStore then "nix-store" else "nixos");
+        rootFSUID =
+          if args ? rootFSUID then
+            args.rootFSUID
+          else if (rules.fsTypes.${base.fsType} or { }).uuid or false then
+            base.rootGPUID
+          else
+            null;
+      };
+      phase1 = unknownProblems ++ missingProblems ++ checks.typeProblems typed;
+      phase2 = checks.crossProblems withDerived;
+      ovmf = if base.OVMF != null then base.OVMF else defaultOVMF;
+      efiFile =
+        argName: attr:
+        if !withDerived.touchEFIVars then
+          (if withDerived.${argName} == null then null else pathString withDerived.${argName})
+        else if withDerived.${argName} != null then
+          pathString withDerived.${argName}
+        else if isAttrs ovmf && ovmf ? ${attr} then
+          pathString ovmf.${attr}
+        else
+          throw (bad "OVMF" ovmf "an OVMF output with a ${attr} attribute, such as pkgs.OVMF.fd");
+      result = withDerived // {
+        # Like nixpkgs' rsync to $root/$target: a relative target is placed under /.
+        contents = map (e: {
+          source = pathString e.source;
+          target = checks.targetPath e.target;
+          mode = e.mode or null;
+          user = if (e.user or null) == null then null else toString e.user;
+          group = if (e.group or null) == null then null else toString e.group;
+        }) withDerived.contents;
+        configFile = if withDerived.configFile == null then null else pathString withDerived.configFile;
+        efiFirmware = efiFile "efiFirmware" "firmware";
+        efiVariables = efiFile "efiVariables" "variables";
+        additionalPaths = map pathString withDerived.additionalPaths;
+      };
+    in
+    if phase1 != [ ] then
+      fail phase1
+    else if phase2 != [ ] then
+      fail phase2
+    else
+      foldl' (value: w: warn w value) (removeAttrs result [ "OVMF" ]) (checks.argWarnings args withDerived);
+
+  # Whether finalize must run as root in a VM (mirrors builder.spec.Spec.needs_vm).
+  needsVM =
+    a:
+    !a.onlyNixStore
+    && (
+      a.installBootLoader
+      || a.touchEFIVars
+      || any (e: e.user != null && !(matches "[0-9]+" e.user && matches "[0-9]+" (toString e.group))) a.contents
+    );
+
+  # additionalPaths without those already among the base roots, as nixpkgs' subtractLists does.
+  extraPaths = basePaths: paths: filter (p: !elem p basePaths) paths;
+
+  # The output file name nixpkgs gives the image: <baseName>.<extension of the format>.
+  fileName = a: "${a.baseName}.${rules.formats.${a.format}.extension}";
+
+  # The spec document (builder/spec.schema.json) from normalized arguments and what nixpkgs computed.
+  toSpec =
+    {
+      args,
+      toplevel,
+      closureInfo,
+      channel,
+      additionalPaths,
+      storeDir,
+      grubDevices,
+      limineBiosDevice ? null,
+    }:
+    let
+      badDevices = filter (d: !matches "nodev|/dev/[^[:cntrl:]]+" d) grubDevices;
+    in
+    if badDevices != [ ] then
+      throw (bad "config.boot.loader.grub.devices" grubDevices "device paths under /dev, or \"nodev\"")
+    else if limineBiosDevice != null && !matches "/dev/[^[:cntrl:]]+" limineBiosDevice then
+      throw (bad "config.boot.loader.limine.biosDevice" limineBiosDevice "a device path under /dev")
+    else
+      {
+        specVersion = 1;
+        inherit (args)
+          name
+          baseName
+          format
+          partitionTableType
+          fsType
+          label
+          diskSize
+          additionalSpace
+          bootSize
+          contents
+          installBootLoader
+          touchEFIVars
+          efiFirmware
+          efiVariables
+          configFile
+          postVM
+          memSize
+          onlyNixStore
+          deterministic
+          rootGPUID
+          rootFSUID
+          copyChannel
+          ;
+        system = {
+          inherit
+            toplevel
+            closureInfo
+            channel
+            additionalPaths
+            storeDir
+            ;
+        };
+        bootLoader = {
+          inherit grubDevices limineBiosDevice;
+        };
+        sourceDateEpoch = 1;
+        enterCommand = "nixos-enter";
+      };
+}
