@@ -70,26 +70,22 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(spec.raw, indent=2, sort_keys=True))
         return 0
     if args.command == "prepare":
-        from .pipeline import prepare_image
+        from .pipeline import prepare_and_convert, prepare_image
 
         spec = load_spec(args.spec)
-        if args.out is not None and spec.needs_vm:
-            raise UserError(f"prepare --out {str(args.out)!r}: this spec needs the VM stage (finalize) before the "
-                            "image is converted; run prepare without --out, then finalize, then convert")
-        prepare_image(spec, args.image, args.work)
-        if args.out is not None:
-            from .disk.convert import convert
-
-            print(convert(spec, args.image, args.out))
+        if args.out is None:
+            prepare_image(spec, args.image, args.work)
+        else:
+            print(prepare_and_convert(spec, args.image, args.out, args.work))
         return 0
     if args.command == "finalize":
         from .vm.finalize import finalize
 
         return finalize(load_spec(args.spec), args.device, print_only=args.print)
     if args.command == "convert":
-        from .disk.convert import convert
+        from .pipeline import convert_image
 
-        print(convert(load_spec(args.spec), args.image, args.out))
+        print(convert_image(load_spec(args.spec), args.image, args.out))
         return 0
     if args.command == "build":
         from .pipeline import build

@@ -1,4 +1,16 @@
-"""The build pipeline as plain functions called in order: prepare (unprivileged), finalize (VM), convert."""
+"""The one step order of a build, as plain functions called in order.
+
+1. prepare (host, unprivileged): stage, size, partition, make and fill every filesystem;
+2. finalize (as root in the build VM, only when the spec needs it: bootloader, owners by name);
+3. after_vm (host): check what the VM wrote, then settle it when deterministic;
+4. convert (host): the requested format and the Hydra product line;
+5. postVM: the user's shell code.
+
+`build` runs them all outside Nix; `prepare_and_convert` runs 1 and 4 in one process for an image
+without a VM stage. The Nix derivations (nix/make-disk-image.nix) run the same steps through the CLI:
+`prepare --out` for an image without a VM stage; else `prepare` in preVM, `finalize` in the VM,
+`after-vm` and `convert` in postVM, then postVM.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .disk import layout, table
-from .errors import BuildError
+from .errors import BuildError, UserError
 from .fs import ext, fat, placed
 from .log import step
 from .resources import template_dir
@@ -116,10 +128,25 @@ def after_vm(spec: Spec, image: Path) -> None:
             check_finalized(spec, image, plan)
 
 
-def build(spec: Spec, out: Path, work: Path | None = None) -> Path:
-    """The whole pipeline outside Nix: prepare, finalize in a VM when needed, convert, postVM."""
+def convert_image(spec: Spec, raw: Path, out: Path) -> Path:
+    """Step 4: out/<baseName>.<ext> in the requested format and the Hydra product line."""
     from .disk.convert import convert
 
+    with step("convert"):
+        return convert(spec, raw, out)
+
+
+def prepare_and_convert(spec: Spec, image: Path, out: Path, work: Path | None = None) -> Path:
+    """Steps 1 and 4 in one process, for an image without a VM stage (the Nix build's plain derivation)."""
+    if spec.needs_vm:
+        raise UserError(f"prepare --out {str(out)!r}: this spec needs the VM stage (finalize) before the image "
+                        "is converted; run prepare without --out, then finalize, after-vm and convert")
+    prepare_image(spec, image, work)
+    return convert_image(spec, image, out)
+
+
+def build(spec: Spec, out: Path, work: Path | None = None) -> Path:
+    """The whole pipeline outside Nix: prepare, finalize in a VM when needed, after_vm, convert, postVM."""
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []  # what this build put into out, removed again if it fails
     try:
@@ -136,9 +163,8 @@ def build(spec: Spec, out: Path, work: Path | None = None) -> Path:
                 if spec.touch_efi_vars and vars_file.exists():
                     written.append(out / "efi-vars.fd")
                     shutil.copyfile(vars_file, out / "efi-vars.fd")
-            with step("convert"):
-                written += [out / spec.image_file_name, out / "nix-support" / "hydra-build-products"]
-                final = convert(spec, raw, out)
+            written += [out / spec.image_file_name, out / "nix-support" / "hydra-build-products"]
+            final = convert_image(spec, raw, out)
             with step("postVM"):
                 run_post_vm(spec, final)
     except BaseException:

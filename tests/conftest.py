@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.fixtures import make_fixture
-
-SpecFactory = Callable[..., Path]
+from tests.support.fixture_images import FixtureImages
+from tests.support.specs import SpecFactory
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,9 @@ def make_spec(fixture_spec: Path, tmp_path_factory: pytest.TempPathFactory) -> S
     return factory
 
 
-def spec_doc(path: Path) -> dict[str, Any]:
-    """The JSON document of a spec file."""
-    doc: dict[str, Any] = json.loads(path.read_text())
-    return doc
+@pytest.fixture(scope="session")
+def fixture_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FixtureImages]:
+    """The fixture system's images through the build VM, each built once per session (tests/support)."""
+    images = FixtureImages(tmp_path_factory.mktemp("fixture-images"))
+    yield images
+    images.close()

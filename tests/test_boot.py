@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,27 +21,14 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.system import GROUPS, REPORT_FILE, ROOT_GUID, SOURCE_DATE_EPOCH, USERS, fixture_system_spec
-from tests.imagecheck import debugfs, e2fsck_clean, inode_facts, part_offset, superblock
-from tests.qemu_boot import boot_facts
+from tests.fixtures.system import GROUPS, ROOT_GUID, SOURCE_DATE_EPOCH, USERS
+from tests.support.fixture_images import CONFIG_TEXT, HOSTILE, RECIPES, Built, FixtureImages
+from tests.support.imagecheck import debugfs, e2fsck_clean, inode_facts, part_offset, superblock
+from tests.support.qemu_boot import boot_facts
 
 pytestmark = [pytest.mark.boot, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
-# A contents target that would create files in the image root (/mnt in the VM) if the shell ran it.
-HOSTILE = "/srv/odd name 'q' \"dq\" $(touch /mnt/canary-dollar) `touch /mnt/canary-tick`\nsecond line"
-REPORTED = ["/srv/owned-file", "/srv/owned-dir", "/srv/owned-dir/inner/file.txt"]
-CONFIG_TEXT = "{ ... }: { fixture = \"configuration.nix written by makeDiskImage tests\"; }\n"
-
-
-@dataclass(frozen=True)
-class Built:
-    """A built image: its file, output dir, scratch dir and qemu format."""
-
-    image: Path
-    out: Path
-    scratch: Path
-    fmt: str
 
 
 @dataclass(frozen=True)
@@ -52,20 +39,6 @@ class Booted:
     facts: dict[str, dict[str, Any]]
 
 
-def build(spec: Path, out: Path) -> Path:
-    """Run `python -m builder build` and return the image it reports."""
-    res = subprocess.run([sys.executable, "-m", "builder", "build", str(spec), "--out", str(out)], cwd=REPO,
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return Path(res.stdout.strip())
-
-
-def build_layout(tmp: Path, table: str, grub_devices: str | None = None, **overrides: Any) -> Built:
-    """Build the fixture system's image for a layout (spec keys overridden)."""
-    image = build(fixture_system_spec(tmp, table, grub_devices, **overrides), tmp / "out")
-    return Built(image, tmp / "out", tmp, "qcow2" if image.suffix == ".qcow2" else "raw")
-
-
 def root_offset(image: Path, table: str) -> int:
     """Byte offset of the root filesystem according to sfdisk."""
     return part_offset(image, {"legacy": 1, "legacy+boot": 2, "legacy+gpt": 2, "efi": 2,
@@ -74,77 +47,30 @@ def root_offset(image: Path, table: str) -> int:
 
 # ---------------------------------------------------------------- the images, built and booted in parallel
 
-def legacy_job(tmp: Path) -> Booted:
-    """legacy with named owners (one of them a hostile name), a report file and configFile; SeaBIOS."""
-    src = tmp / "src"
-    (src / "owned-dir" / "inner").mkdir(parents=True)
-    (src / "owned-file").write_text("owned by fixtureuser:fixturegroup\n")
-    (src / "owned-dir" / "inner" / "file.txt").write_text("owned by fixtureuser:fixtureaux\n")
-    (src / "hostile").write_text("a file with a hostile name\n")
-    (src / "report").write_text("".join(f"{p}\n" for p in REPORTED))
-    (src / "configuration.nix").write_text(CONFIG_TEXT)
-    contents = [
-        {"source": str(src / "owned-file"), "target": "/srv/owned-file", "mode": "0640",
-         "user": "fixtureuser", "group": "fixturegroup"},
-        {"source": str(src / "owned-dir"), "target": "/srv/owned-dir", "mode": None,
-         "user": "fixtureuser", "group": "fixtureaux"},
-        {"source": str(src / "hostile"), "target": HOSTILE, "mode": None, "user": "fixtureuser", "group": "nogroup"},
-        {"source": str(src / "report"), "target": REPORT_FILE, "mode": None, "user": None, "group": None},
-    ]
-    built = build_layout(tmp, "legacy", contents=contents, configFile=str(src / "configuration.nix"))
-    return Booted(built, {"bios": boot_facts(built.image, tmp)})
-
-
-def legacy_gpt_job(tmp: Path) -> Booted:
-    """legacy+gpt written as qcow2, booted as qcow2 with SeaBIOS."""
-    built = build_layout(tmp, "legacy+gpt", format="qcow2")
-    return Booted(built, {"bios": boot_facts(built.image, tmp, fmt="qcow2")})
-
-
-# legacy+boot exists for Limine: nixpkgs links boot.loader.limine.biosDevice to the build VM's disk. The
-# fixture system installs its BIOS loader (GRUB, standing in for `limine bios-install`) on that device
-# only, so the build fails unless finalize made it name the disk.
-LIMINE_DEVICE = "/dev/disk/by-id/virtio-limine-bios"
-
-
-def legacy_boot_job(tmp: Path) -> Booted:
-    """legacy+boot (FAT /boot on an MBR disk) with its BIOS loader on Limine's device, SeaBIOS."""
-    built = build_layout(tmp, "legacy+boot", grub_devices=LIMINE_DEVICE,
-                         bootLoader={"grubDevices": [], "limineBiosDevice": LIMINE_DEVICE})
-    return Booted(built, {"bios": boot_facts(built.image, tmp)})
-
-
-def efi_job(tmp: Path) -> Booted:
-    """efi with touchEFIVars, booted by OVMF with the efi-vars.fd the build wrote."""
-    built = build_layout(tmp, "efi", touchEFIVars=True)
-    vars_file = built.out / "efi-vars.fd"
-    facts = boot_facts(built.image, tmp, firmware="uefi", efi_vars=vars_file) if vars_file.exists() else {}
-    return Booted(built, {"uefi": facts})
-
-
-def efixbootldr_job(tmp: Path) -> Booted:
-    """efixbootldr without EFI variables: OVMF boots systemd-boot from the removable path."""
-    built = build_layout(tmp, "efixbootldr")
-    return Booted(built, {"uefi": boot_facts(built.image, tmp, firmware="uefi")})
-
-
-def hybrid_job(tmp: Path) -> Booted:
-    """hybrid whose GRUB device is not /dev/vda (finalize links it to the disk), booted by SeaBIOS and OVMF."""
-    built = build_layout(tmp, "hybrid", grub_devices="/dev/disk/by-id/fixture-disk")
+def boot_job(images: FixtureImages, name: str) -> Booted:
+    """Boot one recipe's image with the firmware its layout is for: SeaBIOS, OVMF or (hybrid) both."""
+    built = images.get(name)
+    tmp = built.scratch
+    if name in ("legacy", "legacy+boot"):
+        return Booted(built, {"bios": boot_facts(built.image, tmp)})
+    if name == "legacy+gpt":
+        return Booted(built, {"bios": boot_facts(built.image, tmp, fmt="qcow2")})
+    if name == "efi":
+        vars_file = built.out / "efi-vars.fd"
+        facts = boot_facts(built.image, tmp, firmware="uefi", efi_vars=vars_file) if vars_file.exists() else {}
+        return Booted(built, {"uefi": facts})
+    if name == "efixbootldr":
+        return Booted(built, {"uefi": boot_facts(built.image, tmp, firmware="uefi")})
     return Booted(built, {"bios": boot_facts(built.image, tmp), "uefi": boot_facts(built.image, tmp, firmware="uefi")})
 
 
-# Slowest first, so two workers finish together.
-JOBS: dict[str, Callable[[Path], Booted]] = {
-    "hybrid": hybrid_job, "efi": efi_job, "efixbootldr": efixbootldr_job,
-    "legacy": legacy_job, "legacy+gpt": legacy_gpt_job, "legacy+boot": legacy_boot_job,
-}
-
-
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[Booted]]]:
+def images(fixture_images: FixtureImages) -> Iterator[dict[str, Future[Booted]]]:
+    """Every recipe built (shared with test_reproducible) and booted, two at a time."""
     pool = ThreadPoolExecutor(max_workers=2)
-    futures = {name: pool.submit(job, tmp_path_factory.mktemp(name.replace("+", "-"))) for name, job in JOBS.items()}
+    for name in RECIPES:
+        fixture_images.start(name)
+    futures = {name: pool.submit(boot_job, fixture_images, name) for name in RECIPES}
     yield futures
     pool.shutdown(wait=True, cancel_futures=True)
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import SpecFactory
+from tests.support.specs import SpecFactory
 
 REPO = Path(__file__).resolve().parent.parent
 

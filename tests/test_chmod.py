@@ -30,10 +30,10 @@ import pytest
 from builder import chmod
 from builder.errors import SpecError
 from builder.spec import SCHEMA_PATH, load_spec_document
-from tests.conftest import spec_doc
 from tests.fixtures.system import fixture_system_spec
-from tests.fscheck import checker, extract, owners_and_modes
-from tests.imagecheck import e2fsck_clean
+from tests.support.fscheck import checker, extract, owners_and_modes
+from tests.support.imagecheck import e2fsck_clean
+from tests.support.specs import spec_doc
 
 REPO = Path(__file__).resolve().parent.parent
 NIX_UMASK = 0o022  # the umask Nix gives builders, under which nixpkgs' rsync runs

@@ -22,9 +22,9 @@ import jsonschema
 import pytest
 
 from builder.spec import SCHEMA_PATH, load_spec_document
-from tests.conftest import SpecFactory, spec_doc
-from tests.imagecheck import debugfs, part_offset
-from tests.test_nix_args import ENTRY, FAKE, REPO, nix_eval
+from tests.support.imagecheck import debugfs, part_offset
+from tests.support.nixeval import ENTRY, FAKE, REPO, nix_eval
+from tests.support.specs import SpecFactory, spec_doc
 
 # ---------------------------------------------------------------- real callers, evaluated by Nix
 

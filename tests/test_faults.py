@@ -27,9 +27,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SpecFactory, spec_doc
 from tests.fixtures.nixstore import write_closure_info
-from tests.leftovers import assert_nothing_left, processes_mentioning
+from tests.support.leftovers import assert_nothing_left, processes_mentioning
+from tests.support.specs import SpecFactory, spec_doc
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT = 240.0

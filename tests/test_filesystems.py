@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SpecFactory, spec_doc
 from tests.fixtures.system import fixture_system_spec
-from tests.fscheck import checker, cut, extract, owners_and_modes, root_range
-from tests.imagecheck import blkid
-from tests.test_prepare import closure_paths, same_tree
+from tests.support.fscheck import checker, cut, extract, owners_and_modes, root_range
+from tests.support.imagecheck import blkid
+from tests.support.specs import SpecFactory, spec_doc
+from tests.support.trees import closure_paths, same_tree
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.system import fixture_system_spec
-from tests.fscheck import checker, cut, root_range
-from tests.qemu_boot import boot_facts
+from tests.support.fscheck import checker, cut, root_range
+from tests.support.qemu_boot import boot_facts
 
 pytestmark = [pytest.mark.boot, pytest.mark.slow]
 REPO = Path(__file__).parent.parent

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SpecFactory, spec_doc
-from tests.imagecheck import part_offset
+from tests.support.imagecheck import part_offset
+from tests.support.specs import SpecFactory, spec_doc
 
 REPO = Path(__file__).resolve().parent.parent
 

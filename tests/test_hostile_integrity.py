@@ -27,8 +27,8 @@ from builder.fs import ext as ext4
 from builder.fs import fat
 from builder.spec import load_spec
 from builder.units import MiB
-from tests.conftest import SpecFactory
-from tests.imagecheck import part_offset
+from tests.support.imagecheck import part_offset
+from tests.support.specs import SpecFactory
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SpecFactory, spec_doc
-from tests.imagecheck import e2fsck_clean, extract_root, part_offset
+from tests.support.imagecheck import e2fsck_clean, extract_root, part_offset
+from tests.support.specs import SpecFactory, spec_doc
 
 REPO = Path(__file__).resolve().parent.parent
 CANARIES = ("canary-dollar", "canary-tick", "canary-semi", "canary-pipe", "canary-and", "canary-grub",

@@ -15,7 +15,7 @@ from builder.disk.convert import convert
 from builder.errors import UserError
 from builder.spec import load_spec
 from builder.tools.inspect import inspect_image
-from tests.conftest import SpecFactory
+from tests.support.specs import SpecFactory
 
 REPO = Path(__file__).resolve().parent.parent
 TABLE_TYPES = tuple(rules.tables())

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests import imagecheck
-from tests.qemu_boot import boot_facts
+from tests.support import imagecheck
+from tests.support.qemu_boot import boot_facts
 
 pytestmark = pytest.mark.nix
 

@@ -22,9 +22,9 @@ from builder.disk import layout, table
 from builder.errors import SpecError
 from builder.spec import Spec, boot_end, load_spec, load_spec_document
 from builder.units import MiB
-from tests.conftest import SpecFactory
 from tests.fixtures.closure_fixture import fixture_document
-from tests.nixpkgs_tables import assert_same_table, nixpkgs_partition, numfmt_accepts, sfdisk_table
+from tests.support.nixpkgs_tables import assert_same_table, nixpkgs_partition, numfmt_accepts, sfdisk_table
+from tests.support.specs import SpecFactory
 
 REPO = Path(__file__).resolve().parent.parent
 # Where each table's boot partition starts, for those whose boot partition ends at bootSize.

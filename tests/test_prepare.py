@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 
 from builder.spec import load_spec
-from tests.conftest import SpecFactory, spec_doc
-from tests.imagecheck import (
+from tests.support.imagecheck import (
     blkid,
     debugfs,
     e2fsck_clean,
@@ -28,7 +27,9 @@ from tests.imagecheck import (
     sfdisk_json,
     superblock,
 )
-from tests.nixpkgs_tables import assert_same_table, nixpkgs_partition
+from tests.support.nixpkgs_tables import assert_same_table, nixpkgs_partition
+from tests.support.specs import SpecFactory, spec_doc
+from tests.support.trees import closure_paths, same_tree
 
 MiB = 1024 * 1024
 LAYOUTS = ["legacy", "legacy+boot", "legacy+gpt", "efi", "efixbootldr", "hybrid", "none"]
@@ -141,33 +142,6 @@ def efi_image(fixture_spec: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 def extracted(efi_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The efi image's root filesystem copied out with debugfs rdump."""
     return extract_root(efi_image, part_offset(efi_image, 2), tmp_path_factory.mktemp("rdump") / "root")
-
-
-def closure_paths(spec: Path) -> list[str]:
-    """Store paths listed by the spec's closureInfo."""
-    info = Path(spec_doc(spec)["system"]["closureInfo"])
-    return (info / "store-paths").read_text().split()
-
-
-def same_tree(a: Path, b: Path) -> list[str]:
-    """Differences between two trees in type, permission bits, symlink targets and bytes."""
-    diffs = []
-    for dirpath, dirnames, filenames in os.walk(a):
-        for name in dirnames + filenames:
-            pa = Path(dirpath) / name
-            pb = b / pa.relative_to(a)
-            sa, sb = os.lstat(pa), os.lstat(pb) if os.path.lexists(pb) else None
-            if sb is None:
-                diffs.append(f"missing {pb}")
-                continue
-            if stat.S_IFMT(sa.st_mode) != stat.S_IFMT(sb.st_mode) or (
-                    not stat.S_ISLNK(sa.st_mode) and stat.S_IMODE(sa.st_mode) != stat.S_IMODE(sb.st_mode)):
-                diffs.append(f"mode {pa}: {oct(sa.st_mode)} != {oct(sb.st_mode)}")
-            elif stat.S_ISLNK(sa.st_mode) and os.readlink(pa) != os.readlink(pb):
-                diffs.append(f"link {pa}")
-            elif stat.S_ISREG(sa.st_mode) and pa.read_bytes() != pb.read_bytes():
-                diffs.append(f"bytes {pa}")
-    return diffs
 
 
 def test_store_paths_byte_identical_and_owned_by_root(fixture_spec: Path, extracted: Path) -> None:

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from builder.tools.reprocheck import explain
-from tests.conftest import SpecFactory, spec_doc
-from tests.imagecheck import part_offset
+from tests.support.fixture_images import FixtureImages, build
+from tests.support.imagecheck import part_offset
+from tests.support.specs import SpecFactory, spec_doc
 
 pytestmark = pytest.mark.slow
 
@@ -194,35 +195,22 @@ def test_explain_maps_a_changed_byte_to_the_file(fixture_spec: Path, tmp_path: P
 
 
 @pytest.mark.boot
-@pytest.mark.parametrize("table", ["legacy", "efi"])
-def test_vm_stage_builds_identical(table: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Bootloader, owners by name and configFile in the VM (GRUB/legacy, systemd-boot/efi): two builds, same bytes."""
-    from tests.fixtures.system import fixture_system_spec
-
-    src = tmp_path_factory.mktemp(f"vm-{table}-src")
-    (src / "owned").mkdir()
-    (src / "owned" / "file.txt").write_text("chowned by name in the VM\n")
-    (src / "configuration.nix").write_text("{ ... }: { }\n")
-    named = [{"source": str(src / "owned"), "target": "/srv/owned", "mode": None, "user": "fixtureuser",
-              "group": "fixturegroup"}]
-    spec = fixture_system_spec(tmp_path_factory.mktemp(f"vm-{table}"), table, contents=named,
-                               configFile=str(src / "configuration.nix"))
-    images = []
-    for run in ("first", "second"):
-        base = tmp_path_factory.mktemp(f"vm-{table}-{run}")
-        res = subprocess.run([sys.executable, "-m", "builder", "build", str(spec), "--out", str(base / "out"),
-                              "--work", str(base / "work")], capture_output=True, text=True, cwd=REPO)
-        assert res.returncode == 0, res.stderr[-3000:]
-        assert "settle the VM's writes" in res.stderr
-        (image,) = (base / "out").glob("*.img")
-        images.append(image)
-        time.sleep(1.1)
-    assert explain(images[0], images[1]) == []
-    root = part_offset(images[0], 1 if table == "legacy" else 2)
-    fsck = subprocess.run(["e2fsck", "-fn", f"{images[0]}?offset={root}"], capture_output=True, text=True)
+@pytest.mark.parametrize("recipe", ["legacy", "efi"])
+def test_vm_stage_builds_identical(recipe: str, fixture_images: FixtureImages,
+                                   tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Through the VM, two builds give the same bytes: GRUB/legacy with owners by name, configFile and a
+    hostile target; systemd-boot/efi with touchEFIVars. The first build is the one test_boot boots."""
+    first = fixture_images.get(recipe)
+    time.sleep(1.1)
+    base = tmp_path_factory.mktemp(f"vm-{recipe}-second")
+    second, log = build(first.spec, base / "out", base / "work")
+    assert "settle the VM's writes" in log
+    assert explain(first.image, second) == []
+    root = part_offset(second, 1 if recipe == "legacy" else 2)
+    fsck = subprocess.run(["e2fsck", "-fn", f"{second}?offset={root}"], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout
-    if table == "efi":
-        listing = subprocess.run(["mdir", "-/", "-i", f"{images[0]}@@{part_offset(images[0], 1)}", "::"],
+    if recipe == "efi":
+        listing = subprocess.run(["mdir", "-/", "-i", f"{second}@@{part_offset(second, 1)}", "::"],
                                  capture_output=True, text=True, check=True).stdout
         assert "BOOTX64" in listing and "random-seed" not in listing
         assert "2023-11-14" in listing  # every FAT time is the epoch (1700000000)

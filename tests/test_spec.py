@@ -11,7 +11,7 @@ import pytest
 
 from builder.cli import main
 from builder.units import parse_iec
-from tests.conftest import spec_doc
+from tests.support.specs import spec_doc
 
 
 def _set(doc: dict[str, Any], dotted: str, value: Any) -> None:

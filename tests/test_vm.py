@@ -13,8 +13,8 @@ import pytest
 
 from builder.errors import BuildError
 from builder.vm.runner import run_in_vm
-from tests.conftest import SpecFactory
 from tests.fixtures.system import fixture_system_spec
+from tests.support.specs import SpecFactory
 
 pytestmark = [pytest.mark.boot, pytest.mark.slow]
 
@@ -104,8 +104,8 @@ def test_guest_is_as_bare_as_vmtools(tmp_path: Path) -> None:
 def test_timeout_kills_the_vm_and_reports_the_console(tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
-    with pytest.raises(BuildError, match="did not finish within 20s"):
-        run_in_vm(["sleep", "600"], disk, mem_mib=512, xchg=tmp_path / "xchg", timeout=20, echo=False)
+    with pytest.raises(BuildError, match="did not finish within 4s"):
+        run_in_vm(["sleep", "600"], disk, mem_mib=512, xchg=tmp_path / "xchg", timeout=4, echo=False)
     assert qemu_processes_using(disk) == []
 
 

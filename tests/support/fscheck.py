@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.imagecheck import part_offset, part_size
+from tests.support.imagecheck import part_offset, part_size
 
 
 def root_range(image: Path, root_number: int | None) -> tuple[int, int]:
