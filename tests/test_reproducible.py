@@ -195,18 +195,20 @@ def test_explain_maps_a_changed_byte_to_the_file(fixture_spec: Path, tmp_path: P
 
 
 @pytest.mark.boot
-@pytest.mark.parametrize("recipe", ["legacy", "efi"])
+@pytest.mark.parametrize("recipe", ["legacy", "efi", "hybrid", "efixbootldr", "legacy+boot"])
 def test_vm_stage_builds_identical(recipe: str, fixture_images: FixtureImages,
                                    tmp_path_factory: pytest.TempPathFactory) -> None:
     """Through the VM, two builds give the same bytes: GRUB/legacy with owners by name, configFile and a
-    hostile target; systemd-boot/efi with touchEFIVars. The first build is the one test_boot boots."""
+    hostile target; systemd-boot/efi with touchEFIVars; GRUB and systemd-boot on hybrid; systemd-boot on
+    ESP + XBOOTLDR; GRUB with a FAT /boot. Every layout whose FAT partitions the VM writes is here: what
+    the VM left in a FAT data area must not survive its rebuild. The first build is the one test_boot boots."""
     first = fixture_images.get(recipe)
     time.sleep(1.1)
-    base = tmp_path_factory.mktemp(f"vm-{recipe}-second")
+    base = tmp_path_factory.mktemp(f"vm-{recipe.replace('+', '-')}-second")
     second, log = build(first.spec, base / "out", base / "work")
     assert "settle the VM's writes" in log
     assert explain(first.image, second) == []
-    root = part_offset(second, 1 if recipe == "legacy" else 2)
+    root = part_offset(second, {"legacy": 1, "efi": 2, "hybrid": 3, "efixbootldr": 3, "legacy+boot": 2}[recipe])
     fsck = subprocess.run(["e2fsck", "-fn", f"{second}?offset={root}"], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout
     if recipe == "efi":

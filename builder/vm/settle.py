@@ -145,7 +145,7 @@ def _mtools_env(epoch: int) -> dict[str, str]:
 
 
 def settle_fat(image: Path, layout: Layout, epoch: int, deterministic: bool) -> None:
-    """Rebuild every FAT partition from its files: sorted order, every time the epoch, no random seed."""
+    """Rebuild every FAT partition from its files on zeroed space: sorted order, the epoch's times, no random seed."""
     for p in layout.partitions:
         if p.fs != "vfat" or p.role == "root":
             continue
@@ -160,6 +160,13 @@ def settle_fat(image: Path, layout: Layout, epoch: int, deterministic: bool) -> 
                 raise BuildError(f"reading the {p.label} FAT partition failed: {res.stderr.strip()}")
             seed = files / RANDOM_SEED.lstrip("/")
             seed.unlink(missing_ok=True)
+            # mkfs.vfat leaves the data area as it was: without zeroing it, what the VM wrote (the random
+            # seed, older copies of files, the tails of their last clusters) would stay in the image.
+            fd = os.open(image, os.O_RDWR)
+            try:
+                _punch(fd, p.start, p.size)
+            finally:
+                os.close(fd)
             fat.make(image, p, deterministic)
             for dirpath, dirnames, filenames in os.walk(files):
                 dirnames.sort()
