@@ -11,7 +11,14 @@ QEMU := qemu-system-x86_64 -accel tcg -machine q35 -m 512 -display none -monitor
 OVMF_CODE := /usr/share/OVMF/OVMF_CODE_4M.fd
 OVMF_VARS := /usr/share/OVMF/OVMF_VARS_4M.fd
 
-.PHONY: demo deps demo-image demo-boot-bios demo-boot-uefi demo-clean
+.PHONY: demo deps demo-image demo-boot-bios demo-boot-uefi demo-clean check
+
+# The fast loop while developing (about two minutes): ruff, mypy --strict and every test not marked slow
+# or boot, with the Python that has '.[test]' installed (CHECK_PY; default: python on PATH). CI runs all
+# of them (.ci/run).
+CHECK_PY ?= python
+check:
+	$(CHECK_PY) -m pytest -q -p no:cacheprovider -m "not slow and not boot" tests
 
 demo: demo-image demo-boot-bios demo-boot-uefi
 	@echo "demo: $(IMAGE) booted with SeaBIOS (GRUB) and OVMF (systemd-boot)"

@@ -24,7 +24,7 @@ import pytest
 from tests.support import imagecheck
 from tests.support.qemu_boot import boot_facts
 
-pytestmark = pytest.mark.nix
+pytestmark = [pytest.mark.nix, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
 STUB_SOURCE = REPO / "tests" / "nixpkgs-stub"
