@@ -107,6 +107,10 @@ def stage_root(spec: Spec, regs: list[store.Registration], root: Path, lazy_stor
         keep = {str(p) for p in staged_contents.copies}
         store.write_nix_state(spec, root, regs)
         place_config_file(spec, root)
+        if spec.installs_systemd_boot:  # systemd-boot written by prepare (builder/sdboot.py)
+            from .sdboot import make_mount_points
+
+            make_mount_points(spec, root)
         store_root = root / spec.store_dir.lstrip("/")
         binds = _placeholders(regs, store_root, not lazy_store)
         os.chmod(store_root, 0o1775)
@@ -258,6 +262,12 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.L
         try:
             with step("read closure"):
                 regs = store.read_closure(spec)
+            boot_install = None
+            if spec.installs_systemd_boot:  # no VM: systemd-boot from the system's bootspec (builder/sdboot.py)
+                from .sdboot import load_plan
+
+                with step("read bootspec"):
+                    boot_install = load_plan(spec)
             if spec.fs_type in EXT_FAMILY:
                 # Sizing the store starts now, in worker processes, and overlaps the staging.
                 with sizing.StoreMeasure([r.path for r in regs]) as store_usage:
@@ -272,6 +282,11 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.L
                 with step("stage root"):
                     staged = stage_root(spec, regs, scratch / "root")
                 plan = prepare_root(spec, staged, partial, scratch)
+            if boot_install is not None:
+                from .sdboot import write_install
+
+                with step("systemd-boot from the bootspec"):
+                    write_install(spec, boot_install, partial, plan, scratch)
             with step("check partition table"):
                 table.check(partial, plan)
             os.replace(partial, image)

@@ -14,6 +14,7 @@ from . import chmod
 from .errors import SpecError
 from .fstypes import EXT_FAMILY, fs_type_problems
 from .log import warn
+from .sdbootconfig import SystemdBootConfig, parse_systemd_boot, systemd_boot_problems
 from .sizes import MiB, parse_iec, round_to_nearest
 
 SCHEMA_PATH = Path(__file__).with_name("spec.schema.json")
@@ -100,6 +101,8 @@ class Spec:
     enter_command: str
     limine_bios_device: str | None = None
     warnings: tuple[str, ...] = ()
+    # bootLoader.systemdBoot: systemd-boot's options when the system boots with it (builder/sdbootconfig.py).
+    systemd_boot: SystemdBootConfig | None = None
 
     @property
     def boot_devices(self) -> tuple[str, ...]:
@@ -108,12 +111,27 @@ class Spec:
         return (*self.grub_devices, *limine)
 
     @property
+    def installs_systemd_boot(self) -> bool:
+        """Whether prepare installs systemd-boot from the bootspec (builder/sdboot.py) instead of the VM.
+
+        Only when nothing else needs the VM: with owners by name or EFI variables the VM runs anyway, and
+        there the system's own installer does it, as in nixpkgs.
+        """
+        return (
+            self.install_boot_loader
+            and self.systemd_boot is not None
+            and not self.only_nix_store
+            and not self.touch_efi_vars
+            and not any(c.named_owner for c in self.contents)
+        )
+
+    @property
     def needs_vm(self) -> bool:
         """Whether finalize must run as root in a VM: bootloader install, owners by name, EFI vars."""
         if self.only_nix_store:
             return False
         return (
-            self.install_boot_loader
+            (self.install_boot_loader and not self.installs_systemd_boot)
             or self.touch_efi_vars
             or any(c.named_owner for c in self.contents)
         )
@@ -193,6 +211,7 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
                         f"fsType = {doc['fsType']!r}: it is {label_bytes} bytes in UTF-8, at most {limit} fit")
 
     problems += fs_type_problems(doc)
+    problems += systemd_boot_problems(doc)
     if doc["touchEFIVars"] and table not in EFI_VAR_TABLES:
         problems.append(
             f"$.touchEFIVars: true is not allowed with partitionTableType = {table!r} "
@@ -364,6 +383,7 @@ def load_spec_document(doc: Any) -> Spec:
         enter_command=doc["enterCommand"],
         limine_bios_device=doc["bootLoader"].get("limineBiosDevice"),
         warnings=tuple(_warnings(doc)),
+        systemd_boot=parse_systemd_boot(doc["bootLoader"].get("systemdBoot")),
     )
 
 
