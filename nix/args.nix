@@ -688,16 +688,17 @@ let
       foldl' (value: w: warn w value) (removeAttrs result [ "OVMF" ]) (argWarnings args withDerived);
 
   # Whether finalize must run as root in a VM (mirrors builder.spec.Spec.needs_vm).
+  # Owners given by name resolve in the image, with its own tools: only in the VM.
+  namedOwners = a: any (e: e.user != null && !(matches "[0-9]+" e.user && matches "[0-9]+" (toString e.group))) a.contents;
+
+  # Whether the build VM runs (finalize). systemdBootOnHost: prepare installs systemd-boot from the
+  # bootspec (nix/systemd-boot.nix gave a section), so the bootloader alone needs no VM.
   needsVM =
     a:
-    !a.onlyNixStore
-    && (
-      a.installBootLoader
-      || a.touchEFIVars
-      || any (
-        e: e.user != null && !(matches "[0-9]+" e.user && matches "[0-9]+" (toString e.group))
-      ) a.contents
-    );
+    {
+      systemdBootOnHost ? false,
+    }:
+    !a.onlyNixStore && ((a.installBootLoader && !systemdBootOnHost) || a.touchEFIVars || namedOwners a);
 
   # additionalPaths without those already among the base roots, as nixpkgs' subtractLists does.
   extraPaths = basePaths: paths: filter (p: !elem p basePaths) paths;
@@ -719,6 +720,41 @@ let
     );
 
   # The spec document (builder/spec.schema.json) from normalized arguments and what nixpkgs computed.
+  # Where nixpkgs' make-disk-image.nix mounts the FAT partitions of each layout: ESP and XBOOTLDR.
+  systemdBootMounts = {
+    efi = {
+      esp = "/boot";
+      xbootldr = null;
+    };
+    hybrid = {
+      esp = "/boot";
+      xbootldr = null;
+    };
+    efixbootldr = {
+      esp = "/efi";
+      xbootldr = "/boot";
+    };
+  };
+
+  # Why systemd-boot cannot be installed into this layout (a message), or null. As in the builder
+  # (builder/sdbootconfig.py), checked only when prepare installs it: the VM path fails as nixpkgs' does.
+  systemdBootProblem =
+    args: section:
+    let
+      table = args.partitionTableType;
+      mounts = systemdBootMounts.${table} or null;
+    in
+    if section == null || !args.installBootLoader || args.onlyNixStore then
+      null
+    else if mounts == null then
+      "config.boot.loader.systemd-boot.enable = true is not allowed with partitionTableType = ${show table}: systemd-boot needs an EFI system partition (use \"efi\", \"efixbootldr\" or \"hybrid\")"
+    else if section.efiSysMountPoint != mounts.esp then
+      "config.boot.loader.efi.efiSysMountPoint = ${show section.efiSysMountPoint} is not allowed with partitionTableType = ${show table}, which mounts the ESP at ${mounts.esp} (set it to ${show mounts.esp})"
+    else if section.xbootldrMountPoint != mounts.xbootldr then
+      "config.boot.loader.systemd-boot.xbootldrMountPoint = ${show section.xbootldrMountPoint} is not allowed with partitionTableType = ${show table} (it must be ${show mounts.xbootldr})"
+    else
+      null;
+
   toSpec =
     {
       args,
@@ -729,6 +765,8 @@ let
       storeDir,
       grubDevices,
       limineBiosDevice ? null,
+      # nix/systemd-boot.nix's section: systemd-boot installed by prepare, without the VM.
+      systemdBoot ? null,
     }:
     let
       badDevices = filter (d: !matches "nodev|/dev/[^[:cntrl:]]+" d) grubDevices;
@@ -737,6 +775,8 @@ let
       throw (bad "config.boot.loader.grub.devices" grubDevices "device paths under /dev, or \"nodev\"")
     else if limineBiosDevice != null && !matches "/dev/[^[:cntrl:]]+" limineBiosDevice then
       throw (bad "config.boot.loader.limine.biosDevice" limineBiosDevice "a device path under /dev")
+    else if systemdBootProblem args systemdBoot != null then
+      throw (err (systemdBootProblem args systemdBoot))
     else
       {
         specVersion = 1;
@@ -774,7 +814,7 @@ let
             ;
         };
         bootLoader = {
-          inherit grubDevices limineBiosDevice;
+          inherit grubDevices limineBiosDevice systemdBoot;
         };
         sourceDateEpoch = 1;
         enterCommand = "nixos-enter";
@@ -786,6 +826,7 @@ in
     defaults
     normalize
     needsVM
+    namedOwners
     extraPaths
     fileName
     toSpec
