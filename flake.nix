@@ -60,10 +60,13 @@
         boot.loader.grub.efiInstallAsRemovable = true;
       };
 
-      # aarch64 has no BIOS: there the example boots systemd-boot from an ESP.
+      # aarch64 has no BIOS: there the example boots systemd-boot from an ESP (its serial port is ttyAMA0).
       aarch64Example = {
         args.partitionTableType = "efi";
-        modules = [ systemdBoot ];
+        modules = [
+          systemdBoot
+          { boot.kernelParams = [ "console=ttyAMA0" ]; }
+        ];
       };
 
       # Hydra jobs: the example in several layouts and formats.
