@@ -16,24 +16,27 @@
       makeDiskImage = import ./nix/make-disk-image.nix;
 
       exampleSystem =
-        pkgs: modules:
+        system: modules:
         lib.nixosSystem {
-          system = pkgs.stdenv.hostPlatform.system;
+          inherit system;
           modules = [ ./nix/example/configuration.nix ] ++ modules;
         };
 
       # The example system as an image; `args` overrides nix/example/image.nix, `modules` extend the system.
+      # `system` is the configuration's platform; pkgs (the build machine's) may be another one's, when
+      # nothing needs the build VM (makeDiskImage refuses the rest at evaluation).
       exampleImage =
         pkgs:
         {
           args ? { },
           modules ? [ ],
+          system ? pkgs.stdenv.hostPlatform.system,
         }:
         makeDiskImage (
           {
             inherit pkgs;
             inherit (pkgs) lib;
-            inherit (exampleSystem pkgs modules) config;
+            inherit (exampleSystem system modules) config;
           }
           // import ./nix/example/image.nix
           // args
@@ -55,6 +58,15 @@
         imports = [ espModule ];
         boot.loader.grub.efiSupport = true;
         boot.loader.grub.efiInstallAsRemovable = true;
+      };
+
+      # aarch64 has no BIOS: there the example boots systemd-boot from an ESP (its serial port is ttyAMA0).
+      aarch64Example = {
+        args.partitionTableType = "efi";
+        modules = [
+          systemdBoot
+          { boot.kernelParams = [ "console=ttyAMA0" ]; }
+        ];
       };
 
       # Hydra jobs: the example in several layouts and formats.
@@ -107,20 +119,21 @@
 
       nixosModules.default = import ./nix/module.nix;
 
-      packages = forAllSystems (pkgs: rec {
-        builder = import ./nix/package.nix { inherit pkgs; };
-        # x86_64: GRUB on an MBR disk; aarch64 has no BIOS, so there the example boots systemd-boot from an ESP.
-        image = exampleImage pkgs (
-          if pkgs.stdenv.hostPlatform.system == "x86_64-linux" then
-            { }
-          else
-            {
-              args.partitionTableType = "efi";
-              modules = [ systemdBoot ];
-            }
-        );
-        default = image;
-      });
+      packages = forAllSystems (
+        pkgs:
+        rec {
+          builder = import ./nix/package.nix { inherit pkgs; };
+          # x86_64: GRUB on an MBR disk; aarch64: systemd-boot on an ESP.
+          image = exampleImage pkgs (if pkgs.stdenv.hostPlatform.system == "x86_64-linux" then { } else aarch64Example);
+          default = image;
+        }
+        # The aarch64 example built on x86_64 without a VM and without emulation: pkgs is x86_64's, the
+        # configuration aarch64's (its closure substituted or built by an aarch64 builder, only copied here);
+        # systemd-boot is installed from the system's bootspec by prepare.
+        // lib.optionalAttrs (pkgs.stdenv.hostPlatform.system == "x86_64-linux") {
+          image-aarch64 = exampleImage pkgs (aarch64Example // { system = "aarch64-linux"; });
+        }
+      );
 
       checks = forAllSystems (
         pkgs:

@@ -52,12 +52,23 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.L
         try:
             with step("read closure"):
                 regs = store.read_closure(spec)
+            boot_install = None
+            if spec.installs_systemd_boot:  # no VM: systemd-boot from the system's bootspec (builder/boot/)
+                from .boot.systemd_boot import load_plan
+
+                with step("read bootspec"):
+                    boot_install = load_plan(spec)
             if spec.ext_root:  # made in place at its offset by mkfs -d (builder/fs/ext.py)
                 plan = ext.prepare_root(spec, regs, partial, scratch)
             else:  # btrfs, xfs, erofs, squashfs: built as their own file and placed (builder/fs/placed.py)
                 with step("stage root"):
                     staged = stage_root(spec, regs, scratch / "root")
                 plan = placed.prepare_root(spec, staged, partial, scratch)
+            if boot_install is not None:
+                from .boot.systemd_boot import write_install
+
+                with step("systemd-boot from the bootspec"):
+                    write_install(spec, boot_install, partial, plan, scratch)
             with step("check partition table"):
                 table.check(partial, plan)
             os.replace(partial, image)

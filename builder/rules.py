@@ -22,6 +22,8 @@ class Table:
     root_partition: int | None
     boot_start: int | None  # bytes where the boot partition starts, for tables whose boot partition ends at bootSize
     efi_variables: bool
+    esp_mount_point: str | None  # where nixpkgs' VM script mounts the ESP (None: no ESP)
+    xbootldr_mount_point: str | None
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ def tables() -> dict[str, Table]:
     """Every partitionTableType, in the order nixpkgs lists them (rules.json keeps them in a list)."""
     return {
         t["name"]: Table(t["name"], t["label"], t["rootPartition"],
-                         None if t["bootStartMiB"] is None else t["bootStartMiB"] * MiB, t["efiVariables"])
+                         None if t["bootStartMiB"] is None else t["bootStartMiB"] * MiB, t["efiVariables"],
+                         t["espMountPoint"], t["xbootldrMountPoint"])
         for t in json_file("rules.json")["tables"]
     }
 

@@ -11,6 +11,7 @@ from typing import Any
 import jsonschema
 
 from . import chmod, rules
+from .boot.systemd_boot_config import SystemdBootConfig, parse_systemd_boot, systemd_boot_problems
 from .errors import SpecError
 from .log import warn
 from .resources import data_file
@@ -90,6 +91,8 @@ class Spec:
     enter_command: str
     limine_bios_device: str | None = None
     warnings: tuple[str, ...] = ()
+    # bootLoader.systemdBoot: systemd-boot's options when the system boots with it (builder/boot/systemd_boot_config.py).
+    systemd_boot: SystemdBootConfig | None = None
 
     @property
     def boot_devices(self) -> tuple[str, ...]:
@@ -103,12 +106,27 @@ class Spec:
         return rules.fs_types()[self.fs_type].family == "ext"
 
     @property
+    def installs_systemd_boot(self) -> bool:
+        """Whether prepare installs systemd-boot from the bootspec (builder/boot/) instead of the VM.
+
+        Only when nothing else needs the VM: with owners by name or EFI variables the VM runs anyway, and
+        there the system's own installer does it, as in nixpkgs.
+        """
+        return (
+            self.install_boot_loader
+            and self.systemd_boot is not None
+            and not self.only_nix_store
+            and not self.touch_efi_vars
+            and not any(c.named_owner for c in self.contents)
+        )
+
+    @property
     def needs_vm(self) -> bool:
         """Whether finalize must run as root in a VM: bootloader install, owners by name, EFI vars."""
         if self.only_nix_store:
             return False
         return (
-            self.install_boot_loader
+            (self.install_boot_loader and not self.installs_systemd_boot)
             or self.touch_efi_vars
             or any(c.named_owner for c in self.contents)
         )
@@ -197,6 +215,7 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
         problems.append(
             f"$.rootFSUID: null is not allowed with deterministic = true and fsType = \"{fs.name}\" (give a UUID)"
         )
+    problems += systemd_boot_problems(doc)
     efi_tables = [name for name, t in rules.tables().items() if t.efi_variables]
     if doc["touchEFIVars"] and table not in efi_tables:
         problems.append(
@@ -371,6 +390,7 @@ def load_spec_document(doc: Any) -> Spec:
         enter_command=doc["enterCommand"],
         limine_bios_device=doc["bootLoader"].get("limineBiosDevice"),
         warnings=tuple(_warnings(doc)),
+        systemd_boot=parse_systemd_boot(doc["bootLoader"].get("systemdBoot")),
     )
 
 

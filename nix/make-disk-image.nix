@@ -24,6 +24,15 @@ let
   additionalPaths = argsLib.extraPaths basePaths a.additionalPaths;
   closureInfo = pkgs.closureInfo { rootPaths = basePaths ++ additionalPaths; };
 
+  # The image derivation runs on pkgs' platform; the system may be another one's (an aarch64 configuration
+  # with pkgs for x86_64): its closure is only copied, which any platform can do, unless the VM runs it.
+  buildSystem = pkgs.stdenv.hostPlatform.system or null;
+  targetSystem = config.nixpkgs.hostPlatform.system or buildSystem;
+  cross = buildSystem != null && targetSystem != buildSystem;
+
+  # systemd-boot installed by prepare from the system's bootspec, without the VM (nix/systemd-boot.nix).
+  systemdBoot = import ./systemd-boot.nix { inherit config targetSystem; };
+
   # The disks the bootloader installs to name the machine's disk; in the VM they are linked to /dev/vda.
   grub = config.boot.loader.grub or { };
   limine = config.boot.loader.limine or { };
@@ -35,12 +44,27 @@ let
     grubDevices = if grub.enable or false then grub.devices or [ ] else [ ];
     limineBiosDevice =
       if (limine.enable or false) && (limine.biosSupport or false) then limine.biosDevice or null else null;
+    systemdBoot = systemdBoot.section;
   };
   # A file in the store: the derivation depends on every store path the spec names.
   specFile = pkgs.writeText "${a.name}-spec.json" (builtins.toJSON spec);
 
   fileName = argsLib.fileName a;
-  needsVM = argsLib.needsVM a;
+  needsVM = argsLib.needsVM a { systemdBootOnHost = systemdBoot.section != null; };
+
+  # Why the VM runs, for the refusal of a cross build that needs it.
+  vmReasons =
+    lib.optional (a.installBootLoader && systemdBoot.section == null) (
+      if systemdBoot.enabled then
+        systemdBoot.reason
+      else
+        "installBootLoader = true with a bootloader other than systemd-boot (GRUB, Limine, ...), whose installer is the system's own switch-to-configuration"
+    )
+    ++ lib.optional a.touchEFIVars "touchEFIVars = true (the boot entry is written by the system's bootctl into the VM's firmware variables)"
+    ++ lib.optional (argsLib.namedOwners a) "contents owned by user or group names (they resolve with the system's own tools)";
+  crossRefusal = ''
+    makeDiskImage: the image of this ${targetSystem} configuration needs the build VM, which runs the system's own programs, so it must be built on ${targetSystem}; but pkgs is for ${buildSystem}. It needs the VM for:
+    ${lib.concatMapStrings (r: "  - ${r}\n") vmReasons}Build it with pkgs for ${targetSystem} (on a builder of that platform), or remove what needs the VM: boot with systemd-boot (boot.loader.systemd-boot.enable = true; a GRUB image cannot be built across architectures), give contents owners as numbers, leave touchEFIVars = false, or installBootLoader = false.'';
   efiVars = "$out/efi-vars.fd";
 
   # nixpkgs 25.11 deprecates config.system.build.nixos-enter in favour of the package.
@@ -73,7 +97,7 @@ let
   + a.postVM;
 
   passthru = {
-    inherit spec specFile needsVM builder closureInfo;
+    inherit spec specFile needsVM builder closureInfo targetSystem;
     filePath = fileName;
   };
 
@@ -133,4 +157,9 @@ let
     } "${run} finalize ${specFile} --device /dev/vda"
   );
 in
-if needsVM then inVM else plain
+if needsVM && cross then
+  throw crossRefusal
+else if needsVM then
+  inVM
+else
+  plain

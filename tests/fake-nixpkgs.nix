@@ -11,6 +11,15 @@
   # Whether pkgs has nixos-enter (nixpkgs 25.11 does; config.system.build.nixos-enter is deprecated there).
   nixosEnterPackage ? true,
   smm ? false,
+  # boot.loader.systemd-boot and boot.loader.efi of the configuration (systemd-boot when enable = true).
+  systemdBoot ? { },
+  efi ? { },
+  # config.boot.loader.timeout when not null-or-absent ("absent": NixOS's default, 5), boot.initrd.secrets.
+  loaderTimeout ? "absent",
+  initrdSecrets ? { },
+  # pkgs.stdenv.hostPlatform.system and config.nixpkgs.hostPlatform.system (null: attribute absent).
+  buildSystem ? null,
+  targetSystem ? "x86_64-linux",
 }:
 let
   store = name: "${builtins.storeDir}/${builtins.substring 0 32 (builtins.hashString "sha256" name)}-${name}";
@@ -66,7 +75,9 @@ let
     parted = drv "parted" { };
     gptfdisk = drv "gptfdisk" { };
     systemdMinimal = drv "systemd-minimal" { };
-    stdenv.initialPath = map (n: drv n { }) [ "coreutils" "findutils" "diffutils" "gnused" "gnugrep" "gawk" "gnutar" "gzip" "bzip2" "gnumake" "bash" "patch" "xz" "file" ];
+    stdenv = (if buildSystem == null then { } else { hostPlatform.system = buildSystem; }) // {
+      initialPath = map (n: drv n { }) [ "coreutils" "findutils" "diffutils" "gnused" "gnugrep" "gawk" "gnutar" "gzip" "bzip2" "gnumake" "bash" "patch" "xz" "file" ];
+    };
   }
   // (if nixosEnterPackage then { nixos-enter = drv "nixos-enter" { }; } else { });
   config = {
@@ -76,9 +87,15 @@ let
       version = "25.11.0";
       versionSuffix = ".8fd9daa";
     };
-    boot.loader.grub = grub;
-    boot.loader.limine = limine;
-  };
+    boot.loader = {
+      inherit grub limine efi;
+      systemd-boot = systemdBoot;
+    }
+    // (if loaderTimeout == "absent" then { } else { timeout = loaderTimeout; });
+    boot.initrd.secrets = initrdSecrets;
+    systemd.package = drv "systemd-258.2" { };
+  }
+  // (if targetSystem == null then { } else { nixpkgs.hostPlatform.system = targetSystem; });
 in
 {
   inherit pkgs lib config store;

@@ -70,6 +70,17 @@ def _placeholders(regs: list[store.Registration], store_root: Path, create: bool
     return binds
 
 
+def _boot_mount_points(spec: Spec, root: Path) -> None:
+    """The ESP's (and XBOOTLDR's) mount points in the staged root, which the build VM would have made."""
+    sd = spec.systemd_boot
+    assert sd is not None
+    for mount_point in (sd.efi_sys_mount_point, sd.xbootldr_mount_point):
+        if mount_point is not None:
+            path = root / mount_point.lstrip("/")
+            path.mkdir(mode=0o755, parents=True, exist_ok=True)
+            os.chmod(path, 0o755)
+
+
 def stage_root(spec: Spec, regs: list[store.Registration], root: Path, lazy_store: bool = False) -> StagedRoot:
     """Build the staging root: contents, Nix state and store placeholders (or the store alone with onlyNixStore).
 
@@ -92,6 +103,8 @@ def stage_root(spec: Spec, regs: list[store.Registration], root: Path, lazy_stor
         keep = {str(p) for p in staged_contents.copies}
         store.write_nix_state(spec, root, regs)
         place_config_file(spec, root)
+        if spec.installs_systemd_boot:  # systemd-boot written by prepare (builder/boot/systemd_boot.py)
+            _boot_mount_points(spec, root)
         store_root = root / spec.store_dir.lstrip("/")
         binds = _placeholders(regs, store_root, not lazy_store)
         os.chmod(store_root, 0o1775)

@@ -36,7 +36,7 @@ let
 
   fail = problems: throw (concatStringsSep "\n" problems);
 in
-{
+rec {
   inherit rules defaults knownArgs;
   inherit (messages) editDistance closest;
   inherit (checks) parseIEC;
@@ -126,14 +126,22 @@ in
     else
       foldl' (value: w: warn w value) (removeAttrs result [ "OVMF" ]) (checks.argWarnings args withDerived);
 
-  # Whether finalize must run as root in a VM (mirrors builder.spec.Spec.needs_vm).
+  # Owners given by name resolve in the image, with its own tools: only in the VM.
+  namedOwners = a: any (e: e.user != null && !(matches "[0-9]+" e.user && matches "[0-9]+" (toString e.group))) a.contents;
+
+  # Whether the build VM runs finalize (mirrors builder.spec.Spec.needs_vm). systemdBootOnHost: prepare
+  # installs systemd-boot from the bootspec (nix/systemd-boot.nix gave a section), so the bootloader
+  # alone needs no VM.
   needsVM =
     a:
+    {
+      systemdBootOnHost ? false,
+    }:
     !a.onlyNixStore
     && (
-      a.installBootLoader
+      (a.installBootLoader && !systemdBootOnHost)
       || a.touchEFIVars
-      || any (e: e.user != null && !(matches "[0-9]+" e.user && matches "[0-9]+" (toString e.group))) a.contents
+      || namedOwners a
     );
 
   # additionalPaths without those already among the base roots, as nixpkgs' subtractLists does.
@@ -141,6 +149,27 @@ in
 
   # The output file name nixpkgs gives the image: <baseName>.<extension of the format>.
   fileName = a: "${a.baseName}.${rules.formats.${a.format}.extension}";
+
+  # Why systemd-boot cannot be installed into this layout (a message), or null. As in the builder
+  # (builder/boot/systemd_boot_config.py), checked only when prepare installs it: the VM path fails as
+  # nixpkgs' does. The mount points are where nixpkgs' VM script mounts the FAT partitions (rules.json).
+  systemdBootProblem =
+    args: section:
+    let
+      table = args.partitionTableType;
+      esp = rules.tables.${table}.espMountPoint;
+      xbootldr = rules.tables.${table}.xbootldrMountPoint;
+    in
+    if section == null || !args.installBootLoader || args.onlyNixStore then
+      null
+    else if esp == null then
+      "config.boot.loader.systemd-boot.enable = true is not allowed with partitionTableType = ${messages.show table}: systemd-boot needs an EFI system partition (use \"efi\", \"efixbootldr\" or \"hybrid\")"
+    else if section.efiSysMountPoint != esp then
+      "config.boot.loader.efi.efiSysMountPoint = ${messages.show section.efiSysMountPoint} is not allowed with partitionTableType = ${messages.show table}, which mounts the ESP at ${esp} (set it to ${messages.show esp})"
+    else if section.xbootldrMountPoint != xbootldr then
+      "config.boot.loader.systemd-boot.xbootldrMountPoint = ${messages.show section.xbootldrMountPoint} is not allowed with partitionTableType = ${messages.show table} (it must be ${messages.show xbootldr})"
+    else
+      null;
 
   # The spec document (builder/spec.schema.json) from normalized arguments and what nixpkgs computed.
   toSpec =
@@ -153,6 +182,8 @@ in
       storeDir,
       grubDevices,
       limineBiosDevice ? null,
+      # nix/systemd-boot.nix's section: systemd-boot installed by prepare, without the VM.
+      systemdBoot ? null,
     }:
     let
       badDevices = filter (d: !matches "nodev|/dev/[^[:cntrl:]]+" d) grubDevices;
@@ -161,6 +192,8 @@ in
       throw (bad "config.boot.loader.grub.devices" grubDevices "device paths under /dev, or \"nodev\"")
     else if limineBiosDevice != null && !matches "/dev/[^[:cntrl:]]+" limineBiosDevice then
       throw (bad "config.boot.loader.limine.biosDevice" limineBiosDevice "a device path under /dev")
+    else if systemdBootProblem args systemdBoot != null then
+      throw (err (systemdBootProblem args systemdBoot))
     else
       {
         specVersion = 1;
@@ -198,7 +231,7 @@ in
             ;
         };
         bootLoader = {
-          inherit grubDevices limineBiosDevice;
+          inherit grubDevices limineBiosDevice systemdBoot;
         };
         sourceDateEpoch = 1;
         enterCommand = "nixos-enter";

@@ -170,22 +170,34 @@ let
       }
     );
 
-  # The bootable fixture system (tests/fixtures/system, copied in by the test) when given, else a small closure.
-  toplevelFor =
-    modules:
+  # The configuration's settings the stand-in reads: from plain attribute-set modules only (this is not
+  # the module system), the first definition of `path` or `default`.
+  settingOf =
+    modules: path: default:
     let
-      # Not a module system: only plain attribute-set modules are looked at, for the bootloader choice.
-      setting = path: builtins.any (m: builtins.isAttrs m && lib.attrByPath path false m) modules;
-      systemdBoot = setting [ "boot" "loader" "systemd-boot" "enable" ];
+      defined = builtins.filter (m: builtins.isAttrs m && lib.attrByPath path null m != null) modules;
+    in
+    if defined == [ ] then default else lib.attrByPath path null (builtins.head defined);
+
+  # The bootable fixture system (tests/fixtures/system, copied in by the test) when given, else a small
+  # closure. For an aarch64-linux configuration it is the aarch64 fixture (Debian's arm64 parts), whose
+  # derivations still say x86_64-linux: they only copy files, so this x86_64 machine builds them, where a
+  # real aarch64 NixOS closure would come from a binary cache or an aarch64 builder.
+  fixtureFor =
+    system: modules:
+    let
+      systemdBoot = settingOf modules [ "boot" "loader" "systemd-boot" "enable" ] false;
+      xbootldr = settingOf modules [ "boot" "loader" "systemd-boot" "xbootldrMountPoint" ] null != null;
     in
     if host.system == null then
-      import ./system.nix { inherit system; }
+      { toplevel = import ./system.nix { inherit system; }; systemd = null; }
     else
-      (import (./. + "/${host.system}") {
-        inherit system;
-        systemdBoot = if systemdBoot then "esp" else "none";
+      import (./. + "/${host.system}") {
+        system = "x86_64-linux";
+        arch = if system == "aarch64-linux" then "aarch64" else "x86_64";
+        systemdBoot = if !systemdBoot then "none" else if xbootldr then "xbootldr" else "esp";
         grubDevices = if systemdBoot then "" else "/dev/vda";
-      }).toplevel;
+      };
 
   # nixos-enter's stand-in, with its own PATH as nixpkgs' package has (util-linux, coreutils).
   nixosEnter = runCommand "nixos-enter-stand-in" { } ''
@@ -201,21 +213,38 @@ let
   nixosSystem =
     { system, modules }:
     let
-      toplevel = toplevelFor modules;
-      grubEnabled = !(builtins.any (m: builtins.isAttrs m && lib.attrByPath [ "boot" "loader" "grub" "enable" ] true m == false) modules);
+      fixture = fixtureFor system modules;
+      setting = settingOf modules;
+      grubEnabled = setting [ "boot" "loader" "grub" "enable" ] true;
     in
     {
       config = {
-        system.build.toplevel = toplevel;
+        system.build.toplevel = fixture.toplevel;
         # Deprecated in nixpkgs 25.11 (a warning; pkgs.nixos-enter replaces it); here an error, so any use shows.
         system.build.nixos-enter = throw "config.system.build.nixos-enter is deprecated: use pkgs.nixos-enter";
         system.nixos = {
           version = "25.11-stub";
           versionSuffix = "pre-stub";
+          # Entry titles say what the system is: the fixture, not NixOS.
+          distroName = "Fixture system";
         };
-        boot.loader.grub = {
-          enable = grubEnabled;
-          devices = [ "/dev/vda" ];
+        nixpkgs.hostPlatform.system = system;
+        # systemd's package: the fixture's systemd-boot EFI binary, where NixOS's systemd has it.
+        systemd.package = fixture.systemd;
+        boot.loader = {
+          timeout = setting [ "boot" "loader" "timeout" ] 5;
+          grub = {
+            enable = grubEnabled;
+            devices = [ "/dev/vda" ];
+          };
+          systemd-boot = {
+            enable = setting [ "boot" "loader" "systemd-boot" "enable" ] false;
+            xbootldrMountPoint = setting [ "boot" "loader" "systemd-boot" "xbootldrMountPoint" ] null;
+            editor = setting [ "boot" "loader" "systemd-boot" "editor" ] true;
+            consoleMode = setting [ "boot" "loader" "systemd-boot" "consoleMode" ] "keep";
+            extraInstallCommands = setting [ "boot" "loader" "systemd-boot" "extraInstallCommands" ] "";
+          };
+          efi.efiSysMountPoint = setting [ "boot" "loader" "efi" "efiSysMountPoint" ] "/boot";
         };
       };
     };

@@ -1,0 +1,73 @@
+"""Write directories and files into a FAT partition of the image with mtools, unprivileged and reproducibly.
+
+FAT cannot be mounted on the build host (DESIGN §5), and prepare runs without root anyway, so files go
+in with mtools at the partition's offset (`image@@offset`). Every directory and file is created in
+sorted order, one mtools call each, with SOURCE_DATE_EPOCH as mtools' clock: the same input gives the
+same bytes. (`mcopy -m` is not used: it would keep the store's mtime of 1970, which FAT cannot hold and
+mtools 4.0.32 wraps to 2098.)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ..disk.layout import Partition
+from ..errors import BuildError
+
+
+def mtools_env(epoch: int) -> dict[str, str]:
+    """mtools' environment: the epoch as its clock, UTC, no drive-geometry check against the image file."""
+    return dict(os.environ, SOURCE_DATE_EPOCH=str(epoch), TZ="UTC", MTOOLS_SKIP_CHECK="1")
+
+
+def _mtools(argv: list[str], epoch: int, what: str) -> None:
+    """Run one mtools command; BuildError naming `what`, with a hint when the partition is full."""
+    res = subprocess.run(argv, capture_output=True, text=True, env=mtools_env(epoch))
+    if res.returncode != 0:
+        message = (res.stderr or res.stdout).strip()[-1500:]
+        if "full" in message.lower():
+            message += " (the partition is too small for these files: give a larger bootSize)"
+        raise BuildError(f"{what} failed: {message}")
+
+
+def free_bytes(image: Path, partition: Partition) -> int:
+    """Free bytes of the FAT filesystem, as `mdir` counts them."""
+    res = subprocess.run(["mdir", "-i", f"{image}@@{partition.start}", "::/"], capture_output=True, text=True,
+                         env=mtools_env(0))
+    for line in res.stdout.splitlines():
+        if line.strip().endswith("bytes free"):
+            return int("".join(c for c in line if c.isdigit()))
+    raise BuildError(f"cannot read the free space of the {partition.label} FAT partition: {res.stderr.strip()}")
+
+
+def write_files(image: Path, partition: Partition, directories: list[str], files: list[tuple[str, Path]],
+                epoch: int) -> None:
+    """Create `directories` (relative paths) and copy `files` (relative destination, local source) into the FAT.
+
+    Parents are created before children; a directory already created under another letter case is not
+    created again (FAT names are case-insensitive).
+    """
+    drive = f"{image}@@{partition.start}"
+    made: set[str] = set()
+    wanted = set(directories) | {str(Path(dest).parent) for dest, _ in files}
+    for directory in sorted(wanted):
+        parts = [p for p in directory.split("/") if p and p != "."]
+        for depth in range(1, len(parts) + 1):
+            path = "/".join(parts[:depth])
+            if path.lower() in made:
+                continue
+            _mtools(["mmd", "-i", drive, f"::/{path}"], epoch, f"mmd ::/{path} on {partition.label}")
+            made.add(path.lower())
+    for dest, source in sorted(files):
+        _mtools(["mcopy", "-i", drive, str(source), f"::/{dest}"], epoch, f"mcopy to ::/{dest} on {partition.label}")
+
+
+def data_file(scratch: Path, data: bytes) -> Path:
+    """A scratch file holding `data`, for mcopy to read."""
+    fd, name = tempfile.mkstemp(prefix="fat-", dir=scratch)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return Path(name)
