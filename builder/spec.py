@@ -91,7 +91,7 @@ class Spec:
     enter_command: str
     limine_bios_device: str | None = None
     warnings: tuple[str, ...] = ()
-    # bootLoader.systemdBoot: systemd-boot's options when the system boots with it (builder/boot/systemd_boot_config.py).
+    # bootLoader.systemdBoot: systemd-boot's options when the system boots with it (boot/systemd_boot_config.py).
     systemd_boot: SystemdBootConfig | None = None
 
     @property
