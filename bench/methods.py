@@ -59,13 +59,13 @@ def stat_shim(src: Path, work: Path) -> tuple[str, str]:
 
     Without it the builder falls back to its slower debugfs pass, so a fresh clone must not time that.
     """
-    built = sorted((src / "builder").glob("_statshim*.so"))
+    built = sorted((src / "builder" / "sandbox").glob("_statshim*.so"))
     if built:
         return str(built[0]), f"{built[0].name}, built with the package"
     out = work / "statshim.so"
-    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(out), str(src / "builder" / "statshim.c"), "-ldl"],
-                   check=True)
-    return str(out), "compiled by the bench from builder/statshim.c (the package was not built in place)"
+    source = src / "builder" / "sandbox" / "statshim.c"
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(out), str(source), "-ldl"], check=True)
+    return str(out), "compiled by the bench from builder/sandbox/statshim.c (the package was not built)"
 
 
 def builder_plan(closure: Closure, scratch: Path, python: str, src: Path, as_root: bool, shim: str) -> Plan:
@@ -78,11 +78,11 @@ def builder_plan(closure: Closure, scratch: Path, python: str, src: Path, as_roo
     """
     spec = scratch / "spec.json"
     spec.write_text(json.dumps(spec_document(closure, logical_store=as_root), indent=2) + "\n")
-    raw, out, work = scratch / "prepared.raw", scratch / "out", scratch / "builder-work"
+    out, work = scratch / "out", scratch / "builder-work"
     work.mkdir()
     env = {"PYTHONPATH": str(src), "MDI_STAT_SHIM": shim}
-    prepare = [python, "-m", "builder", "prepare", str(spec), "--image", str(raw), "--work", str(work),
-               "--out", str(out)]
+    # As nix/make-disk-image.nix runs it: no --image, so the raw image goes where it costs no extra write.
+    prepare = [python, "-m", "builder", "prepare", str(spec), "--work", str(work), "--out", str(out)]
     if as_root:
         prepare = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                    'mount --bind "$0" /nix/store && exec "$@"', str(closure.store_dir), *prepare]

@@ -18,7 +18,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("prepare", help="unprivileged: stage, size, partition and populate a raw image")
     s.add_argument("spec", type=Path)
-    s.add_argument("--image", type=Path, required=True, help="raw image file to write")
+    s.add_argument("--image", type=Path, help="raw image file to write (required without --out; with --out, "
+                   "default: where it costs no extra write, removed afterwards)")
     s.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     s.add_argument("--out", type=Path, help="then convert the image into OUT in the same process, as `convert` "
                    "would (only for a spec with no VM stage)")
@@ -74,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
 
         spec = load_spec(args.spec)
         if args.out is None:
+            if args.image is None:
+                raise UserError("prepare: --image is required unless --out is given")
             prepare_image(spec, args.image, args.work)
         else:
             print(prepare_and_convert(spec, args.image, args.out, args.work))

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .disk import layout, table
+from .disk.intermediate import raw_intermediate
 from .errors import BuildError, UserError
 from .fs import ext, fat, placed
 from .log import step
@@ -147,13 +148,21 @@ def convert_image(spec: Spec, raw: Path, out: Path) -> Path:
         return convert(spec, raw, out)
 
 
-def prepare_and_convert(spec: Spec, image: Path, out: Path, work: Path | None = None) -> Path:
-    """Steps 1 and 4 in one process, for an image without a VM stage (the Nix build's plain derivation)."""
+def prepare_and_convert(spec: Spec, image: Path | None, out: Path, work: Path | None = None) -> Path:
+    """Steps 1 and 4 in one process, for an image without a VM stage (the Nix build's plain derivation).
+
+    Without `image` the raw image goes where it costs no extra write (builder/disk/intermediate.py) and is
+    gone afterwards; with it, it is written there (and moved from there when the format is raw).
+    """
     if spec.needs_vm:
         raise UserError(f"prepare --out {str(out)!r}: this spec needs the VM stage (finalize) before the image "
                         "is converted; run prepare without --out, then finalize, after-vm and convert")
-    prepare_image(spec, image, work)
-    return convert_image(spec, image, out)
+    if image is not None:
+        prepare_image(spec, image, work)
+        return convert_image(spec, image, out)
+    with scratch_dir(work) as scratch, raw_intermediate(spec, scratch, out) as raw:
+        prepare_image(spec, raw, scratch)
+        return convert_image(spec, raw, out)
 
 
 def build(spec: Spec, out: Path, work: Path | None = None) -> Path:
@@ -161,8 +170,7 @@ def build(spec: Spec, out: Path, work: Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []  # what this build put into out, removed again if it fails
     try:
-        with scratch_dir(work) as scratch:
-            raw = scratch / "nixos.raw"
+        with scratch_dir(work) as scratch, raw_intermediate(spec, scratch, out) as raw:
             prepare_image(spec, raw, scratch)
             if spec.needs_vm:
                 with step("finalize (VM)"):
@@ -170,7 +178,7 @@ def build(spec: Spec, out: Path, work: Path | None = None) -> Path:
 
                     run_finalize(spec, raw, scratch)
                 after_vm(spec, raw)
-                vars_file = scratch / "efi-vars.fd"
+                vars_file = raw.parent / "efi-vars.fd"
                 if spec.touch_efi_vars and vars_file.exists():
                     written.append(out / "efi-vars.fd")
                     shutil.copyfile(vars_file, out / "efi-vars.fd")

@@ -101,9 +101,11 @@ let
     filePath = fileName;
   };
 
-  # Everything on the host: no VM, no kvm system feature; prepare and convert in one process.
+  # Everything on the host: no VM, no kvm system feature; prepare and convert in one process. The raw
+  # image goes where it costs no extra write: into $out for raw, else memory when it fits
+  # (builder/disk/intermediate.py).
   plain = pkgs.runCommand a.name { inherit passthru; } ''
-    ${run} prepare ${specFile} --image nixos.raw --out "$out"
+    ${run} prepare ${specFile} --out "$out"
     ${userPostVM}
   '';
 

@@ -28,16 +28,41 @@ def data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
     return ranges
 
 
+# Errors of copy_file_range that mean "not between these two files" (e.g. a tmpfs file and an ext4 one).
+_NO_COPY_RANGE = {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+CHUNK = 1 << 20
+
+
+def _copy_range(s: int, d: int, start: int, end: int, delta: int, in_kernel: bool) -> bool:
+    """Copy [start, end) of s to d at +delta; in the kernel while it allows, else by pread/pwrite. Returns which."""
+    pos = start
+    while pos < end:
+        if in_kernel:
+            try:
+                done = os.copy_file_range(s, d, end - pos, pos, pos + delta)
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_RANGE:
+                    raise
+                in_kernel = False
+                continue
+        else:
+            chunk = os.pread(s, min(CHUNK, end - pos), pos)
+            done = os.pwrite(d, chunk, pos + delta) if chunk else 0
+        if done <= 0:
+            raise OSError(errno.EIO, f"copy stopped at byte {pos}")
+        pos += done
+    return in_kernel
+
+
 def copy_sparse(src: Path, src_offset: int, length: int, dst: Path, dst_offset: int) -> None:
     """Copy bytes [src_offset, src_offset+length) of src to dst at dst_offset, data segments only."""
+    in_kernel = True
     with open(src, "rb") as s, open(dst, "r+b") as d:
         for start, end in data_ranges(s.fileno(), src_offset, src_offset + length):
-            pos = start
-            while pos < end:
-                done = os.copy_file_range(s.fileno(), d.fileno(), end - pos, pos, dst_offset + pos - src_offset)
-                if done <= 0:
-                    raise BuildError(f"copying {src} into {dst} stopped at byte {pos}")
-                pos += done
+            try:
+                in_kernel = _copy_range(s.fileno(), d.fileno(), start, end, dst_offset - src_offset, in_kernel)
+            except OSError as exc:
+                raise BuildError(f"copying {src} into {dst}: {exc.strerror or exc}") from None
 
 
 def place(fs_file: Path, image: Path, offset: int, limit: int) -> None:
