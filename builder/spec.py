@@ -8,13 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
 from . import chmod, rules
 from .boot.systemd_boot_config import SystemdBootConfig, parse_systemd_boot, systemd_boot_problems
 from .errors import SpecError
 from .log import warn
 from .resources import data_file
+from .schema_fast import surely_valid
 from .units import MiB, parse_iec, round_to_nearest
 
 SCHEMA_PATH = data_file("spec.schema.json")
@@ -153,6 +152,10 @@ def _path_str(path: Any) -> str:
 def _schema_problems(doc: Any) -> list[str]:
     """Every schema violation, each as 'JSON path: value: what is allowed'."""
     schema = json.loads(SCHEMA_PATH.read_text())
+    if surely_valid(doc, schema):  # the usual case, without importing jsonschema (builder/schema_fast.py)
+        return []
+    import jsonschema
+
     validator = jsonschema.Draft202012Validator(schema)
     problems = []
     for err in sorted(validator.iter_errors(doc), key=lambda e: (list(map(str, e.absolute_path)), e.message)):
