@@ -14,16 +14,18 @@ without a VM stage. The Nix derivations (nix/make-disk-image.nix) run the same s
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .concurrent import run_side_by_side
 from .disk import layout, table
 from .disk.intermediate import raw_intermediate
 from .errors import BuildError, UserError
@@ -59,9 +61,10 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.L
 
                 with step("read bootspec"):
                     boot_install = load_plan(spec)
+            checks: list[tuple[str, Callable[[], None]]] = []
             if spec.ext_root:  # made in place at its offset by mkfs -d (builder/fs/ext.py)
-                plan = ext.prepare_root(spec, regs, partial, scratch)
-            else:  # btrfs, xfs, erofs, squashfs: built as their own file and placed (builder/fs/placed.py)
+                plan, checks = ext.prepare_root(spec, regs, partial, scratch)
+            else:  # btrfs, xfs, erofs, squashfs: built as their own file, checked and placed (builder/fs/placed.py)
                 with step("stage root"):
                     staged = stage_root(spec, regs, scratch / "root")
                 plan = placed.prepare_root(spec, staged, partial, scratch)
@@ -70,8 +73,8 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.L
 
                 with step("systemd-boot from the bootspec"):
                     write_install(spec, boot_install, partial, plan, scratch)
-            with step("check partition table"):
-                table.check(partial, plan)
+            # Independent read-only checks, side by side: e2fsck, fsck.vfat, sfdisk.
+            run_side_by_side([*checks, ("check partition table", functools.partial(table.check, partial, plan))])
             os.replace(partial, image)
         except BaseException:
             partial.unlink(missing_ok=True)

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.nixstore import write_closure_info
-from tests.support.leftovers import assert_nothing_left, processes_mentioning
+from tests.support.leftovers import tree_listing, assert_nothing_left, processes_mentioning
 from tests.support.specs import SpecFactory, spec_doc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,19 +80,22 @@ class Sandbox:
 def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
     """A sandbox whose PATH starts with the gate shims; checks nothing of it is running afterwards."""
     private = tmp_path / "faults"
-    shims, tmpdir, gate = private / "shims", private / "tmp", private / "gate"
-    for d in (shims, tmpdir, gate):
+    shims, tmpdir, gate, memory = private / "shims", private / "tmp", private / "gate", private / "memory"
+    for d in (shims, tmpdir, gate, memory):
         d.mkdir(parents=True)
     for tool in GATED_TOOLS:
         shim = shims / tool
         shim.write_text(SHIM.format(python=sys.executable))
         shim.chmod(0o755)
     real_path = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    # The raw intermediate of a converted format goes to memory (builder/disk/intermediate.py): here, to a
+    # directory of the test's own, which must be empty again after every build, done or failed.
     env = dict(os.environ, TMPDIR=str(tmpdir), PATH=f"{shims}:{real_path}", MDI_TEST_GATE=str(gate),
-               MDI_TEST_REAL_PATH=real_path, PYTHONPATH=str(REPO))
+               MDI_TEST_REAL_PATH=real_path, PYTHONPATH=str(REPO), MDI_MEMORY_DIR=str(memory))
     box = Sandbox(private, tmpdir, private / "out", gate, env)
     yield box
     box.release()  # never leave a shim waiting
+    assert tree_listing(memory) == [], "a raw intermediate was left in memory"
 
 
 @dataclass
@@ -315,20 +318,25 @@ def test_unreadable_source_as_build_user(sandbox: Sandbox, make_spec: SpecFactor
     assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
 
 
-def test_work_dir_out_of_space(sandbox: Sandbox, make_spec: SpecFactory) -> None:
-    """TMPDIR on a 2 MiB tmpfs: the build fails with a clear out-of-space error and leaves the tmpfs empty."""
+@pytest.mark.parametrize("full", ["tmpdir", "out"])
+def test_image_dir_out_of_space(sandbox: Sandbox, make_spec: SpecFactory, full: str) -> None:
+    """The directory the image is written in on a 2 MiB tmpfs: TMPDIR (a qcow2's raw intermediate kept on
+    disk) or the output directory (a raw image is written there): a clear out-of-space error, nothing left."""
     assert os.geteuid() == 0, "mounting a tmpfs needs root"
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "mdi-test-enospc", str(sandbox.tmpdir)],
-                   check=True)
+    where = sandbox.tmpdir if full == "tmpdir" else sandbox.out
+    where.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "mdi-test-enospc", str(where)], check=True)
+    if full == "tmpdir":
+        sandbox.env["MDI_INTERMEDIATE"] = "disk"
     try:
-        res = run_build(sandbox, make_spec())
+        res = run_build(sandbox, make_spec(format="qcow2" if full == "tmpdir" else "raw"))
         assert res.status == 1, res.stderr
         assert "No space left on device" in res.stderr, res.stderr
-        assert "ran out of space" in res.stderr and str(sandbox.tmpdir) in res.stderr, res.stderr
+        assert "ran out of space" in res.stderr and str(where) in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
-        assert sorted(os.listdir(sandbox.tmpdir)) == []
+        assert sorted(os.listdir(where)) == []
     finally:
-        subprocess.run(["umount", str(sandbox.tmpdir)], check=True)
+        subprocess.run(["umount", str(where)], check=True)
     assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
 
 

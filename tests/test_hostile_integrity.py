@@ -188,5 +188,6 @@ def test_a_tool_writing_a_broken_filesystem_fails_the_build(tool: str, make_spec
     assert res.returncode == 1, res.stderr
     expected = "fsck.vfat found problems in the ESP" if tool == "mkfs.vfat" else "e2fsck found problems"
     assert expected in res.stderr, res.stderr
-    assert "[makeDiskImage] check filesystems failed after" in res.stderr
+    step = "check ESP (fsck.vfat)" if tool == "mkfs.vfat" else "check root filesystem (e2fsck)"
+    assert f"[makeDiskImage] {step} failed after" in res.stderr
     assert sorted(os.listdir(out)) == [] and os.listdir(tmp) == []

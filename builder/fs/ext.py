@@ -15,8 +15,10 @@ import re
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ..disk import layout, table
@@ -31,6 +33,9 @@ from ..staging.measure import BLOCK
 from ..staging.root import StagedRoot, closure_binds, remove_tree_quietly, stage_root
 from ..units import MiB, align_up, human
 from . import fat
+
+# The layout written, and the checks still to run on it, (name, check) each, independent of each other.
+RootChecks = tuple[layout.Layout, list[tuple[str, Callable[[], None]]]]
 
 # The first inode mkfs -d creates from the tree (after the reserved ones and lost+found).
 FIRST_TREE_INODE = 12
@@ -139,7 +144,7 @@ def populate(
         host = os.statvfs(image.parent)
         if "No space left" in msg and host.f_bavail * host.f_frsize < HOST_FULL_BYTES:
             # The sparse image file could not grow: the build host's disk is full, not the image's filesystem.
-            raise BuildError(f"the work directory {str(image.parent)!r} ran out of space "
+            raise BuildError(f"the directory the image is written in, {str(image.parent)!r}, ran out of space "
                              f"({host.f_bavail * host.f_frsize} bytes free) while writing the image: {msg}")
         if "Could not allocate" in msg or "No space left" in msg:
             raise BuildError(f"the root filesystem ({size_bytes} bytes) is too small for its contents: {msg}")
@@ -282,8 +287,12 @@ def choose_size(spec: Spec, staged: StagedRoot, scratch: Path, store_usage: meas
     return Sizing(disk, fs_size, inodes, usage)
 
 
-def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scratch: Path) -> layout.Layout:
-    """Create the sparse image, its table, the root ext4 (populated) and empty FAT partitions; check them."""
+def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scratch: Path) -> RootChecks:
+    """Create the sparse image, its table, the root ext4 (populated) and empty FAT partitions.
+
+    The FAT partitions are made on a second thread while mkfs.ext4 fills the root (other byte ranges of the
+    file); the checks are returned, for the caller to run side by side with its own.
+    """
     plan = layout.plan(spec, size.disk_size)
     with open(image, "wb") as f:
         f.truncate(size.disk_size)
@@ -292,48 +301,57 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
     root = plan.root
     params = ext_params(spec, size.inodes)
     epoch = spec.source_date_epoch
-    with step("root filesystem (mkfs.ext4 -d)"):
-        binds = closure_binds(staged, epoch)
-        stamped = populate(image, root.start, size.fs_size, staged.root, params, binds, scratch, epoch,
-                                staged.lazy_store)
-    # The staging tree is read; removing it (a syscall per entry) overlaps the checks below on the other core.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fat") as pool:
+        fats = pool.submit(_make_boot_filesystems, spec, image, plan)
+        with step("root filesystem (mkfs.ext4 -d)"):
+            binds = closure_binds(staged, epoch)
+            stamped = populate(image, root.start, size.fs_size, staged.root, params, binds, scratch, epoch,
+                               staged.lazy_store)
+    fats.result()
+    # The staging tree is read; removing it (a syscall per entry) overlaps what follows on the other core.
     remover = threading.Thread(target=remove_tree_quietly, args=(staged.root,), name="remove staging", daemon=True)
     remover.start()
     try:
-        _finish_root_and_boot(spec, staged, image, plan, params, stamped, scratch)
+        with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
+            normalize(image, root.start, staged.owner_fixes, epoch, scratch, params, every_inode=not stamped,
+                      modes=staged.mode_fixes)
     finally:
         remover.join()
-    sb = superblock(f"{image}?offset={root.start}")
-    free = int(sb["Free blocks"]) * measure.BLOCK
-    info(f"root filesystem free: {human(free)}")
-    if spec.disk_size is None and free < spec.additional_space:
-        raise BuildError(f"auto sizing left {human(free)} free, less than additionalSpace "
-                         f"{human(spec.additional_space)} (estimate too low; please report)")
-    return plan
+    return plan, _checks(spec, image, plan)
 
 
-def _finish_root_and_boot(spec: Spec, staged: StagedRoot, image: Path, plan: layout.Layout,
-                          params: Ext4Params, stamped: bool, scratch: Path) -> None:
-    """After mkfs: owners and times still to set, the empty FAT partitions, then every filesystem checked."""
-    root, epoch = plan.root, spec.source_date_epoch
-    with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
-        normalize(image, root.start, staged.owner_fixes, epoch, scratch, params, every_inode=not stamped,
-                       modes=staged.mode_fixes)
+def _make_boot_filesystems(spec: Spec, image: Path, plan: layout.Layout) -> None:
+    """The empty FAT partitions (ESP, XBOOTLDR, BOOT)."""
     with step("boot filesystems"):
         for p in plan.partitions:
             if p.fs == "vfat":
                 fat.make(image, p, spec.deterministic)
-    with step("check filesystems"):
-        check(image, root.start)
-        for p in plan.partitions:
-            if p.fs == "vfat":
-                fat.check(image, p)
 
 
+def _checks(spec: Spec, image: Path, plan: layout.Layout) -> list[tuple[str, Callable[[], None]]]:
+    """The root ext4 clean (e2fsck -fn), auto sizing's free space reached, and each FAT partition clean."""
+    root = plan.root
+
+    def free_space() -> None:
+        sb = superblock(f"{image}?offset={root.start}")
+        free = int(sb["Free blocks"]) * measure.BLOCK
+        info(f"root filesystem free: {human(free)}")
+        if spec.disk_size is None and free < spec.additional_space:
+            raise BuildError(f"auto sizing left {human(free)} free, less than additionalSpace "
+                             f"{human(spec.additional_space)} (estimate too low; please report)")
+
+    checks: list[tuple[str, Callable[[], None]]] = [
+        ("check root filesystem (e2fsck)", partial(check, image, root.start)),
+        ("root filesystem free space", free_space),
+    ]
+    for p in plan.partitions:
+        if p.fs == "vfat":
+            checks.append((f"check {p.label} (fsck.vfat)", partial(fat.check, image, p)))
+    return checks
 
 
-def prepare_root(spec: Spec, regs: list[store.Registration], image: Path, scratch: Path) -> layout.Layout:
-    """Stage, size and write the image with its ext2/3/4 root made in place by mkfs -d; the layout written."""
+def prepare_root(spec: Spec, regs: list[store.Registration], image: Path, scratch: Path) -> RootChecks:
+    """Stage, size and write the image with its ext2/3/4 root made in place by mkfs -d; the layout and its checks."""
     # Sizing the store starts now, in worker processes, and overlaps the staging.
     with measure.StoreMeasure([r.path for r in regs]) as store_usage:
         with step("stage root"):

@@ -8,7 +8,6 @@ build leaves nothing mounted. When user namespaces are unavailable the caller co
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import json
 import os
@@ -61,7 +60,7 @@ def run_with_binds(
 
 def mount_binds(binds: list[list[str]]) -> None:
     """Bind-mount every pair read-only (called inside the namespace)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc (find_library would run ldconfig -p)
     for source, target in binds:
         if libc.mount(source.encode(), target.encode(), None, MS_BIND | MS_REC, None) != 0:
             err = ctypes.get_errno()
@@ -74,7 +73,7 @@ def _mount_store(store: str, epoch: int, binds: list[list[str]]) -> None:
     The directory keeps its mode and gets the epoch as mtime; symlinks staged in it (store paths that are
     symlinks) are recreated on the tmpfs with their times.
     """
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)
     mode = stat.S_IMODE(os.lstat(store).st_mode)
     links = {}
     with os.scandir(store) as entries:
