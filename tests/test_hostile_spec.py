@@ -277,3 +277,55 @@ def test_store_dir_is_absolute_normalized_and_not_the_root(store_dir: str, fixtu
     status, err = validate(doc, tmp_path, capsys)
     assert status == 2, err
     assert any(line.startswith(f"  - $.system.storeDir: {json.dumps(store_dir)}") for line in problem_lines(err)), err
+
+
+def registration_entry(path: str, nar_size: str = "5") -> str:
+    """One closureInfo registration entry (path, hash, size, deriver, no references)."""
+    return f"{path}\nsha256:{'0' * 52}\n{nar_size}\n\n0\n"
+
+
+REGISTRATION_CASES: list[tuple[str, str, str]] = [
+    ("dotdot", registration_entry("/nix/store/.."), "'/nix/store/..' is not a store path"),
+    ("dot", registration_entry("/nix/store/."), "'/nix/store/.' is not a store path"),
+    ("store-dir", registration_entry("/nix/store/"), "'/nix/store/' is not a store path"),
+    ("double-slash", registration_entry("//nix/store/" + "a" * 32 + "-x"), "is not a store path"),
+    ("short-hash", registration_entry("/nix/store/tooshort-x"), "'/nix/store/tooshort-x' is not a store path"),
+    ("not-base32", registration_entry("/nix/store/" + "e" * 32 + "-x"), "is not a store path"),
+    ("dot-name", registration_entry("/nix/store/" + "a" * 32 + "-.x"), "is not a store path"),
+    ("host-dir", registration_entry("/etc"), "'/etc' is not a store path"),
+    ("nar-negative", registration_entry("/nix/store/" + "a" * 32 + "-x", "-5"), "narSize '-5' is not allowed"),
+    ("nar-huge", registration_entry("/nix/store/" + "a" * 32 + "-x", "99999999999999999999"),
+     "narSize '99999999999999999999' is not allowed"),
+    ("nar-space", registration_entry("/nix/store/" + "a" * 32 + "-x", " 5"), "narSize ' 5' is not allowed"),
+]
+
+
+@pytest.mark.parametrize(("entry", "fragment"), [pytest.param(e, f, id=i) for i, e, f in REGISTRATION_CASES])
+def test_registration_entries_must_be_store_paths(entry: str, fragment: str, fixture_spec: Path,
+                                                  tmp_path: Path) -> None:
+    """`/nix/store/..` and friends passed and failed later (exit 1) on a scratch path; now refused by index."""
+    doc = spec_doc(fixture_spec)
+    info = tmp_path / "closure-info"
+    info.mkdir()
+    original = Path(doc["system"]["closureInfo"]) / "registration"
+    (info / "registration").write_text(original.read_text() + entry)
+    doc["system"]["closureInfo"] = str(info)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(doc))
+    done = subprocess.run([sys.executable, "-m", "builder", "prepare", str(spec), "--image", str(tmp_path / "x.img")],
+                          cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    entries = len(list(_entries(original.read_text())))
+    assert f"system.closureInfo: registration[{entries}] (line " in done.stderr, done.stderr
+    assert fragment in done.stderr, done.stderr
+    assert not (tmp_path / "x.img").exists()
+
+
+def _entries(text: str) -> Iterator[str]:
+    """The store paths a registration file registers, in order."""
+    lines = text.split("\n")
+    i = 0
+    while i + 4 < len(lines):
+        yield lines[i]
+        i += 5 + int(lines[i + 4])
