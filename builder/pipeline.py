@@ -14,6 +14,8 @@ without a VM stage. The Nix derivations (nix/make-disk-image.nix) run the same s
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shlex
 import shutil
@@ -24,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .disk import layout, table
+from .disk import layout, sparse, table
 from .errors import BuildError, UserError
 from .fs import ext, fat, placed
 from .log import step
@@ -32,6 +34,7 @@ from .resources import template_dir
 from .spec import Spec
 from .staging import store
 from .staging.root import remove_tree, stage_root
+from .units import MiB, human
 
 
 @contextmanager
@@ -45,10 +48,35 @@ def scratch_dir(work: Path | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def _size_field(spec: Spec) -> str:
+    """The argument that sets the image's size, as the user wrote it: diskSize, or additionalSpace with "auto"."""
+    if spec.disk_size is None:
+        return f"additionalSpace = {json.dumps(spec.raw['additionalSpace'])}"
+    return f"diskSize = {spec.disk_size // MiB}"
+
+
+def check_room(spec: Spec, directories: list[Path]) -> None:
+    """Refuse, before any work, an image larger than the build filesystem holds in one file (exit 2).
+
+    1 EiB is a valid ext4 size, but the work directory's filesystem (ext4: 16 TiB) or RLIMIT_FSIZE may
+    allow less; the image (and the probe file sizing makes) must fit in one file there.
+    """
+    need = spec.disk_size if spec.disk_size is not None else spec.additional_space
+    for directory in directories:
+        limit = sparse.largest_file(directory)
+        if need > limit:
+            raise UserError(
+                f"{_size_field(spec)}: the image would be {'at least ' if spec.disk_size is None else ''}"
+                f"{human(need)}, but the build filesystem holding {str(directory)!r} holds files of at most "
+                f"{human(limit)} (its own limit, or this process's RLIMIT_FSIZE); give a smaller size, or build "
+                "where the work directory's filesystem allows larger files")
+
+
 def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.Layout:
     """Unprivileged part: stage, size, partition, create and populate every filesystem into a raw image."""
     partial = image.with_name(image.name + ".partial")
     with scratch_dir(work) as scratch:
+        check_room(spec, [scratch.parent, image.absolute().parent])
         try:
             with step("read closure"):
                 regs = store.read_closure(spec)
@@ -72,6 +100,12 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.L
             with step("check partition table"):
                 table.check(partial, plan)
             os.replace(partial, image)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            if exc.errno == errno.EFBIG:  # sizing added more than check_room could know: still the size's fault
+                raise UserError(f"{_size_field(spec)}: the image does not fit in one file on the build filesystem "
+                                f"({exc}); give a smaller size, or build where larger files are allowed") from None
+            raise
         except BaseException:
             partial.unlink(missing_ok=True)
             raise

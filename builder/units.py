@@ -40,8 +40,8 @@ def round_to_nearest(value: int, unit: int) -> int:
 def human(value: int) -> str:
     """Format bytes for logs, e.g. 268435456 -> "256.0 MiB"."""
     size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if abs(size) < 1024 or unit == "EiB":
             return f"{size:.1f} {unit}" if unit != "B" else f"{value} B"
         size /= 1024
     return f"{value} B"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from pathlib import Path
 
 from ..errors import BuildError
@@ -53,3 +54,26 @@ def extract(image: Path, start: int, size: int, dest: Path) -> None:
     with open(dest, "wb") as f:
         f.truncate(size)
     copy_sparse(image, start, size, dest, 0)
+
+
+def largest_file(directory: Path) -> int:
+    """The largest file size the filesystem of directory allows this process (its limit, or RLIMIT_FSIZE).
+
+    Found by truncating a fresh, unlinked sparse file (no data is written; 63 truncates).
+    """
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".size-probe-")
+    try:
+        os.unlink(name)
+        low, high = 0, 2**63 - 1
+        while low < high:
+            mid = (low + high + 1) // 2
+            try:
+                os.ftruncate(fd, mid)
+                low = mid
+            except OSError as exc:
+                if exc.errno not in (errno.EFBIG, errno.EINVAL):
+                    raise
+                high = mid - 1
+        return low
+    finally:
+        os.close(fd)
