@@ -10,6 +10,8 @@ from pathlib import Path
 from .errors import BuildError, Interrupted, UserError
 from .signals import handle_termination
 
+WORK_HELP = "where the build makes its own scratch directory, removed afterwards (default: TMPDIR)"
+
 
 def _parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
@@ -19,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prepare", help="unprivileged: stage, size, partition and populate a raw image")
     s.add_argument("spec", type=Path)
     s.add_argument("--image", type=Path, required=True, help="raw image file to write")
-    s.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
+    s.add_argument("--work", type=Path, help=WORK_HELP)
     s.add_argument("--out", type=Path, help="then convert the image into OUT in the same process, as `convert` "
                    "would (only for a spec with no VM stage)")
 
@@ -36,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("build", help="the whole pipeline: prepare, finalize (in a VM when needed), convert")
     s.add_argument("spec", type=Path)
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
+    s.add_argument("--work", type=Path, help=WORK_HELP)
 
     s = sub.add_parser("after-vm", help="after the VM: check the image, then pin times, journal, free space and "
                        "FAT entries (deterministic)")

@@ -39,13 +39,42 @@ from .units import MiB, human
 
 @contextmanager
 def scratch_dir(work: Path | None) -> Iterator[Path]:
-    """A scratch directory: the given one (kept), or a temporary one removed afterwards."""
+    """A fresh scratch directory of this build's own, inside work (else TMPDIR), removed afterwards.
+
+    Only that directory is ever removed: whatever else work holds (a `root`, a `binds.json` of someone
+    else's) is not the builder's and stays as it was.
+    """
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
-        yield work
-        return
-    with tempfile.TemporaryDirectory(prefix="mdi-") as tmp:
-        yield Path(tmp)
+    scratch = Path(tempfile.mkdtemp(prefix="mdi-", dir=work))
+    try:
+        yield scratch
+    finally:
+        remove_tree(scratch)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (/proc/self/status), 022 if unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def fresh_file(beside: Path, suffix: str) -> Path:
+    """A new empty file under a random name in beside's directory (O_EXCL: nothing planted is opened).
+
+    Its mode is the one a plain open() would give (0666 less the umask), not mkstemp's 0600.
+    """
+    fd, name = tempfile.mkstemp(dir=beside.absolute().parent, prefix=f".{beside.name}.", suffix=suffix)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
+    return Path(name)
 
 
 def _size_field(spec: Spec) -> str:
@@ -55,15 +84,15 @@ def _size_field(spec: Spec) -> str:
     return f"diskSize = {spec.disk_size // MiB}"
 
 
-def check_room(spec: Spec, directories: list[Path]) -> None:
+def check_room(spec: Spec, directories: list[tuple[Path, Path]]) -> None:
     """Refuse, before any work, an image larger than the build filesystem holds in one file (exit 2).
 
     1 EiB is a valid ext4 size, but the work directory's filesystem (ext4: 16 TiB) or RLIMIT_FSIZE may
     allow less; the image (and the probe file sizing makes) must fit in one file there.
     """
     need = spec.disk_size if spec.disk_size is not None else spec.additional_space
-    for directory in directories:
-        limit = sparse.largest_file(directory)
+    for probe, directory in directories:  # (where a probe file may go, the directory the message names)
+        limit = sparse.largest_file(probe)
         if need > limit:
             raise UserError(
                 f"{_size_field(spec)}: the image would be {'at least ' if spec.disk_size is None else ''}"
@@ -73,10 +102,13 @@ def check_room(spec: Spec, directories: list[Path]) -> None:
 
 
 def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.Layout:
-    """Unprivileged part: stage, size, partition, create and populate every filesystem into a raw image."""
-    partial = image.with_name(image.name + ".partial")
+    """Unprivileged part: stage, size, partition, create and populate every filesystem into a raw image.
+
+    The image is written under a fresh random name beside it and renamed into place when complete.
+    """
     with scratch_dir(work) as scratch:
-        check_room(spec, [scratch.parent, image.absolute().parent])
+        check_room(spec, [(scratch, scratch.parent), (image.absolute().parent, image.absolute().parent)])
+        partial = fresh_file(image, ".partial")
         try:
             with step("read closure"):
                 regs = store.read_closure(spec)
@@ -109,8 +141,6 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.L
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
-        finally:
-            remove_tree(scratch / "root")
     return plan
 
 

@@ -67,3 +67,70 @@ def test_a_file_size_limit_is_named(overrides: dict[str, object], field: str, ma
     assert f"error: {field}" in res.stderr and "at most 100.0 MiB" in res.stderr, res.stderr
     assert "[makeDiskImage] stage root" not in res.stderr  # refused before any work
     assert tree_listing(tmpdir) == [] and tree_listing(tmp_path / "out") == []
+
+
+# ---- temporary files and the work directory ----------------------------------------------------------------
+
+def test_a_symlink_planted_at_the_partial_image_is_not_written_through(make_spec: SpecFactory,
+                                                                        tmp_path: Path) -> None:
+    """`prepare --image X` wrote the whole image into the target of a link at X.partial, then renamed the link."""
+    victim = tmp_path / "victim"
+    victim.write_text("must stay as it is\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "x.img.partial").symlink_to(victim)
+    res = run(["prepare", str(make_spec()), "--image", str(images / "x.img")], tmp_path / "tmp")
+    assert res.returncode == 0, res.stderr
+    assert victim.read_text() == "must stay as it is\n"
+    assert (images / "x.img").is_file() and not (images / "x.img").is_symlink()
+    assert (images / "x.img").stat().st_size > 64 << 20
+    assert os.readlink(images / "x.img.partial") == str(victim)  # not ours: left as it was
+    assert sorted(os.listdir(images)) == ["x.img", "x.img.partial"]
+
+
+def test_the_image_keeps_the_mode_a_new_file_gets(make_spec: SpecFactory, tmp_path: Path) -> None:
+    """Made under a fresh private name, the image still gets 0666 less the umask, as `open(..., "w")` gives."""
+    res = run(["prepare", str(make_spec()), "--image", str(tmp_path / "x.img")], tmp_path / "tmp")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "x.img").stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """This process's umask (set and restored)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def planted_work_dir(work: Path) -> dict[str, str]:
+    """A --work directory that already holds files named like the builder's own scratch files."""
+    (work / "root").mkdir(parents=True)
+    (work / "root" / "keep").write_text("mine\n")
+    planted = {"binds.json": "[]\n", "debugfs.cmds": "mine\n", "nixos.raw": "mine\n", "other": "mine\n"}
+    for name, text in planted.items():
+        (work / name).write_text(text)
+    return {**planted, "root/keep": "mine\n"}
+
+
+def work_files(work: Path) -> dict[str, str]:
+    """Every file below work with its text."""
+    return {str(p.relative_to(work)): p.read_text() for p in sorted(work.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["prepare", "build"])
+@pytest.mark.parametrize("outcome", ["success", "failure"])
+def test_the_work_directory_is_left_as_it_was(command: str, outcome: str, make_spec: SpecFactory,
+                                              tmp_path: Path) -> None:
+    """`--work DIR` deleted DIR/root and left binds.json and debugfs.cmds behind; now the builder works in a
+    directory it makes inside DIR and removes only that."""
+    work = tmp_path / "work"
+    before = planted_work_dir(work)
+    contents = [] if outcome == "success" else [
+        {"source": str(tmp_path / "missing"), "target": "/x", "mode": None, "user": None, "group": None}]
+    spec = make_spec(contents=contents)
+    target = ["--image", str(tmp_path / "x.img")] if command == "prepare" else ["--out", str(tmp_path / "out")]
+    res = run([command, str(spec), *target, "--work", str(work)], tmp_path / "tmp")
+    assert res.returncode == (0 if outcome == "success" else 2), res.stderr
+    assert work_files(work) == before
+    assert sorted(os.listdir(work)) == ["binds.json", "debugfs.cmds", "nixos.raw", "other", "root"]
+    assert tree_listing(tmp_path / "tmp") == []
