@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; user errors exit 2, build failures 1, SIGINT/SIGTERM/SIGHUP 128+signal after cleanup."""
+    """Run the CLI; user errors exit 2, build failures 1, a terminating signal 128+signal after cleanup."""
     args = _parser().parse_args(argv)
     try:
         with handle_termination():

@@ -451,3 +451,39 @@ def test_sighup_during_mkfs_cleans_up(sandbox: Sandbox, make_spec: SpecFactory) 
     assert "interrupted by SIGHUP: stopped, temporary files removed" in res.stderr
     assert "[makeDiskImage] root filesystem (mkfs.ext4 -d) failed after" in res.stderr
     assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
+
+
+# Every signal whose default action ends a process (signal(7): "Term" or "Core"), but SIGKILL and SIGSTOP,
+# which no process can catch, the hardware faults SIGSEGV, SIGBUS, SIGILL and SIGFPE, from which a handler
+# cannot return, and SIGPIPE and SIGXFSZ, which Python ignores from the start (a write fails with EPIPE or
+# EFBIG instead, and the build unwinds on that error).
+TERMINATING_BY_DEFAULT = {
+    signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTRAP, signal.SIGABRT, signal.SIGUSR1, signal.SIGUSR2,
+    signal.SIGALRM, signal.SIGTERM, signal.SIGSTKFLT, signal.SIGXCPU, signal.SIGVTALRM, signal.SIGPROF,
+    signal.SIGIO, signal.SIGPWR, signal.SIGSYS, *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
+}
+
+
+def test_every_signal_that_would_end_the_builder_is_handled() -> None:
+    from builder.signals import TERMINATING
+
+    assert set(TERMINATING) == TERMINATING_BY_DEFAULT
+
+
+@pytest.mark.parametrize("sig", [signal.SIGQUIT, signal.SIGUSR1, signal.SIGALRM, signal.SIGRTMIN + 2],
+                         ids=["SIGQUIT", "SIGUSR1", "SIGALRM", "SIGRTMIN+2"])
+def test_other_terminating_signals_during_mkfs_clean_up(sig: int, sandbox: Sandbox, make_spec: SpecFactory) -> None:
+    """SIGQUIT, SIGUSR1, SIGALRM... killed the builder on the spot and left its scratch directory in TMPDIR."""
+    sandbox.hold("mkfs.ext4", " -d ")
+
+    def on_line(line: str, proc: subprocess.Popen[str]) -> None:
+        if line.startswith("[makeDiskImage] root filesystem (mkfs.ext4 -d) ..."):
+            wait_for(sandbox.held, "mkfs to start")
+            os.kill(proc.pid, sig)
+
+    res = run_build(sandbox, make_spec(), on_line)
+    name = "SIGRTMIN+2" if sig == signal.SIGRTMIN + 2 else signal.Signals(sig).name
+    assert res.status == 128 + sig, res.stderr
+    assert f"interrupted by {name}: stopped, temporary files removed" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
