@@ -31,6 +31,7 @@ from .errors import BuildError, UserError
 from .fs import ext, fat, placed
 from .log import step
 from .resources import template_dir
+from .signals import reaping_descendants
 from .spec import Spec
 from .staging import store
 from .staging.root import remove_tree, stage_root
@@ -162,17 +163,20 @@ def run_post_vm(spec: Spec, image: Path) -> None:
     if spec.touch_efi_vars:
         env["efiVars"] = str(out / "efi-vars.fd")
     script = f"source {shlex.quote(str(post_vm_env_script()))}\n{spec.post_vm}"
-    # Its own process group, killed whole if the build is stopped: no command of the user's outlives it.
-    proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], env=env, cwd=out,
-                            start_new_session=True)
-    try:
-        status = proc.wait()
-    finally:
+    # No command of the user's outlives it: its own process group, killed whole when it ends or the build is
+    # stopped, and whatever left that group (setsid, a double fork) is re-parented to the builder and
+    # killed then too (signals.reaping_descendants).
+    with reaping_descendants():
+        proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], env=env, cwd=out,
+                                start_new_session=True)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+            status = proc.wait()
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
     if status != 0:
         raise BuildError(f"postVM exited with status {status}")
 
