@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def print_path(path: Path) -> None:
+    """Print the finished image's path: the last step of a build, so a full or closed stdout undoes the build.
+
+    Written straight to the file descriptor (nothing is left in a buffer for the interpreter to fail on
+    at exit); through print() where stdout has no descriptor (tests capturing it).
+    """
+    data = f"{path}\n".encode("utf-8", "surrogateescape")
+    try:
+        sys.stdout.flush()
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        print(path, flush=True)
+        return
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError as exc:
+        raise BuildError(f"cannot print the image's path on stdout ({exc}); the build is undone") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Dispatch one parsed command."""
     from .spec import load_spec
@@ -78,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         if args.out is None:
             prepare_image(spec, args.image, args.work)
         else:
-            print(prepare_and_convert(spec, args.image, args.out, args.work))
+            prepare_and_convert(spec, args.image, args.out, args.work, report=print_path)
         return 0
     if args.command == "finalize":
         from .vm.finalize import finalize
@@ -87,12 +108,12 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "convert":
         from .pipeline import convert_image
 
-        print(convert_image(load_spec(args.spec), args.image, args.out))
+        convert_image(load_spec(args.spec), args.image, args.out, report=print_path)
         return 0
     if args.command == "build":
         from .pipeline import build
 
-        print(build(load_spec(args.spec), args.out, args.work))
+        build(load_spec(args.spec), args.out, args.work, report=print_path)
         return 0
     if args.command == "after-vm":
         from .pipeline import after_vm

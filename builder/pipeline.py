@@ -22,7 +22,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,12 +30,16 @@ from .disk import layout, sparse, table
 from .errors import BuildError, UserError
 from .fs import ext, fat, placed
 from .log import step
+from .output import Output, output_dir
 from .resources import template_dir
 from .signals import reaping_descendants
 from .spec import Spec
 from .staging import store
 from .staging.root import remove_tree, stage_root
 from .units import MiB, human
+
+# Called with the finished image's path once everything else succeeded, before OUT is kept (the CLI prints it).
+Report = Callable[[Path], None]
 
 
 @contextmanager
@@ -207,28 +211,46 @@ def after_vm(spec: Spec, image: Path) -> None:
             check_finalized(spec, image, plan)
 
 
-def convert_image(spec: Spec, raw: Path, out: Path) -> Path:
-    """Step 4: out/<baseName>.<ext> in the requested format and the Hydra product line."""
-    from .disk.convert import convert
+def _no_report(path: Path) -> None:
+    """Report nothing: for callers that want the path only as the return value."""
+
+
+def _convert(spec: Spec, raw: Path, output: Output) -> Path:
+    """Step 4 inside an output transaction: <baseName>.<ext> in the requested format and the Hydra product line."""
+    from .disk.convert import convert_into
 
     with step("convert"):
-        return convert(spec, raw, out)
+        return convert_into(spec, raw, output)
 
 
-def prepare_and_convert(spec: Spec, image: Path, out: Path, work: Path | None = None) -> Path:
+def convert_image(spec: Spec, raw: Path, out: Path, report: Report = _no_report) -> Path:
+    """Step 4 alone (the `convert` command, the Nix derivation's postVM): into OUT, as builder/output.py says."""
+    with output_dir(out) as output:
+        final = _convert(spec, raw, output)
+        report(final)
+    return final
+
+
+def prepare_and_convert(spec: Spec, image: Path, out: Path, work: Path | None = None,
+                        report: Report = _no_report) -> Path:
     """Steps 1 and 4 in one process, for an image without a VM stage (the Nix build's plain derivation)."""
     if spec.needs_vm:
         raise UserError(f"prepare --out {str(out)!r}: this spec needs the VM stage (finalize) before the image "
                         "is converted; run prepare without --out, then finalize, after-vm and convert")
-    prepare_image(spec, image, work)
-    return convert_image(spec, image, out)
+    with output_dir(out) as output:
+        prepare_image(spec, image, work)
+        final = _convert(spec, image, output)
+        report(final)
+    return final
 
 
-def build(spec: Spec, out: Path, work: Path | None = None) -> Path:
-    """The whole pipeline outside Nix: prepare, finalize in a VM when needed, after_vm, convert, postVM."""
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []  # what this build put into out, removed again if it fails
-    try:
+def build(spec: Spec, out: Path, work: Path | None = None, report: Report = _no_report) -> Path:
+    """The whole pipeline outside Nix: prepare, finalize in a VM when needed, after_vm, convert, postVM.
+
+    OUT is locked before any work and changed as one transaction (builder/output.py): the image is in
+    place for postVM, and everything is undone if a step, postVM or report (printing the path) fails.
+    """
+    with output_dir(out) as output:
         with scratch_dir(work) as scratch:
             raw = scratch / "nixos.raw"
             prepare_image(spec, raw, scratch)
@@ -240,17 +262,9 @@ def build(spec: Spec, out: Path, work: Path | None = None) -> Path:
                 after_vm(spec, raw)
                 vars_file = scratch / "efi-vars.fd"
                 if spec.touch_efi_vars and vars_file.exists():
-                    written.append(out / "efi-vars.fd")
-                    shutil.copyfile(vars_file, out / "efi-vars.fd")
-            written += [out / spec.image_file_name, out / "nix-support" / "hydra-build-products"]
-            final = convert_image(spec, raw, out)
+                    shutil.copyfile(vars_file, output.stage("efi-vars.fd"))
+            final = _convert(spec, raw, output)
             with step("postVM"):
                 run_post_vm(spec, final)
-    except BaseException:
-        # A failed or stopped build must not leave a finished-looking image (or its Hydra line) behind.
-        for path in written:
-            path.unlink(missing_ok=True)
-        if (out / "nix-support").is_dir() and not any((out / "nix-support").iterdir()):
-            (out / "nix-support").rmdir()
-        raise
+        report(final)
     return final

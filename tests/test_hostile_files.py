@@ -8,12 +8,15 @@ refused up front, naming the argument.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -25,12 +28,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run(args: list[str], tmpdir: Path, preexec: Callable[[], None] | None = None,
-        **kwargs: object) -> subprocess.CompletedProcess[str]:
-    """`python -m builder ARGS` with TMPDIR set; stdout and stderr captured."""
+        stdout: IO[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m builder ARGS` with TMPDIR set; stderr captured, stdout too unless a file is given."""
     tmpdir.mkdir(exist_ok=True)
     env = dict(os.environ, TMPDIR=str(tmpdir), PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "builder", *args], cwd=REPO, capture_output=True, text=True,
-                          env=env, preexec_fn=preexec, timeout=300)
+    return subprocess.run([sys.executable, "-m", "builder", *args], cwd=REPO, text=True, env=env,
+                          stdout=subprocess.PIPE if stdout is None else stdout, stderr=subprocess.PIPE,
+                          preexec_fn=preexec, timeout=300)
 
 
 def file_size_limit(limit: int) -> Callable[[], None]:
@@ -66,7 +70,7 @@ def test_a_file_size_limit_is_named(overrides: dict[str, object], field: str, ma
     assert "Traceback" not in res.stderr
     assert f"error: {field}" in res.stderr and "at most 100.0 MiB" in res.stderr, res.stderr
     assert "[makeDiskImage] stage root" not in res.stderr  # refused before any work
-    assert tree_listing(tmpdir) == [] and tree_listing(tmp_path / "out") == []
+    assert tree_listing(tmpdir) == [] and not (tmp_path / "out").exists()
 
 
 # ---- temporary files and the work directory ----------------------------------------------------------------
@@ -134,3 +138,153 @@ def test_the_work_directory_is_left_as_it_was(command: str, outcome: str, make_s
     assert work_files(work) == before
     assert sorted(os.listdir(work)) == ["binds.json", "debugfs.cmds", "nixos.raw", "other", "root"]
     assert tree_listing(tmp_path / "tmp") == []
+
+
+# ---- the output directory -----------------------------------------------------------------------------------
+
+def out_state(out: Path) -> dict[str, tuple[str, str]]:
+    """Every entry below out: (kind, content hash or link target), with nothing of it followed."""
+    state: dict[str, tuple[str, str]] = {}
+    if not out.exists():
+        return state
+    for p in sorted(out.rglob("*")):
+        rel = str(p.relative_to(out))
+        if p.is_symlink():
+            state[rel] = ("link", os.readlink(p))
+        elif p.is_dir():
+            state[rel] = ("dir", "")
+        else:
+            state[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
+    return state
+
+
+def products(out: Path) -> str:
+    """The Hydra product lines of out."""
+    return (out / "nix-support" / "hydra-build-products").read_text()
+
+
+def build_into(spec: Path, out: Path, tmpdir: Path, stdout: IO[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m builder build SPEC --out OUT`."""
+    return run(["build", str(spec), "--out", str(out)], tmpdir, stdout=stdout)
+
+
+def test_a_rebuild_replaces_the_image_and_writes_the_products_whole(make_spec: SpecFactory, tmp_path: Path) -> None:
+    """Rebuilding into the same out appended a second Hydra product line."""
+    out = tmp_path / "out"
+    spec = make_spec()
+    for _ in range(2):
+        res = build_into(spec, out, tmp_path / "tmp")
+        assert res.returncode == 0, res.stderr
+    assert products(out) == f"file raw-image {out / 'fixture.img'}\n"
+    assert sorted(out_state(out)) == ["fixture.img", "nix-support", "nix-support/hydra-build-products"]
+
+
+@pytest.mark.parametrize("failure", ["before-convert", "postVM", "stdout-full"])
+def test_a_failed_build_leaves_out_as_it_was(failure: str, make_spec: SpecFactory, tmp_path: Path) -> None:
+    """A failure in postVM removed the previous image and the whole products file; with stdout full the build
+    exited 1 but left its complete image."""
+    out, tmpdir = tmp_path / "out", tmp_path / "tmp"
+    first = build_into(make_spec(), out, tmpdir)
+    assert first.returncode == 0, first.stderr
+    before = out_state(out)
+    overrides: dict[str, object] = {"label": "second"}
+    if failure == "before-convert":
+        overrides["contents"] = [{"source": str(tmp_path / "missing"), "target": "/x", "mode": None, "user": None,
+                                  "group": None}]
+    if failure == "postVM":
+        overrides["postVM"] = 'echo appended >> "$out/nix-support/hydra-build-products"; exit 3'
+    with open("/dev/full", "w") as full:
+        res = build_into(make_spec(**overrides), out, tmpdir, full if failure == "stdout-full" else None)
+    assert res.returncode == {"before-convert": 2, "postVM": 1, "stdout-full": 1}[failure], res.stderr
+    assert "Traceback" not in res.stderr and "Exception ignored" not in res.stderr, res.stderr
+    assert out_state(out) == before
+    assert tree_listing(tmpdir) == []
+
+
+def test_stdout_full_on_a_first_build_leaves_no_output_directory(make_spec: SpecFactory, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with open("/dev/full", "w") as full:
+        res = build_into(make_spec(), out, tmp_path / "tmp", full)
+    assert res.returncode == 1, res.stderr
+    assert "cannot print the image's path" in res.stderr, res.stderr
+    assert not out.exists()
+
+
+def test_concurrent_builds_into_one_out_directory(make_spec: SpecFactory, tmp_path: Path) -> None:
+    """Two builds into one out: the failing one removed the other's finished image, which exited 0 and printed
+    its path. Now the second finds the directory locked and stops at once, changing nothing."""
+    out, gate = tmp_path / "out", tmp_path / "gate"
+    gate.mkdir()
+    hold = (f"touch {gate}/started; while [ ! -e {gate}/go ]; do sleep 0.05; done")
+    first = subprocess.Popen([sys.executable, "-m", "builder", "build", str(make_spec(postVM=hold)), "--out", str(out)],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(REPO)))
+    try:
+        deadline = time.monotonic() + 120
+        while not (gate / "started").exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first build did not reach postVM"
+            time.sleep(0.05)
+        during = out_state(out)
+        second = build_into(make_spec(label="second", postVM="exit 3"), out, tmp_path / "tmp")
+        assert second.returncode == 1, second.stderr
+        assert f"build failed: --out {str(out)!r} is in use by another build" in second.stderr, second.stderr
+        assert "[makeDiskImage] read closure" not in second.stderr  # stopped before any work
+        assert out_state(out) == during
+    finally:
+        (gate / "go").touch()
+        stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    assert Path(stdout.strip()) == out / "fixture.img" and (out / "fixture.img").is_file()
+    assert products(out) == f"file raw-image {out / 'fixture.img'}\n"
+
+
+@pytest.mark.parametrize("planted", ["fixture.img", "nix-support/hydra-build-products"])
+def test_files_in_out_are_replaced_never_written_through(planted: str, make_spec: SpecFactory,
+                                                         tmp_path: Path) -> None:
+    """nix-support/hydra-build-products was opened through a symlink (appending to its target)."""
+    victim = tmp_path / "victim"
+    victim.write_text("must stay as it is\n")
+    out = tmp_path / "out"
+    (out / "nix-support").mkdir(parents=True)
+    (out / planted).symlink_to(victim)
+    res = build_into(make_spec(), out, tmp_path / "tmp")
+    assert res.returncode == 0, res.stderr
+    assert victim.read_text() == "must stay as it is\n"
+    assert products(out) == f"file raw-image {out / 'fixture.img'}\n"
+    assert not (out / "fixture.img").is_symlink() and not (out / "nix-support/hydra-build-products").is_symlink()
+
+
+def test_a_symlinked_nix_support_is_refused(make_spec: SpecFactory, tmp_path: Path) -> None:
+    """The builder writes into nix-support only when it is a real directory inside out."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "nix-support").symlink_to(victim)
+    res = build_into(make_spec(), out, tmp_path / "tmp")
+    assert res.returncode == 2, res.stderr
+    assert "nix-support" in res.stderr and "is not a directory" in res.stderr, res.stderr
+    assert os.listdir(victim) == []
+    assert sorted(os.listdir(out)) == ["nix-support"]
+
+
+def test_out_that_is_a_file_is_refused(make_spec: SpecFactory, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.write_text("a file\n")
+    res = build_into(make_spec(), out, tmp_path / "tmp")
+    assert res.returncode == 2, res.stderr
+    assert f"--out {str(out)!r} is not a directory" in res.stderr, res.stderr
+    assert out.read_text() == "a file\n"
+
+
+def test_post_vm_sees_the_image_in_out_and_may_move_it(make_spec: SpecFactory, tmp_path: Path) -> None:
+    """As in nixpkgs: $diskImage is $out/<file>, its product line is written; postVM may replace both."""
+    out = tmp_path / "out"
+    post_vm = ('test "$diskImage" = "$out/fixture.img" && test -f "$diskImage"\n'
+               'grep -qx "file raw-image $diskImage" "$out/nix-support/hydra-build-products"\n'
+               'mv "$diskImage" "$out/moved.img"\n'
+               'echo "file raw-image $out/moved.img" > "$out/nix-support/hydra-build-products"\n')
+    res = build_into(make_spec(postVM=post_vm), out, tmp_path / "tmp")
+    assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(out)) == ["moved.img", "nix-support"]
+    assert products(out) == f"file raw-image {out / 'moved.img'}\n"
