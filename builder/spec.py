@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,11 +150,19 @@ class Spec:
         return rules.formats()[self.format].hydra
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
 def _path_str(path: Any) -> str:
-    """Render a jsonschema error path as $.a.b[0]."""
+    """Render a JSON path as $.a.b[0]; a key that is not a plain name as ["..."] (a newline cannot split the line)."""
     out = "$"
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _PLAIN_KEY.fullmatch(str(part)):
+            out += f".{part}"
+        else:
+            out += f"[{json.dumps(_shown(str(part), 40))}]"
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -178,7 +179,8 @@ def verdict(doc: dict[str, Any]) -> list[str] | None:
 def json_path(where: tuple[Any, ...], is_key: bool) -> str:
     """The JSON path a message names for a field (for a key: the object holding it)."""
     parts = where[:-1] if is_key else where
-    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
+    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", p)
+                         else f"[{json.dumps(p)}]" for p in parts)
 
 
 CONTROL = ["\n", "\r", "\t", "\x01", "\x1b", "\x7f"]
@@ -329,3 +331,15 @@ def _entries(text: str) -> Iterator[str]:
     while i + 4 < len(lines):
         yield lines[i]
         i += 5 + int(lines[i + 4])
+
+
+def test_a_key_with_a_newline_is_named_on_one_line(fixture_spec: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by fuzzing: a key "x\\n" holding a NUL gave a problem line split in two."""
+    doc = {**spec_doc(fixture_spec), "x\n": "\0"}
+    doc["system"] = {**doc["system"], "a.b": 1}
+    status, err = validate(doc, tmp_path, capsys)
+    assert status == 2, err
+    lines = err.splitlines()
+    assert lines[0] == "error: invalid spec:" and all(line.startswith("  - $") for line in lines[1:]), err
+    assert '$["x\\n"]: "\\u0000" contains a NUL byte' in err, err
