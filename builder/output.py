@@ -170,7 +170,11 @@ def output_dir(out: Path) -> Iterator[Output]:
         os.close(out_fd)
         raise BuildError(f"--out {str(out)!r} is in use by another build (it holds the lock on that directory); "
                          "nothing was changed: wait for it to finish, or use another output directory") from None
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    except OSError as exc:  # OUT not writable, say: nothing was made in it
+        os.close(out_fd)
+        raise BuildError(f"--out {str(out)!r}: cannot write there ({exc.strerror})") from None
     output = Output(out, out_fd, staging, made)
     try:
         yield output

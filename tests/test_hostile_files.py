@@ -288,3 +288,18 @@ def test_post_vm_sees_the_image_in_out_and_may_move_it(make_spec: SpecFactory, t
     assert res.returncode == 0, res.stderr
     assert sorted(os.listdir(out)) == ["moved.img", "nix-support"]
     assert products(out) == f"file raw-image {out / 'moved.img'}\n"
+
+
+def test_an_out_that_cannot_be_written_is_named(make_spec: SpecFactory, tmp_path: Path) -> None:
+    """OUT on a read-only filesystem: refused before any work, naming OUT (not a random name inside it)."""
+    assert os.geteuid() == 0, "mounting a tmpfs needs root"
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "mdi-test-ro", str(out)], check=True)
+    try:
+        res = build_into(make_spec(), out, tmp_path / "tmp")
+        assert res.returncode == 1, res.stderr
+        assert f"build failed: --out {str(out)!r}: cannot write there (Read-only file system)" in res.stderr
+        assert "[makeDiskImage] read closure" not in res.stderr
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
