@@ -20,6 +20,7 @@ import os
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -166,21 +167,29 @@ def run_post_vm(spec: Spec, image: Path) -> None:
     env = dict(os.environ, diskImage=str(image), out=str(out))
     if spec.touch_efi_vars:
         env["efiVars"] = str(out / "efi-vars.fd")
-    script = f"source {shlex.quote(str(post_vm_env_script()))}\n{spec.post_vm}"
-    # No command of the user's outlives it: its own process group, killed whole when it ends or the build is
-    # stopped, and whatever left that group (setsid, a double fork) is re-parented to the builder and
-    # killed then too (signals.reaping_descendants).
-    with reaping_descendants():
-        proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], env=env, cwd=out,
-                                start_new_session=True)
-        try:
-            status = proc.wait()
-        finally:
+    # The script goes through a memfd, not argv: one argument holds at most 128 KiB (E2BIG), a postVM may
+    # be longer. bash's `.` reads the whole file before running it, so its first line closes the descriptor
+    # (postVM's own commands do not inherit it); $0 stays "bash" and there are no positional parameters.
+    fd = os.memfd_create("postVM")
+    try:
+        script = f"exec {fd}<&-\nsource {shlex.quote(str(post_vm_env_script()))}\n{spec.post_vm}"
+        os.write(fd, script.encode("utf-8", "surrogateescape"))
+        # No command of the user's outlives it: its own process group, killed whole when it ends or the build
+        # is stopped, and whatever left that group (setsid, a double fork) is re-parented to the builder and
+        # killed then too (signals.reaping_descendants).
+        with reaping_descendants():
+            proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", f". /dev/fd/{fd}"], env=env, cwd=out,
+                                    start_new_session=True, pass_fds=(fd,))
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+                status = proc.wait()
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+    finally:
+        os.close(fd)
     if status != 0:
         raise BuildError(f"postVM exited with status {status}")
 
@@ -244,12 +253,27 @@ def prepare_and_convert(spec: Spec, image: Path, out: Path, work: Path | None = 
     return final
 
 
+def check_vm_inputs(spec: Spec) -> None:
+    """The files the build VM reads, before any work: OVMF's code and variables with touchEFIVars (exit 2)."""
+    if not (spec.needs_vm and spec.touch_efi_vars):
+        return
+    for field, path in (("efiFirmware", spec.efi_firmware), ("efiVariables", spec.efi_variables)):
+        assert path is not None, "checked by the spec loader"
+        try:
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the copy, a device is no firmware
+                raise UserError(f"{field} {path!r}: not a regular file")
+            os.close(os.open(path, os.O_RDONLY))
+        except OSError as exc:
+            raise UserError(f"{field} {path!r}: {exc.strerror}") from None
+
+
 def build(spec: Spec, out: Path, work: Path | None = None, report: Report = _no_report) -> Path:
     """The whole pipeline outside Nix: prepare, finalize in a VM when needed, after_vm, convert, postVM.
 
     OUT is locked before any work and changed as one transaction (builder/output.py): the image is in
     place for postVM, and everything is undone if a step, postVM or report (printing the path) fails.
     """
+    check_vm_inputs(spec)
     with output_dir(out) as output:
         with scratch_dir(work) as scratch:
             raw = scratch / "nixos.raw"

@@ -303,3 +303,26 @@ def test_an_out_that_cannot_be_written_is_named(make_spec: SpecFactory, tmp_path
         assert "[makeDiskImage] read closure" not in res.stderr
     finally:
         subprocess.run(["umount", str(out)], check=True)
+
+
+# ---- inputs that fail late ------------------------------------------------------------------------------------
+
+def test_a_post_vm_longer_than_one_argument_runs(make_spec: SpecFactory, tmp_path: Path) -> None:
+    """A 200 kB postVM failed with E2BIG ("Argument list too long", exit 1) after the whole build."""
+    out = tmp_path / "out"
+    post_vm = "#" * 200_000 + '\ntest "$0" = bash && test $# = 0\necho "$diskImage" > "$out/post.txt"\n'
+    res = build_into(make_spec(postVM=post_vm), out, tmp_path / "tmp")
+    assert res.returncode == 0, res.stderr
+    assert (out / "post.txt").read_text() == f"{out / 'fixture.img'}\n"
+
+
+@pytest.mark.parametrize("field", ["efiFirmware", "efiVariables"])
+def test_missing_efi_files_are_named_before_any_work(field: str, make_spec: SpecFactory, tmp_path: Path) -> None:
+    """touchEFIVars with a firmware file that is not there failed with exit 1 after prepare, when the VM began."""
+    files = {"efiFirmware": "/usr/share/OVMF/OVMF_CODE_4M.fd", "efiVariables": "/usr/share/OVMF/OVMF_VARS_4M.fd"}
+    files[field] = str(tmp_path / "missing.fd")
+    res = build_into(make_spec(touchEFIVars=True, **files), tmp_path / "out", tmp_path / "tmp")
+    assert res.returncode == 2, res.stderr
+    assert f"error: {field} {str(tmp_path / 'missing.fd')!r}: No such file or directory" in res.stderr, res.stderr
+    assert "[makeDiskImage] read closure" not in res.stderr
+    assert not (tmp_path / "out").exists()
