@@ -47,8 +47,8 @@ class Output:
 
     out: Path
     out_fd: int
-    staging: Path
     made_dirs: list[Path]  # OUT and the parents this build created, innermost first
+    staging_dir: Path | None = None  # made when the first file is staged: a build killed before leaves none
     made_support: bool = False
     installed: list[_Installed] = field(default_factory=list)
     backup_fd: int | None = None  # the staging directory's "previous": what installed files replaced
@@ -59,6 +59,13 @@ class Output:
         path = self.staging / "new" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+    @property
+    def staging(self) -> Path:
+        """The private directory inside OUT where files wait to be installed (made on first use)."""
+        if self.staging_dir is None:
+            self.staging_dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out))
+        return self.staging_dir
 
     def _support_fd(self) -> int:
         """OUT/nix-support opened as a directory, without following a symlink; made if missing."""
@@ -127,16 +134,22 @@ class Output:
                 os.rmdir("nix-support", dir_fd=self.out_fd)
             except OSError:
                 pass  # postVM put something of its own there
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self._remove_staging()
         for made in self.made_dirs:
             try:
                 made.rmdir()
             except OSError:
                 break
 
+    def _remove_staging(self) -> None:
+        """Remove the staging directory, if one was made."""
+        if self.staging_dir is not None:
+            shutil.rmtree(self.staging_dir, ignore_errors=True)
+            self.staging_dir = None
+
     def close(self) -> None:
         """Remove the staging directory (with the replaced files' backups) and release the lock."""
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self._remove_staging()
         for fd in self._fds:
             os.close(fd)
         os.close(self.out_fd)  # releases the flock
@@ -170,12 +183,12 @@ def output_dir(out: Path) -> Iterator[Output]:
         os.close(out_fd)
         raise BuildError(f"--out {str(out)!r} is in use by another build (it holds the lock on that directory); "
                          "nothing was changed: wait for it to finish, or use another output directory") from None
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
-    except OSError as exc:  # OUT not writable, say: nothing was made in it
+    try:  # OUT must be writable: found out now, not after the whole build
+        os.rmdir(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    except OSError as exc:
         os.close(out_fd)
         raise BuildError(f"--out {str(out)!r}: cannot write there ({exc.strerror})") from None
-    output = Output(out, out_fd, staging, made)
+    output = Output(out, out_fd, made)
     try:
         yield output
     except BaseException:

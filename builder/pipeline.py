@@ -51,8 +51,15 @@ def scratch_dir(work: Path | None) -> Iterator[Path]:
     else's) is not the builder's and stays as it was.
     """
     if work is not None:
-        work.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="mdi-", dir=work))
+        if os.path.lexists(work) and not work.is_dir():
+            raise UserError(f"--work {str(work)!r}: is not a directory")
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix="mdi-", dir=work))
+        except OSError as exc:
+            raise UserError(f"--work {str(work)!r}: cannot make a scratch directory there ({exc.strerror})") from None
+    else:
+        scratch = Path(tempfile.mkdtemp(prefix="mdi-"))
     try:
         yield scratch
     finally:
@@ -97,7 +104,7 @@ def check_room(spec: Spec, directories: list[tuple[Path, Path]]) -> None:
     allow less; the image (and the probe file sizing makes) must fit in one file there.
     """
     need = spec.disk_size if spec.disk_size is not None else spec.additional_space
-    for probe, directory in directories:  # (where a probe file may go, the directory the message names)
+    for probe, directory in directories:  # (a directory or own empty file to probe, the directory to name)
         limit = sparse.largest_file(probe)
         if need > limit:
             raise UserError(
@@ -107,15 +114,30 @@ def check_room(spec: Spec, directories: list[tuple[Path, Path]]) -> None:
                 "where the work directory's filesystem allows larger files")
 
 
+def check_image_path(image: Path) -> None:
+    """Refuse an image path that cannot be written (exit 2): its directory missing or not one, or a directory."""
+    parent = image.absolute().parent
+    if image.is_dir():
+        raise UserError(f"--image {str(image)!r}: is a directory")
+    if not os.path.lexists(parent):
+        raise UserError(f"--image {str(image)!r}: its directory {str(parent)!r} does not exist")
+    if not parent.is_dir():
+        raise UserError(f"--image {str(image)!r}: {str(parent)!r} is not a directory")
+
+
 def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.Layout:
     """Unprivileged part: stage, size, partition, create and populate every filesystem into a raw image.
 
     The image is written under a fresh random name beside it and renamed into place when complete.
     """
+    check_image_path(image)
     with scratch_dir(work) as scratch:
-        check_room(spec, [(scratch, scratch.parent), (image.absolute().parent, image.absolute().parent)])
-        partial = fresh_file(image, ".partial")
         try:
+            partial = fresh_file(image, ".partial")
+        except OSError as exc:
+            raise UserError(f"--image {str(image)!r}: cannot write in its directory ({exc.strerror})") from None
+        try:
+            check_room(spec, [(scratch, scratch.parent), (partial, image.absolute().parent)])
             with step("read closure"):
                 regs = store.read_closure(spec)
             boot_install = None

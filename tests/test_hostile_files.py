@@ -326,3 +326,30 @@ def test_missing_efi_files_are_named_before_any_work(field: str, make_spec: Spec
     assert f"error: {field} {str(tmp_path / 'missing.fd')!r}: No such file or directory" in res.stderr, res.stderr
     assert "[makeDiskImage] read closure" not in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("case", "fragment"), [
+    ("image-dir-missing", "--image '{tmp}/missing/x.img': its directory '{tmp}/missing' does not exist"),
+    ("image-is-dir", "--image '{tmp}/adir': is a directory"),
+    ("image-under-file", "--image '{tmp}/afile/x.img': '{tmp}/afile' is not a directory"),
+    ("work-is-file", "--work '{tmp}/afile': is not a directory"),
+    ("build-work-is-file", "--work '{tmp}/afile': is not a directory"),
+])
+def test_unusable_image_and_work_paths_are_named(case: str, fragment: str, make_spec: SpecFactory,
+                                                 tmp_path: Path) -> None:
+    """A --image or --work that cannot be used: exit 2 naming the option, not exit 1 with a probe file's name."""
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("a file\n")
+    image = {"image-dir-missing": "missing/x.img", "image-is-dir": "adir", "image-under-file": "afile/x.img"}
+    args = ["prepare", str(make_spec()), "--image", str(tmp_path / image.get(case, "x.img"))]
+    if case == "work-is-file":
+        args += ["--work", str(tmp_path / "afile")]
+    if case == "build-work-is-file":
+        args = ["build", str(make_spec()), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "afile")]
+    (tmp_path / "tmp").mkdir()
+    before = out_state(tmp_path)
+    res = run(args, tmp_path / "tmp")
+    assert res.returncode == 2, res.stderr
+    assert "error: " + fragment.format(tmp=tmp_path) in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert out_state(tmp_path) == before

@@ -56,14 +56,18 @@ def extract(image: Path, start: int, size: int, dest: Path) -> None:
     copy_sparse(image, start, size, dest, 0)
 
 
-def largest_file(directory: Path) -> int:
-    """The largest file size the filesystem of directory allows this process (its limit, or RLIMIT_FSIZE).
+def largest_file(where: Path) -> int:
+    """The largest file size the filesystem of where allows this process (its limit, or RLIMIT_FSIZE).
 
-    Found by truncating a fresh, unlinked sparse file (no data is written; 63 truncates).
+    where is a directory (a fresh unlinked file is made in it) or an empty file of the caller's own, left
+    empty again. Found by truncating the sparse file (no data is written; 63 truncates).
     """
-    fd, name = tempfile.mkstemp(dir=directory, prefix=".size-probe-")
-    try:
+    if where.is_dir():
+        fd, name = tempfile.mkstemp(dir=where, prefix=".size-probe-")
         os.unlink(name)
+    else:
+        fd = os.open(where, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
         low, high = 0, 2**63 - 1
         while low < high:
             mid = (low + high + 1) // 2
@@ -74,6 +78,7 @@ def largest_file(directory: Path) -> int:
                 if exc.errno not in (errno.EFBIG, errno.EINVAL):
                     raise
                 high = mid - 1
+        os.ftruncate(fd, 0)
         return low
     finally:
         os.close(fd)
