@@ -343,3 +343,24 @@ def test_a_key_with_a_newline_is_named_on_one_line(fixture_spec: Path, tmp_path:
     lines = err.splitlines()
     assert lines[0] == "error: invalid spec:" and all(line.startswith("  - $") for line in lines[1:]), err
     assert '$["x\\n"]: "\\u0000" contains a NUL byte' in err, err
+
+
+def test_an_endless_registration_is_refused_without_reading_it_all(fixture_spec: Path, tmp_path: Path) -> None:
+    """closureInfo's registration read until memory ran out when it was /dev/zero; it is bounded like the spec."""
+    doc = spec_doc(fixture_spec)
+    info = tmp_path / "closure-info"
+    info.mkdir()
+    (info / "registration").symlink_to("/dev/zero")
+    doc["system"]["closureInfo"] = str(info)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(doc))
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    done = subprocess.run([sys.executable, "-m", "builder", "prepare", str(spec), "--image", str(tmp_path / "x.img")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=limit_memory,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert "system.closureInfo:" in done.stderr and "larger than" in done.stderr, done.stderr[-2000:]

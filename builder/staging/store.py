@@ -105,6 +105,9 @@ STORE_PATH_NAME = re.compile(r"[" + NIX32_ALPHABET + r"]{32}-[A-Za-z0-9+_?=-][A-
 # narSize and the reference count: plain decimal digits (int() would also take " 5", "+5", "1_0" or "-5").
 _COUNT = re.compile(r"[0-9]{1,19}")
 MAX_NAR_SIZE = 2**63 - 1  # SQLite's integer
+# The registration of 100 000 store paths with 20 references each is about 140 MB: a bound no closure meets,
+# so that a registration that is /dev/zero cannot take all memory.
+MAX_REGISTRATION_BYTES = 512 << 20
 
 
 def store_path_problem(path: str, store_dir: str) -> str | None:
@@ -161,7 +164,12 @@ def read_closure(spec: Spec) -> list[Registration]:
     info = Path(spec.closure_info)
     reg_file = info / "registration"
     try:
-        text = reg_file.read_text(encoding="utf-8")
+        with open(reg_file, "rb") as f:
+            data = f.read(MAX_REGISTRATION_BYTES + 1)
+        if len(data) > MAX_REGISTRATION_BYTES:
+            raise UserError(f"system.closureInfo: {str(reg_file)!r} is larger than {MAX_REGISTRATION_BYTES} bytes "
+                            "(not a closureInfo registration)")
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"system.closureInfo: cannot read {str(reg_file)!r}: {exc}") from None
     regs = parse_registration(text, str(reg_file), spec.store_dir)
