@@ -9,6 +9,7 @@ refused up front, naming the argument.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import resource
 import subprocess
@@ -353,3 +354,30 @@ def test_unusable_image_and_work_paths_are_named(case: str, fragment: str, make_
     assert "error: " + fragment.format(tmp=tmp_path) in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
     assert out_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind", ["char-device", "fifo", "directory"])
+def test_a_config_file_that_is_no_regular_file_is_named(kind: str, make_spec: SpecFactory, tmp_path: Path) -> None:
+    """configFile = "/dev/zero" was copied until the work directory's disk was full (exit 1)."""
+    source = {"char-device": Path("/dev/zero"), "fifo": tmp_path / "fifo", "directory": tmp_path}[kind]
+    if kind == "fifo":
+        os.mkfifo(source)
+    res = build_into(make_spec(configFile=str(source)), tmp_path / "out", tmp_path / "tmp")
+    assert res.returncode == 2, res.stderr
+    assert f"error: configFile {str(source)!r}: not a regular file" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_systemd_boot_extra_file_that_is_no_regular_file_is_named(tmp_path: Path) -> None:
+    """An extraFiles source of /dev/zero was copied into the ESP until it was full (exit 1 from mcopy)."""
+    from tests.fixtures.system import sdboot_system_spec
+
+    spec = sdboot_system_spec(tmp_path / "spec")
+    doc = json.loads(spec.read_text())
+    doc["bootLoader"]["systemdBoot"]["extraFiles"] = {"efi/zero.efi": "/dev/zero"}
+    spec.write_text(json.dumps(doc))
+    res = build_into(spec, tmp_path / "out", tmp_path / "tmp")
+    assert res.returncode == 2, res.stderr
+    assert ("error: bootLoader.systemdBoot.extraFiles[\"efi/zero.efi\"] '/dev/zero': not a regular file"
+            in res.stderr), res.stderr
+    assert not (tmp_path / "out").exists()
