@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from .errors import BuildError, Interrupted, UserError
 from .signals import handle_termination
+
+WORK_HELP = "where the build makes its own scratch directory, removed afterwards (default: TMPDIR)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prepare", help="unprivileged: stage, size, partition and populate a raw image")
     s.add_argument("spec", type=Path)
     s.add_argument("--image", type=Path, required=True, help="raw image file to write")
-    s.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
+    s.add_argument("--work", type=Path, help=WORK_HELP)
     s.add_argument("--out", type=Path, help="then convert the image into OUT in the same process, as `convert` "
                    "would (only for a spec with no VM stage)")
 
@@ -36,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("build", help="the whole pipeline: prepare, finalize (in a VM when needed), convert")
     s.add_argument("spec", type=Path)
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
+    s.add_argument("--work", type=Path, help=WORK_HELP)
 
     s = sub.add_parser("after-vm", help="after the VM: check the image, then pin times, journal, free space and "
                        "FAT entries (deterministic)")
@@ -61,6 +64,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def print_path(path: Path) -> None:
+    """Print the finished image's path: the last step of a build, so a full or closed stdout undoes the build.
+
+    Written straight to the file descriptor (nothing is left in a buffer for the interpreter to fail on
+    at exit); through print() where stdout has no descriptor (tests capturing it).
+    """
+    data = f"{path}\n".encode("utf-8", "surrogateescape")
+    try:
+        sys.stdout.flush()
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        print(path, flush=True)
+        return
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError as exc:
+        raise BuildError(f"cannot print the image's path on stdout ({exc}); the build is undone") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Dispatch one parsed command."""
     from .spec import load_spec
@@ -76,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         if args.out is None:
             prepare_image(spec, args.image, args.work)
         else:
-            print(prepare_and_convert(spec, args.image, args.out, args.work))
+            prepare_and_convert(spec, args.image, args.out, args.work, report=print_path)
         return 0
     if args.command == "finalize":
         from .vm.finalize import finalize
@@ -85,12 +108,12 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "convert":
         from .pipeline import convert_image
 
-        print(convert_image(load_spec(args.spec), args.image, args.out))
+        convert_image(load_spec(args.spec), args.image, args.out, report=print_path)
         return 0
     if args.command == "build":
         from .pipeline import build
 
-        print(build(load_spec(args.spec), args.out, args.work))
+        build(load_spec(args.spec), args.out, args.work, report=print_path)
         return 0
     if args.command == "after-vm":
         from .pipeline import after_vm
@@ -115,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; user errors exit 2, build failures 1, SIGINT/SIGTERM/SIGHUP 128+signal after cleanup."""
+    """Run the CLI; user errors exit 2, build failures 1, a terminating signal 128+signal after cleanup."""
     args = _parser().parse_args(argv)
     try:
         with handle_termination():

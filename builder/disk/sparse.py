@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from pathlib import Path
 
 from ..errors import BuildError
@@ -53,3 +54,31 @@ def extract(image: Path, start: int, size: int, dest: Path) -> None:
     with open(dest, "wb") as f:
         f.truncate(size)
     copy_sparse(image, start, size, dest, 0)
+
+
+def largest_file(where: Path) -> int:
+    """The largest file size the filesystem of where allows this process (its limit, or RLIMIT_FSIZE).
+
+    where is a directory (a fresh unlinked file is made in it) or an empty file of the caller's own, left
+    empty again. Found by truncating the sparse file (no data is written; 63 truncates).
+    """
+    if where.is_dir():
+        fd, name = tempfile.mkstemp(dir=where, prefix=".size-probe-")
+        os.unlink(name)
+    else:
+        fd = os.open(where, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        low, high = 0, 2**63 - 1
+        while low < high:
+            mid = (low + high + 1) // 2
+            try:
+                os.ftruncate(fd, mid)
+                low = mid
+            except OSError as exc:
+                if exc.errno not in (errno.EFBIG, errno.EINVAL):
+                    raise
+                high = mid - 1
+        os.ftruncate(fd, 0)
+        return low
+    finally:
+        os.close(fd)
