@@ -86,12 +86,9 @@ def table_kind(table_type: str) -> str | None:
 
 
 def root_start(spec: Spec) -> int:
-    """Byte offset where the root filesystem begins."""
-    return {
-        "legacy": MiB,
-        "legacy+gpt": 2 * MiB,
-        "none": 0,
-    }.get(spec.partition_table_type, spec.boot_size)
+    """Byte offset where the root filesystem begins: fixed for the table, or where the boot partition ends."""
+    start = rules.tables()[spec.partition_table_type].root_start
+    return spec.boot_size if start is None else start
 
 
 def tail_reserve(spec: Spec) -> int:
