@@ -1,12 +1,13 @@
-"""Time `nix build` of every hydraJobs job of a commit, against the tests' nixpkgs stand-in.
+"""Time `nix build` of every hydraJobs job of some commits, against the tests' nixpkgs stand-in.
 
-`python -m bench.hydrajobs REV [REV ...] [--runs N]`: for each run and each commit (alternated), the
-commit's tracked files are exported into a fresh flake directory next to a freshly assembled stand-in
-(tests/test_nix_glue.py's machinery: the fixture system, the VM stand-in), so every derivation is new and
-nothing comes from an earlier build. All x86_64 jobs are built in one `nix build --max-jobs 2`. Reported:
-wall time, the load average before and after, each job's image hash (so the commits' images can be
-compared), and the store space of every derivation built (apparent and allocated bytes; a root
-filesystem shared by several jobs is one of them).
+`python -m bench.hydrajobs REV [REV ...] [--runs N]`: each run assembles a fresh stand-in
+(tests/test_nix_glue.py's machinery: the fixture system, the VM stand-in) and, for each commit in turn, puts
+that commit's tracked files into the flake directory, builds what every job's image is made from (the
+system's closure, closureInfo: shared by the commits, untimed), then times one
+`nix build --max-jobs 2` of all x86_64 jobs. The builder differs between commits, so every image and root
+filesystem derivation is new. Reported per commit: wall time, the load average before and after, each
+job's image hash and size (comparable between the commits of one run: same stand-in, same store paths)
+and the store space of each shared root filesystem (apparent and allocated bytes) with the jobs using it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.test_nix_glue import assemble_glue
+from tests.test_nix_glue import Glue, assemble_glue
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,37 +61,39 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def measure(rev: str, scratch: Path) -> dict[str, Any]:
-    """Build every x86_64 hydraJobs job of rev once; time, images and store space."""
-    glue = assemble_glue(scratch)
+def jobs_of(glue: Glue) -> list[str]:
+    """The hydraJobs job names of the flake."""
+    names = glue.nix("eval", "--json", glue.ref("hydraJobs"), "--apply", "builtins.attrNames").stdout
+    return sorted(json.loads(names))
+
+
+def measure(rev: str, glue: Glue) -> dict[str, Any]:
+    """Build every x86_64 hydraJobs job of rev once in glue's flake; time, images and store space."""
     export(rev, glue.flake)
-    jobs = sorted(json.loads(glue.nix("eval", "--json", glue.ref("hydraJobs"), "--apply", "builtins.attrNames").stdout))
-    attrs = [f"hydraJobs.{job}.x86_64-linux" for job in jobs]
-    # Everything the jobs need that is not the images: the builder, the fixture system, closure infos.
-    drvs = {job: glue.eval_json(f"{attr}.drvPath") for job, attr in zip(jobs, attrs, strict=True)}
+    attrs = {job: f"hydraJobs.{job}.x86_64-linux" for job in jobs_of(glue)}
+    glue.nix("build", "--no-link", *(glue.ref(f"{attr}.closureInfo") for attr in attrs.values()))
+    drvs = {job: glue.eval_json(f"{attr}.drvPath") for job, attr in attrs.items()}
     before = load()
     started = time.monotonic()
-    glue.nix("build", "--max-jobs", "2", "--no-link", *map(glue.ref, attrs))
+    glue.nix("build", "--max-jobs", "2", "--no-link", *map(glue.ref, attrs.values()))
     wall = time.monotonic() - started
     after = load()
     images: dict[str, Any] = {}
-    for job, attr in zip(jobs, attrs, strict=True):
-        out = Path(glue.eval_json(f"{attr}.outPath"))
-        name = glue.eval_json(f"{attr}.filePath")
+    for job, attr in attrs.items():
+        out = Path(glue.eval_json(f"{attr}.outPath")) / glue.eval_json(f"{attr}.filePath")
         inputs = subprocess.run(["nix-store", "--query", "--references", drvs[job]], capture_output=True,
                                 text=True, check=True).stdout.split()
-        roots = [d for d in inputs if d.endswith(".drv") and "root-filesystem" in d]
-        images[job] = {"sha256": sha256(out / name), "bytes": du(out / name), "rootFilesystemDrv": roots}
+        roots = [d for d in inputs if re.search(r"-root-filesystem\.[a-z0-9]+\.drv$", d)]
+        images[job] = {"sha256": sha256(out), "bytes": du(out), "rootFilesystemDrv": roots}
     shared: dict[str, Any] = {}
     for drv in sorted({d for i in images.values() for d in i["rootFilesystemDrv"]}):
         root_fs = subprocess.run(["nix-store", "--query", "--outputs", drv], capture_output=True, text=True,
                                  check=True).stdout.split()[0]
         users = [job for job, i in images.items() if drv in i["rootFilesystemDrv"]]
         shared[root_fs] = {"bytes": du(Path(root_fs)), "usedBy": users}
-    return {"rev": rev, "commit": subprocess.run(["git", "rev-parse", rev], cwd=REPO, capture_output=True,
-                                                 text=True, check=True).stdout.strip(),
-            "wallSeconds": round(wall, 1), "loadBefore": before, "loadAfter": after, "images": images,
-            "rootFilesystems": shared}
+    commit = subprocess.run(["git", "rev-parse", rev], cwd=REPO, capture_output=True, text=True, check=True)
+    return {"rev": rev, "commit": commit.stdout.strip(), "wallSeconds": round(wall, 1), "loadBefore": before,
+            "loadAfter": after, "images": images, "rootFilesystems": shared}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,14 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the scratch directories")
     args = p.parse_args(argv)
     for run in range(args.runs):
-        for rev in args.revs:
-            scratch = Path(tempfile.mkdtemp(prefix="mdi-hydrajobs-"))
-            try:
-                result = measure(rev, scratch)
-            finally:
-                if not args.keep:
-                    shutil.rmtree(scratch, ignore_errors=True)
-            print(json.dumps({"run": run, **result}), flush=True)
+        scratch = Path(tempfile.mkdtemp(prefix="mdi-hydrajobs-"))
+        try:
+            glue = assemble_glue(scratch)
+            for rev in args.revs if run % 2 == 0 else reversed(args.revs):
+                print(json.dumps({"run": run, **measure(rev, glue)}), flush=True)
+        finally:
+            if not args.keep:
+                shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 
