@@ -40,7 +40,7 @@ VALID: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
             "additionalSpace": "512M", "bootSize": "256M", "contents": [], "installBootLoader": True,
             "touchEFIVars": False, "efiFirmware": None, "efiVariables": None, "configFile": None,
             "postVM": "", "memSize": 1024, "onlyNixStore": False, "deterministic": True,
-            "rootGPUID": DEFAULT_GUID, "rootFSUID": DEFAULT_GUID, "copyChannel": True, "shareRootFilesystem": False,
+            "rootGPUID": DEFAULT_GUID, "rootFSUID": DEFAULT_GUID, "copyChannel": True,
             "bootLoader": {"grubDevices": ["/dev/vda"], "limineBiosDevice": None, "systemdBoot": None},
             "sourceDateEpoch": 1,
             "enterCommand": "nixos-enter",

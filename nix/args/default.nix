@@ -274,7 +274,6 @@ rec {
           rootGPUID
           rootFSUID
           copyChannel
-          shareRootFilesystem
           ;
         system = {
           inherit
@@ -290,5 +289,8 @@ rec {
         };
         sourceDateEpoch = 1;
         enterCommand = "nixos-enter";
-      };
+      }
+      # Only when set: the spec of an image without it stays what it was, and with it the identifiers
+      # vdi, vpc and vmdk derive from the spec (builder/disk/image_ids.py).
+      // (if args.shareRootFilesystem then { shareRootFilesystem = true; } else { });
 }
