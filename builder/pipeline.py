@@ -69,7 +69,7 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None,
     partial = image.with_name(image.name + ".partial")
     with scratch_dir(work) as scratch:
         try:
-            regs = []
+            regs: list[store.Registration] = []
             if root_filesystem is None:
                 with step("read closure"):
                     regs = store.read_closure(spec)

@@ -139,6 +139,21 @@ def test_other_filesystems_are_shared_byte_identically(fs: str, make_spec: SpecF
         assert sha256(placed) == sha256(alone), (fs, table)
 
 
+@pytest.mark.slow
+def test_systemd_boot_images_share_a_root_with_its_mount_point(tmp_path: Path) -> None:
+    # The fixture system on systemd-boot, installed by prepare from its bootspec (no VM): the root holds the
+    # ESP's mount point /boot. Built for efi, placed into hybrid; the ESP is written per image.
+    from tests.fixtures.system import sdboot_system_spec
+
+    efi = sdboot_system_spec(tmp_path / "efi", table="efi", shareRootFilesystem=True)
+    hybrid = sdboot_system_spec(tmp_path / "hybrid", table="hybrid", shareRootFilesystem=True, format="qcow2")
+    root = tmp_path / "root.ext4"
+    ok("root-filesystem", efi, "--out", root)
+    alone, placed, log = build_both(hybrid, root, tmp_path / "build")
+    assert sha256(placed) == sha256(alone)
+    assert "[makeDiskImage] systemd-boot from the bootspec done" in log
+
+
 def test_fixed_disk_size_is_shared_only_by_equal_root_partitions(make_spec: SpecFactory, tmp_path: Path) -> None:
     root = tmp_path / "root.ext4"
     ok("root-filesystem", shared_spec(make_spec, "efi", diskSize=300), "--out", root)
