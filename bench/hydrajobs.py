@@ -7,7 +7,8 @@ system's closure, closureInfo: shared by the commits, untimed), then times one
 `nix build --max-jobs 2` of all x86_64 jobs. The builder differs between commits, so every image and root
 filesystem derivation is new. Reported per commit: wall time, the load average before and after, each
 job's image hash and size (comparable between the commits of one run: same stand-in, same store paths)
-and the store space of each shared root filesystem (apparent and allocated bytes) with the jobs using it.
+and the seconds its log gives the root filesystem steps (made, or placed), and the store space of each
+shared root filesystem (apparent and allocated bytes) with the jobs using it and the seconds it took.
 """
 
 from __future__ import annotations
@@ -61,6 +62,18 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+STEP = re.compile(r"^\[makeDiskImage\] (?P<name>.+) done in (?P<seconds>[0-9.]+)s$", re.M)
+# The steps that make or place the root filesystem: what sharing saves or adds, per derivation.
+ROOT_STEPS = ("stage root", "size", "root filesystem (mkfs.ext4 -d)", "contents owners (debugfs)",
+              "owners and times (debugfs)", "check filesystems", "place root filesystem")
+
+
+def root_seconds(drv: str) -> float:
+    """Seconds a derivation's build log says the root filesystem steps took (nix-store --read-log)."""
+    log = subprocess.run(["nix-store", "--read-log", drv], capture_output=True, text=True).stdout
+    return round(sum(float(m["seconds"]) for m in STEP.finditer(log) if m["name"] in ROOT_STEPS), 2)
+
+
 def jobs_of(glue: Glue) -> list[str]:
     """The hydraJobs job names of the flake."""
     names = glue.nix("eval", "--json", glue.ref("hydraJobs"), "--apply", "builtins.attrNames").stdout
@@ -84,13 +97,14 @@ def measure(rev: str, glue: Glue) -> dict[str, Any]:
         inputs = subprocess.run(["nix-store", "--query", "--references", drvs[job]], capture_output=True,
                                 text=True, check=True).stdout.split()
         roots = [d for d in inputs if re.search(r"-root-filesystem\.[a-z0-9]+\.drv$", d)]
-        images[job] = {"sha256": sha256(out), "bytes": du(out), "rootFilesystemDrv": roots}
+        images[job] = {"sha256": sha256(out), "bytes": du(out), "rootFilesystemDrv": roots,
+                       "rootSeconds": root_seconds(drvs[job])}
     shared: dict[str, Any] = {}
     for drv in sorted({d for i in images.values() for d in i["rootFilesystemDrv"]}):
         root_fs = subprocess.run(["nix-store", "--query", "--outputs", drv], capture_output=True, text=True,
                                  check=True).stdout.split()[0]
         users = [job for job, i in images.items() if drv in i["rootFilesystemDrv"]]
-        shared[root_fs] = {"bytes": du(Path(root_fs)), "usedBy": users}
+        shared[root_fs] = {"bytes": du(Path(root_fs)), "usedBy": users, "rootSeconds": root_seconds(drv)}
     commit = subprocess.run(["git", "rev-parse", rev], cwd=REPO, capture_output=True, text=True, check=True)
     return {"rev": rev, "commit": commit.stdout.strip(), "wallSeconds": round(wall, 1), "loadBefore": before,
             "loadAfter": after, "images": images, "rootFilesystems": shared}
