@@ -1,4 +1,7 @@
-"""Command line: prepare, finalize, after-vm, convert, build, inspect, pin. User errors exit 2 without a traceback."""
+"""Command line: prepare, root-filesystem, finalize, after-vm, convert, build, inspect, pin.
+
+User errors exit 2 without a traceback.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +28,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--work", type=Path, help=WORK_HELP)
     s.add_argument("--out", type=Path, help="then convert the image into OUT in the same process, as `convert` "
                    "would (only for a spec with no VM stage)")
+    s.add_argument("--root-filesystem", type=Path, help="place this root filesystem (from `root-filesystem`, "
+                   "shareRootFilesystem) instead of making it")
+
+    s = sub.add_parser("root-filesystem", help="shareRootFilesystem: only the root filesystem, as the file OUT, "
+                       "for `prepare --root-filesystem` of every variant with the same root")
+    s.add_argument("spec", type=Path)
+    s.add_argument("--out", type=Path, required=True, help="the file to write (written under another name, "
+                   "then renamed)")
+    s.add_argument("--work", type=Path, help=WORK_HELP)
 
     s = sub.add_parser("finalize", help="as root in the VM: bootloader, owners by name, tune2fs")
     s.add_argument("spec", type=Path)
@@ -40,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("spec", type=Path)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--work", type=Path, help=WORK_HELP)
+    s.add_argument("--root-filesystem", type=Path, help="as for prepare")
 
     s = sub.add_parser("after-vm", help="after the VM: check the image, then pin times, journal, free space and "
                        "FAT entries (deterministic)")
@@ -97,9 +110,15 @@ def run(args: argparse.Namespace) -> int:
 
         spec = load_spec(args.spec)
         if args.out is None:
-            prepare_image(spec, args.image, args.work)
+            prepare_image(spec, args.image, args.work, args.root_filesystem)
         else:
-            prepare_and_convert(spec, args.image, args.out, args.work, report=print_path)
+            prepare_and_convert(spec, args.image, args.out, args.work, report=print_path,
+                                root_filesystem=args.root_filesystem)
+        return 0
+    if args.command == "root-filesystem":
+        from .pipeline import build_root_filesystem
+
+        print_path(build_root_filesystem(load_spec(args.spec), args.out, args.work))
         return 0
     if args.command == "finalize":
         from .vm.finalize import finalize
@@ -113,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "build":
         from .pipeline import build
 
-        build(load_spec(args.spec), args.out, args.work, report=print_path)
+        build(load_spec(args.spec), args.out, args.work, report=print_path, root_filesystem=args.root_filesystem)
         return 0
     if args.command == "after-vm":
         from .pipeline import after_vm

@@ -10,6 +10,9 @@
 without a VM stage. The Nix derivations (nix/make-disk-image.nix) run the same steps through the CLI:
 `prepare --out` for an image without a VM stage; else `prepare` in preVM, `finalize` in the VM,
 `after-vm` and `convert` in postVM, then postVM.
+
+With shareRootFilesystem, step 1 is split: `build_root_filesystem` makes the root filesystem alone (its own
+derivation under Nix, shared by every variant with the same root), and prepare places it.
 """
 
 from __future__ import annotations
@@ -125,10 +128,24 @@ def check_image_path(image: Path) -> None:
         raise UserError(f"--image {str(image)!r}: {str(parent)!r} is not a directory")
 
 
-def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.Layout:
+def _make_root(spec: Spec, regs: list[store.Registration], image: Path, scratch: Path,
+               root_only: bool = False) -> layout.Layout:
+    """Stage the tree and make the root filesystem in the image (root_only: as the whole image); the layout."""
+    if spec.ext_root:  # made in place at its offset by mkfs -d (builder/fs/ext.py)
+        return ext.prepare_root(spec, regs, image, scratch, root_only)
+    # btrfs, xfs, erofs, squashfs: built as their own file and placed (builder/fs/placed.py)
+    with step("stage root"):
+        staged = stage_root(spec, regs, scratch / "root")
+    return placed.prepare_root(spec, staged, image, scratch, root_only)
+
+
+def prepare_image(spec: Spec, image: Path, work: Path | None = None,
+                  root_filesystem: Path | None = None) -> layout.Layout:
     """Unprivileged part: stage, size, partition, create and populate every filesystem into a raw image.
 
     The image is written under a fresh random name beside it and renamed into place when complete.
+    root_filesystem: the root filesystem `build_root_filesystem` made (shareRootFilesystem), placed instead
+    of made again.
     """
     check_image_path(image)
     with scratch_dir(work) as scratch:
@@ -138,20 +155,22 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.L
             raise UserError(f"--image {str(image)!r}: cannot write in its directory ({exc.strerror})") from None
         try:
             check_room(spec, [(scratch, scratch.parent), (partial, image.absolute().parent)])
-            with step("read closure"):
-                regs = store.read_closure(spec)
+            regs: list[store.Registration] = []
+            if root_filesystem is None:
+                with step("read closure"):
+                    regs = store.read_closure(spec)
             boot_install = None
             if spec.installs_systemd_boot:  # no VM: systemd-boot from the system's bootspec (builder/boot/)
                 from .boot.systemd_boot import load_plan
 
                 with step("read bootspec"):
                     boot_install = load_plan(spec)
-            if spec.ext_root:  # made in place at its offset by mkfs -d (builder/fs/ext.py)
-                plan = ext.prepare_root(spec, regs, partial, scratch)
-            else:  # btrfs, xfs, erofs, squashfs: built as their own file and placed (builder/fs/placed.py)
-                with step("stage root"):
-                    staged = stage_root(spec, regs, scratch / "root")
-                plan = placed.prepare_root(spec, staged, partial, scratch)
+            if root_filesystem is not None:  # shareRootFilesystem (builder/fs/shared.py)
+                from .fs.shared import place_root
+
+                plan = place_root(spec, root_filesystem, partial)
+            else:
+                plan = _make_root(spec, regs, partial, scratch)
             if boot_install is not None:
                 from .boot.systemd_boot import write_install
 
@@ -170,6 +189,32 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None) -> layout.L
             partial.unlink(missing_ok=True)
             raise
     return plan
+
+
+def build_root_filesystem(spec: Spec, out: Path, work: Path | None = None) -> Path:
+    """Only the root filesystem, as the file out (shareRootFilesystem): what `prepare --root-filesystem` places.
+
+    Its bytes are those of the root partition of any image of this spec built alone. Written next to out
+    and renamed, so a failed build leaves no out.
+    """
+    if not spec.share_root_filesystem:
+        raise UserError("root-filesystem: the spec does not have shareRootFilesystem = true; only then is the root "
+                        "filesystem sized independently of the layout, so that one build serves every variant")
+    check_image_path(out)
+    with scratch_dir(work) as scratch:
+        try:
+            partial = fresh_file(out, ".partial")
+        except OSError as exc:
+            raise UserError(f"--out {str(out)!r}: cannot write in its directory ({exc.strerror})") from None
+        try:
+            with step("read closure"):
+                regs = store.read_closure(spec)
+            _make_root(spec, regs, partial, scratch, root_only=True)
+            os.replace(partial, out)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+    return out
 
 
 def post_vm_env_script() -> Path:
@@ -263,13 +308,13 @@ def convert_image(spec: Spec, raw: Path, out: Path, report: Report = _no_report)
 
 
 def prepare_and_convert(spec: Spec, image: Path, out: Path, work: Path | None = None,
-                        report: Report = _no_report) -> Path:
+                        report: Report = _no_report, root_filesystem: Path | None = None) -> Path:
     """Steps 1 and 4 in one process, for an image without a VM stage (the Nix build's plain derivation)."""
     if spec.needs_vm:
         raise UserError(f"prepare --out {str(out)!r}: this spec needs the VM stage (finalize) before the image "
                         "is converted; run prepare without --out, then finalize, after-vm and convert")
     with output_dir(out) as output:
-        prepare_image(spec, image, work)
+        prepare_image(spec, image, work, root_filesystem)
         final = _convert(spec, image, output)
         report(final)
     return final
@@ -289,7 +334,8 @@ def check_vm_inputs(spec: Spec) -> None:
             raise UserError(f"{field} {path!r}: {exc.strerror}") from None
 
 
-def build(spec: Spec, out: Path, work: Path | None = None, report: Report = _no_report) -> Path:
+def build(spec: Spec, out: Path, work: Path | None = None, report: Report = _no_report,
+          root_filesystem: Path | None = None) -> Path:
     """The whole pipeline outside Nix: prepare, finalize in a VM when needed, after_vm, convert, postVM.
 
     OUT is locked before any work and changed as one transaction (builder/output.py): the image is in
@@ -299,7 +345,7 @@ def build(spec: Spec, out: Path, work: Path | None = None, report: Report = _no_
     with output_dir(out) as output:
         with scratch_dir(work) as scratch:
             raw = scratch / "nixos.raw"
-            prepare_image(spec, raw, scratch)
+            prepare_image(spec, raw, scratch, root_filesystem)
             if spec.needs_vm:
                 with step("finalize (VM)"):
                     from .vm.runner import run_finalize

@@ -101,6 +101,8 @@ class Spec:
     warnings: tuple[str, ...] = ()
     # bootLoader.systemdBoot: systemd-boot's options when the system boots with it (boot/systemd_boot_config.py).
     systemd_boot: SystemdBootConfig | None = None
+    # The root filesystem is sized from its contents alone, so one build serves every layout (fs/shared.py).
+    share_root_filesystem: bool = False
 
     @property
     def boot_devices(self) -> tuple[str, ...]:
@@ -565,6 +567,7 @@ def load_spec_document(doc: Any) -> Spec:
         limine_bios_device=doc["bootLoader"].get("limineBiosDevice"),
         warnings=tuple(_warnings(doc)),
         systemd_boot=parse_systemd_boot(doc["bootLoader"].get("systemdBoot")),
+        share_root_filesystem=doc.get("shareRootFilesystem", False),
     )
 
 

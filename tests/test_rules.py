@@ -136,6 +136,10 @@ CASES: list[tuple[str, str, dict[str, Any], bool]] = [
     ("uuid-null-deterministic", "{ rootFSUID = null; }", {"rootFSUID": None}, False),
     ("uuid-null-not-deterministic", "{ rootFSUID = null; deterministic = false; }",
      {"rootFSUID": None, "deterministic": False}, True),
+    ("share-root", "{ shareRootFilesystem = true; }", {"shareRootFilesystem": True}, True),
+    ("share-root-string", '{ shareRootFilesystem = "yes"; }', {"shareRootFilesystem": "yes"}, False),
+    ("share-root-int", "{ shareRootFilesystem = 1; }", {"shareRootFilesystem": 1}, False),
+    ("share-root-null", "{ shareRootFilesystem = null; }", {"shareRootFilesystem": None}, False),
 ]
 
 

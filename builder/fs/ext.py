@@ -228,8 +228,7 @@ class Sizing:
 
 def _fs_bytes_for(disk_size: int, spec: Spec) -> int:
     """The root filesystem size a disk of disk_size leaves (partition size floored to 4 KiB)."""
-    start, end = layout.root_start(spec), layout.root_end(spec, disk_size)
-    return (end - start) // measure.BLOCK * measure.BLOCK
+    return layout.root_bytes(spec, disk_size)
 
 
 def ext_params(spec: Spec, inodes: int) -> Ext4Params:
@@ -261,6 +260,8 @@ def choose_size(spec: Spec, staged: StagedRoot, scratch: Path, store_usage: meas
     usage = measure.measure(staged.root, subs, store_usage)
     if spec.disk_size is None:
         fs_size, inodes = _needed_fs_bytes(spec, usage, spec.additional_space, scratch)
+        if spec.share_root_filesystem:  # from the tree alone, the same for every layout (builder/fs/shared.py)
+            fs_size = layout.shared_root_bytes(fs_size)
         disk = layout.smallest_disk(spec, fs_size)
     else:
         disk = spec.disk_size
@@ -274,7 +275,8 @@ def choose_size(spec: Spec, staged: StagedRoot, scratch: Path, store_usage: meas
             )
         fs_size = _fs_bytes_for(disk, spec)
         inodes = measure.inode_count(fs_size, usage.inodes, 0)
-    fs_size = _fs_bytes_for(disk, spec)
+    if not (spec.share_root_filesystem and spec.disk_size is None):  # otherwise it fills its partition
+        fs_size = _fs_bytes_for(disk, spec)
     info(f"content: {usage.inodes} inodes, {human(usage.file_bytes)} of file data, "
          f"{human(usage.blocks * measure.BLOCK)} in 4 KiB blocks")
     info(f"root filesystem {human(fs_size)} ({inodes} inodes); disk {human(disk)} "
@@ -282,11 +284,16 @@ def choose_size(spec: Spec, staged: StagedRoot, scratch: Path, store_usage: meas
     return Sizing(disk, fs_size, inodes, usage)
 
 
-def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scratch: Path) -> layout.Layout:
-    """Create the sparse image, its table, the root ext4 (populated) and empty FAT partitions; check them."""
-    plan = layout.plan(spec, size.disk_size)
+def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scratch: Path,
+                plan: layout.Layout | None = None) -> layout.Layout:
+    """Create the sparse image, its table, the root ext4 (populated) and empty FAT partitions; check them.
+
+    plan: the layout to write (default: the spec's on the chosen disk; layout.root_only for the root alone).
+    """
+    if plan is None:
+        plan = layout.plan(spec, size.disk_size)
     with open(image, "wb") as f:
-        f.truncate(size.disk_size)
+        f.truncate(plan.disk_size)
     with step("partition table"):
         table.write_table(image, plan)
     root = plan.root
@@ -332,12 +339,16 @@ def _finish_root_and_boot(spec: Spec, staged: StagedRoot, image: Path, plan: lay
 
 
 
-def prepare_root(spec: Spec, regs: list[store.Registration], image: Path, scratch: Path) -> layout.Layout:
-    """Stage, size and write the image with its ext2/3/4 root made in place by mkfs -d; the layout written."""
+def prepare_root(spec: Spec, regs: list[store.Registration], image: Path, scratch: Path,
+                 root_only: bool = False) -> layout.Layout:
+    """Stage, size and write the image with its ext2/3/4 root made in place by mkfs -d; the layout written.
+
+    root_only: image is the root filesystem alone (shareRootFilesystem), sized as every layout has it.
+    """
     # Sizing the store starts now, in worker processes, and overlaps the staging.
     with measure.StoreMeasure([r.path for r in regs]) as store_usage:
         with step("stage root"):
             staged = stage_root(spec, regs, scratch / "root", lazy_store=userns_available())
         with step("size"):
             size = choose_size(spec, staged, scratch, store_usage)
-    return write_image(spec, staged, size, image, scratch)
+    return write_image(spec, staged, size, image, scratch, layout.root_only(spec, size.fs_size) if root_only else None)
