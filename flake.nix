@@ -69,13 +69,19 @@
         ];
       };
 
-      # Hydra jobs: the example in several layouts and formats.
+      # Hydra jobs: the example in several layouts and formats. The legacy jobs are one configuration with
+      # diskSize = "auto", so their root filesystems are the same bytes: with shareRootFilesystem it is
+      # built once, its own derivation, and each job places it (the others' systems or roots differ).
       variants = {
-        legacy-qcow2 = { };
-        legacy-raw.args.format = "raw";
+        legacy-qcow2.args.shareRootFilesystem = true;
+        legacy-raw.args = {
+          format = "raw";
+          shareRootFilesystem = true;
+        };
         legacy-gpt-vdi.args = {
           partitionTableType = "legacy+gpt";
           format = "vdi";
+          shareRootFilesystem = true;
         };
         efi-qcow2-compressed = {
           args = {

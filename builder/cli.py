@@ -1,14 +1,20 @@
-"""Command line: prepare, finalize, after-vm, convert, build, inspect, pin. User errors exit 2 without a traceback."""
+"""Command line: prepare, root-filesystem, finalize, after-vm, convert, build, inspect, pin.
+
+User errors exit 2 without a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from .errors import BuildError, Interrupted, UserError
 from .signals import handle_termination
+
+WORK_HELP = "where the build makes its own scratch directory, removed afterwards (default: TMPDIR)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,10 +25,19 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prepare", help="unprivileged: stage, size, partition and populate a raw image")
     s.add_argument("spec", type=Path)
     s.add_argument("--image", type=Path, help="raw image file to write (required without --out; with --out, "
-                   "default: where it costs no extra write, removed afterwards)")
-    s.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
+                   "default: where it costs no extra write, gone afterwards)")
+    s.add_argument("--work", type=Path, help=WORK_HELP)
     s.add_argument("--out", type=Path, help="then convert the image into OUT in the same process, as `convert` "
                    "would (only for a spec with no VM stage)")
+    s.add_argument("--root-filesystem", type=Path, help="place this root filesystem (from `root-filesystem`, "
+                   "shareRootFilesystem) instead of making it")
+
+    s = sub.add_parser("root-filesystem", help="shareRootFilesystem: only the root filesystem, as the file OUT, "
+                       "for `prepare --root-filesystem` of every variant with the same root")
+    s.add_argument("spec", type=Path)
+    s.add_argument("--out", type=Path, required=True, help="the file to write (written under another name, "
+                   "then renamed)")
+    s.add_argument("--work", type=Path, help=WORK_HELP)
 
     s = sub.add_parser("finalize", help="as root in the VM: bootloader, owners by name, tune2fs")
     s.add_argument("spec", type=Path)
@@ -37,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("build", help="the whole pipeline: prepare, finalize (in a VM when needed), convert")
     s.add_argument("spec", type=Path)
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
+    s.add_argument("--work", type=Path, help=WORK_HELP)
+    s.add_argument("--root-filesystem", type=Path, help="as for prepare")
 
     s = sub.add_parser("after-vm", help="after the VM: check the image, then pin times, journal, free space and "
                        "FAT entries (deterministic)")
@@ -62,6 +78,26 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def print_path(path: Path) -> None:
+    """Print the finished image's path: the last step of a build, so a full or closed stdout undoes the build.
+
+    Written straight to the file descriptor (nothing is left in a buffer for the interpreter to fail on
+    at exit); through print() where stdout has no descriptor (tests capturing it).
+    """
+    data = f"{path}\n".encode("utf-8", "surrogateescape")
+    try:
+        sys.stdout.flush()
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        print(path, flush=True)
+        return
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError as exc:
+        raise BuildError(f"cannot print the image's path on stdout ({exc}); the build is undone") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Dispatch one parsed command."""
     from .spec import load_spec
@@ -77,9 +113,15 @@ def run(args: argparse.Namespace) -> int:
         if args.out is None:
             if args.image is None:
                 raise UserError("prepare: --image is required unless --out is given")
-            prepare_image(spec, args.image, args.work)
+            prepare_image(spec, args.image, args.work, args.root_filesystem)
         else:
-            print(prepare_and_convert(spec, args.image, args.out, args.work))
+            prepare_and_convert(spec, args.image, args.out, args.work, report=print_path,
+                                root_filesystem=args.root_filesystem)
+        return 0
+    if args.command == "root-filesystem":
+        from .pipeline import build_root_filesystem
+
+        print_path(build_root_filesystem(load_spec(args.spec), args.out, args.work))
         return 0
     if args.command == "finalize":
         from .vm.finalize import finalize
@@ -88,12 +130,12 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "convert":
         from .pipeline import convert_image
 
-        print(convert_image(load_spec(args.spec), args.image, args.out))
+        convert_image(load_spec(args.spec), args.image, args.out, report=print_path)
         return 0
     if args.command == "build":
         from .pipeline import build
 
-        print(build(load_spec(args.spec), args.out, args.work))
+        build(load_spec(args.spec), args.out, args.work, report=print_path, root_filesystem=args.root_filesystem)
         return 0
     if args.command == "after-vm":
         from .pipeline import after_vm
@@ -118,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; user errors exit 2, build failures 1, SIGINT/SIGTERM/SIGHUP 128+signal after cleanup."""
+    """Run the CLI; user errors exit 2, build failures 1, a terminating signal 128+signal after cleanup."""
     args = _parser().parse_args(argv)
     try:
         with handle_termination():

@@ -15,11 +15,12 @@ from .units import MiB
 
 @dataclass(frozen=True)
 class Table:
-    """A partitionTableType: its label (msdos, gpt or None), root partition number, boot start, EFI variables."""
+    """A partitionTableType: label (msdos, gpt or None), root partition number and start, boot start, EFI variables."""
 
     name: str
     label: str | None
     root_partition: int | None
+    root_start: int | None  # bytes where the root partition starts; None: where the boot partition ends (bootSize)
     boot_start: int | None  # bytes where the boot partition starts, for tables whose boot partition ends at bootSize
     efi_variables: bool
     esp_mount_point: str | None  # where nixpkgs' VM script mounts the ESP (None: no ESP)
@@ -55,6 +56,7 @@ def tables() -> dict[str, Table]:
     """Every partitionTableType, in the order nixpkgs lists them (rules.json keeps them in a list)."""
     return {
         t["name"]: Table(t["name"], t["label"], t["rootPartition"],
+                         None if t["rootStartMiB"] is None else t["rootStartMiB"] * MiB,
                          None if t["bootStartMiB"] is None else t["bootStartMiB"] * MiB, t["efiVariables"],
                          t["espMountPoint"], t["xbootldrMountPoint"])
         for t in json_file("rules.json")["tables"]

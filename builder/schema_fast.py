@@ -18,7 +18,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "null": (type(None),),
     "object": (dict,), "array": (list,),
 }
-_ANNOTATIONS = {"$schema", "$id", "title", "description", "errorMessage", "$defs"}
+_ANNOTATIONS = {"$schema", "$id", "title", "description", "errorMessage", "$defs", "default"}
 
 
 @cache
@@ -91,6 +91,8 @@ def _valid(value: Any, schema: Any, root: dict[str, Any]) -> bool:
         elif key == "additionalProperties":
             known = schema.get("properties", {})
             ok = not isinstance(value, dict) or all(_valid(v, want, root) for k, v in value.items() if k not in known)
+        elif key == "propertyNames":
+            ok = not isinstance(value, dict) or all(_valid(k, want, root) for k in value)
         elif key == "items":
             ok = not isinstance(value, list) or all(_valid(v, want, root) for v in value)
         elif key == "oneOf":

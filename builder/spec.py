@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import posixpath
+import re
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
 
 from . import chmod, rules
 from .boot.systemd_boot_config import SystemdBootConfig, parse_systemd_boot, systemd_boot_problems
@@ -16,7 +20,16 @@ from .resources import data_file
 from .schema_fast import surely_valid
 from .units import MiB, parse_iec, round_to_nearest
 
+if TYPE_CHECKING:
+    import jsonschema
+
 SCHEMA_PATH = data_file("spec.schema.json")
+# Bounds of the JSON document itself, far beyond any real spec: a spec file of at most 16 MiB (`validate
+# /dev/zero` must not read forever), objects and arrays nested at most 32 deep (a real spec: 5), numbers of
+# at most 20 digits (the largest allowed value, 1 EiB in MiB, has 13).
+MAX_SPEC_BYTES = 16 * MiB
+MAX_DEPTH = 32
+MAX_DIGITS = 20
 # Largest disk, boot end or additional space: 1 EiB, the largest ext4 (4 KiB blocks); beyond it sizes overflow.
 MAX_IMAGE_BYTES = rules.limit("maxImageMiB") * MiB
 WRITABLE_CHOICES = ", ".join(n for n, f in rules.fs_types().items() if not f.read_only)
@@ -92,6 +105,8 @@ class Spec:
     warnings: tuple[str, ...] = ()
     # bootLoader.systemdBoot: systemd-boot's options when the system boots with it (boot/systemd_boot_config.py).
     systemd_boot: SystemdBootConfig | None = None
+    # The root filesystem is sized from its contents alone, so one build serves every layout (fs/shared.py).
+    share_root_filesystem: bool = False
 
     @property
     def boot_devices(self) -> tuple[str, ...]:
@@ -141,12 +156,155 @@ class Spec:
         return rules.formats()[self.format].hydra
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
 def _path_str(path: Any) -> str:
-    """Render a jsonschema error path as $.a.b[0]."""
+    """Render a JSON path as $.a.b[0]; a key that is not a plain name as ["..."] (a newline cannot split the line)."""
     out = "$"
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _PLAIN_KEY.fullmatch(str(part)):
+            out += f".{part}"
+        else:
+            out += f"[{json.dumps(_shown(str(part), 40))}]"
     return out
+
+
+class _Refused:
+    """A JSON value refused wherever it stands (a huge number, NaN): kept in place so its path can be named."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+class _DuplicateKeys(dict[str, Any]):
+    """A JSON object in which some key was given more than once: {key: times} in `repeated`."""
+
+    repeated: dict[str, int]
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object hook: a dict, remembering keys given twice (json.loads would keep the last silently)."""
+    out: dict[str, Any] = dict(pairs)
+    if len(out) == len(pairs):
+        return out
+    dup = _DuplicateKeys(out)
+    dup.repeated = {}
+    for key, _ in pairs:
+        dup.repeated[key] = dup.repeated.get(key, 0) + 1
+    dup.repeated = {k: n for k, n in dup.repeated.items() if n > 1}
+    return dup
+
+
+def _integer(text: str) -> int | _Refused:
+    """json.loads' integer hook: no number of more than MAX_DIGITS digits (int() refuses 4300, and none fits)."""
+    digits = len(text.lstrip("-"))
+    if digits > MAX_DIGITS:
+        return _Refused(f"a number of {digits} digits is not allowed (at most {MAX_DIGITS})")
+    return int(text)
+
+
+def _float(text: str) -> float | _Refused:
+    """json.loads' float hook: finite values only (1e400 would be infinity)."""
+    value = float(text)
+    if not math.isfinite(value):
+        return _Refused(f"{_shown(text)} is not allowed (out of range)")
+    return value
+
+
+def _constant(name: str) -> _Refused:
+    """json.loads' hook for NaN and Infinity, which Python accepts and JSON does not have."""
+    return _Refused(f"{name} is not allowed (not a JSON number)")
+
+
+def _shown(text: str, width: int = 60) -> str:
+    """A value as a message shows it: at most width characters, with ... when cut."""
+    return text if len(text) <= width else text[:width] + "..."
+
+
+def _string_problem(text: str) -> str | None:
+    """Why a string (value or key) cannot appear in a spec at all, or None."""
+    if "\0" in text:
+        return "contains a NUL byte, which no path, name, label or command can hold"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (an unpaired surrogate escape)"
+    return None
+
+
+def _shape_problems(doc: Any) -> list[str]:
+    """What no field allows, wherever it stands: refused numbers, duplicate keys, NUL, nesting beyond MAX_DEPTH.
+
+    Walks the document without recursion (a document nested thousands deep must not exhaust the stack).
+    """
+    problems: list[str] = []
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), doc)]
+    while stack:
+        path, node = stack.pop()
+        where = _path_str(path)
+        if len(path) > MAX_DEPTH:
+            problems.append(f"{_shown(where, 120)}: nested more than {MAX_DEPTH} levels deep (not a spec)")
+            continue
+        if isinstance(node, _Refused):
+            problems.append(f"{where}: {node.why}")
+        elif isinstance(node, bool) or node is None:
+            pass
+        elif isinstance(node, int) and abs(node) >= 10 ** MAX_DIGITS:
+            problems.append(f"{where}: a number of more than {MAX_DIGITS} digits is not allowed")
+        elif isinstance(node, float) and not math.isfinite(node):
+            problems.append(f"{where}: {node} is not allowed (not a JSON number)")
+        elif isinstance(node, str):
+            why = _string_problem(node)
+            if why:
+                problems.append(f"{where}: {json.dumps(_shown(node))} {why}")
+        elif isinstance(node, dict):
+            for key, times in getattr(node, "repeated", {}).items():
+                problems.append(f"{_path_str((*path, key))}: the key {json.dumps(key)} is given {times} times "
+                                "(a JSON object names each key once)")
+            for key, value in node.items():
+                why = _string_problem(key) if isinstance(key, str) else "is not a string"
+                if why:
+                    problems.append(f"{where}: the key {json.dumps(_shown(str(key)))} {why}")
+                stack.append(((*path, key), value))
+        elif isinstance(node, list):
+            stack.extend(((*path, i), value) for i, value in enumerate(node))
+    return sorted(problems)
+
+
+def _is_integer(checker: Any, instance: Any) -> bool:
+    """JSON Schema's "integer" without floats: 200.0 is not an integer in a spec (Nix never writes one)."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+@cache
+def _validator_class() -> Any:
+    """jsonschema's 2020-12 validator with that integer rule; imported only when a spec has errors to word."""
+    import jsonschema
+
+    return jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+        jsonschema.Draft202012Validator,
+        type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
+    )
+
+
+def _branch_errors(err: jsonschema.ValidationError) -> list[jsonschema.ValidationError]:
+    """The errors to report for err: for a value that is not null in a "null or X" choice, X's own errors.
+
+    "oneOf: null, or a section" would otherwise report the whole section and "is not of type 'null'"
+    instead of the one field inside it that is wrong.
+    """
+    branches = err.validator_value
+    if (err.validator in ("oneOf", "anyOf") and err.instance is not None and err.context
+            and isinstance(branches, list) and len(branches) == 2):
+        nulls = [i for i, b in enumerate(branches) if b == {"type": "null"}]
+        if nulls:
+            inner = [c for c in err.context if c.relative_schema_path and c.relative_schema_path[0] != nulls[0]]
+            if inner:
+                return [leaf for c in inner for leaf in _branch_errors(c)]
+    return [err]
 
 
 def _schema_problems(doc: Any) -> list[str]:
@@ -154,17 +312,20 @@ def _schema_problems(doc: Any) -> list[str]:
     schema = json.loads(SCHEMA_PATH.read_text())
     if surely_valid(doc, schema):  # the usual case, without importing jsonschema (builder/schema_fast.py)
         return []
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = _validator_class()(schema)
     problems = []
-    for err in sorted(validator.iter_errors(doc), key=lambda e: (list(map(str, e.absolute_path)), e.message)):
+    errors = [leaf for err in validator.iter_errors(doc) for leaf in _branch_errors(err)]
+    for err in sorted(errors, key=lambda e: (list(map(str, e.absolute_path)), e.message)):
         where = _path_str(err.absolute_path)
+        if "propertyNames" in err.schema_path:  # a key of a free-form object (extraFiles, extraEntries)
+            problems.append(f"{where}: the key {json.dumps(_shown(str(err.instance)))} is not allowed "
+                            f"({err.message[:300]})")
+            continue
         if where == "$.fsType" and err.instance == "vfat":
             problems.append(FAT_ROOT)
             continue
         custom = [e.schema["errorMessage"] for e in [err, *(err.context or [])]
-                  if isinstance(e.schema, dict) and "errorMessage" in e.schema]
+                  if isinstance(e.schema, dict) and "errorMessage" in e.schema and e.validator in ("pattern", "type")]
         if custom:  # the schema says in words what is allowed (e.g. rsyncChmod): better than its regex
             problems.append(f"{where}: {json.dumps(err.instance)[:200]} is not {custom[0]}")
         elif err.validator in ("oneOf", "anyOf") and err.context:
@@ -203,6 +364,11 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     table = doc["partitionTableType"]
     only_store = doc["onlyNixStore"]
+    store_dir = doc["system"]["storeDir"]
+    store_ok = store_dir_problem(store_dir) is None
+    if not store_ok:
+        problems.append(f"$.system.storeDir: {json.dumps(_shown(store_dir))} is not allowed: "
+                        f"{store_dir_problem(store_dir)}")
 
     fs = rules.fs_types()[doc["fsType"]]
     label_bytes = len(doc["label"].encode("utf-8", "surrogatepass"))
@@ -277,8 +443,8 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
                             f"(user = {json.dumps(entry['user'])}, group = {json.dumps(entry['group'])})")
         why = _target_problem(entry["target"])
         norm = image_target(entry["target"])
-        store = posixpath.normpath(doc["system"]["storeDir"])
-        if not why and (norm == store or norm.startswith(store.rstrip("/") + "/") or store.startswith(norm + "/")):
+        store = store_dir
+        if store_ok and not why and (norm == store or norm.startswith(store + "/") or store.startswith(norm + "/")):
             why = f"it is or holds {store}, which the builder fills with the closure (use additionalPaths)"
         if why:
             problems.append(f"$.contents[{i}].target: {json.dumps(entry['target'])} is not allowed: {why}")
@@ -288,6 +454,21 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
         else:
             seen[norm] = i
     return problems
+
+
+def store_dir_problem(store_dir: str) -> str | None:
+    """Why storeDir cannot be the store's directory, or None: absolute, normalized, not /, no control characters.
+
+    Every registered path must be a direct child of it; "/" would make any host directory a "store path".
+    """
+    if any(ord(c) < 0x20 or c == "\x7f" for c in store_dir):
+        return "it contains a control character"
+    if store_dir == "/":
+        return "the root directory cannot be the store (give builtins.storeDir, normally \"/nix/store\")"
+    if posixpath.normpath(store_dir) != store_dir or store_dir.startswith("//"):
+        return (f"it must be an absolute, normalized path (no trailing, doubled or leading double '/', '.' or '..'; "
+                f"e.g. {json.dumps(posixpath.normpath('/' + store_dir.lstrip('/')))})")
+    return None
 
 
 def disk_mib(value: Any) -> int | None:
@@ -343,6 +524,9 @@ def boot_end(boot_size: str) -> int:
 
 def load_spec_document(doc: Any) -> Spec:
     """Validate a parsed spec document completely and return it typed; raise SpecError with every problem."""
+    problems = _shape_problems(doc)
+    if problems:  # the schema cannot judge what is not a JSON value
+        raise SpecError(problems)
     problems = _schema_problems(doc)
     if not problems:
         problems = _cross_field_problems(doc)
@@ -394,20 +578,32 @@ def load_spec_document(doc: Any) -> Spec:
         limine_bios_device=doc["bootLoader"].get("limineBiosDevice"),
         warnings=tuple(_warnings(doc)),
         systemd_boot=parse_systemd_boot(doc["bootLoader"].get("systemdBoot")),
+        share_root_filesystem=doc.get("shareRootFilesystem", False),
     )
 
 
-def load_spec(path: Path) -> Spec:
-    """Read and validate a spec file; unreadable or non-JSON files are user errors too."""
+def parse_spec_text(text: str, where: str) -> Any:
+    """The JSON document in text, refused values marked in place (see _shape_problems); SpecError if not JSON."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return json.loads(text, object_pairs_hook=_object, parse_int=_integer, parse_float=_float,
+                          parse_constant=_constant)
+    except json.JSONDecodeError as exc:
+        raise SpecError([f"$: {where} is not JSON: {exc}"]) from None
+    except RecursionError:
+        raise SpecError([f"$: {where} is nested too deeply to be a spec (at most {MAX_DEPTH} levels)"]) from None
+
+
+def load_spec(path: Path) -> Spec:
+    """Read and validate a spec file; unreadable, oversized or non-JSON files are user errors too."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
+        if len(data) > MAX_SPEC_BYTES:
+            raise SpecError([f"$: spec file {str(path)!r} is larger than {MAX_SPEC_BYTES} bytes (not a spec)"])
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError([f"$: cannot read spec file {str(path)!r}: {exc}"]) from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SpecError([f"$: {str(path)!r} is not JSON: {exc}"]) from None
-    spec = load_spec_document(doc)
+    spec = load_spec_document(parse_spec_text(text, repr(str(path))))
     for message in spec.warnings:
         warn(message)
     return spec

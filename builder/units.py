@@ -5,13 +5,13 @@ import re
 MiB = 1024 * 1024
 SECTOR = 512
 
-_IEC = re.compile(r"^(?P<num>[0-9]+(?:\.[0-9]+)?)(?P<suffix>[KMGTPE])?(?:i?B)?$")
+_IEC = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]+)?)(?P<suffix>[KMGTPE])?(?:i?B)?")
 _POWERS = {None: 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
 
 
 def parse_iec(text: str) -> int:
     """Return the bytes meant by an IEC size such as "512M" or "1.5G" (powers of 1024, rounded up)."""
-    match = _IEC.match(text)
+    match = _IEC.fullmatch(text)
     if match is None:
         raise ValueError(f"{text!r} is not a size (expected digits with an optional K, M, G, T, P or E suffix)")
     num = match.group("num")
@@ -40,8 +40,8 @@ def round_to_nearest(value: int, unit: int) -> int:
 def human(value: int) -> str:
     """Format bytes for logs, e.g. 268435456 -> "256.0 MiB"."""
     size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if abs(size) < 1024 or unit == "EiB":
             return f"{size:.1f} {unit}" if unit != "B" else f"{value} B"
         size /= 1024
     return f"{value} B"

@@ -49,6 +49,15 @@ let
   # A file in the store: the derivation depends on every store path the spec names.
   specFile = pkgs.writeText "${a.name}-spec.json" (builtins.toJSON spec);
 
+  # shareRootFilesystem: the root filesystem as its own derivation, built from what it is made of alone
+  # (argsLib.rootFilesystemSpec), so the images of one system that differ in format or table (where the root
+  # partition is the same size) are one build of it; prepare places it instead of making it again.
+  rootSpec = argsLib.rootFilesystemSpec spec;
+  rootFilesystem = pkgs.runCommand "root-filesystem.${a.fsType}" { passthru.spec = rootSpec; } ''
+    ${run} root-filesystem ${pkgs.writeText "root-filesystem-spec.json" (builtins.toJSON rootSpec)} --out "$out"
+  '';
+  placeRoot = lib.optionalString a.shareRootFilesystem " --root-filesystem ${rootFilesystem}";
+
   fileName = argsLib.fileName a;
   needsVM = argsLib.needsVM a { systemdBootOnHost = systemdBoot.section != null; };
 
@@ -99,13 +108,14 @@ let
   passthru = {
     inherit spec specFile needsVM builder closureInfo targetSystem;
     filePath = fileName;
+    rootFilesystem = if a.shareRootFilesystem then rootFilesystem else null;
   };
 
   # Everything on the host: no VM, no kvm system feature; prepare and convert in one process. The raw
   # image goes where it costs no extra write: into $out for raw, else memory when it fits
   # (builder/disk/intermediate.py).
   plain = pkgs.runCommand a.name { inherit passthru; } ''
-    ${run} prepare ${specFile} --out "$out"
+    ${run} prepare ${specFile} --out "$out"${placeRoot}
     ${userPostVM}
   '';
 
@@ -133,7 +143,7 @@ let
       # writes differently then, so a deterministic image gets one.
       enableParallelBuilding = !a.deterministic;
       preVM = ''
-        ${run} prepare ${specFile} --image nixos.raw
+        ${run} prepare ${specFile} --image nixos.raw${placeRoot}
         diskImage=nixos.raw
       ''
       + lib.optionalString a.touchEFIVars ''

@@ -54,6 +54,8 @@ in
     rootGPUID = opt types.str d.rootGPUID "GPT partition GUID of the root partition.";
     rootFSUID = nullable types.str "Root filesystem UUID (default rootGPUID for ext4).";
     copyChannel = opt types.bool d.copyChannel "Install a nixos channel made from pkgs.path.";
+    shareRootFilesystem = opt types.bool d.shareRootFilesystem
+      "Build the root filesystem as its own derivation, shared by images of this system that differ only in format or table.";
     additionalPaths = opt (types.listOf (types.either types.package types.path)) d.additionalPaths "More store paths (with closure) in the image store.";
   };
 

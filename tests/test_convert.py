@@ -146,15 +146,15 @@ def test_raw_moves_across_filesystems_sparse(raw_image: Path, tmp_path: Path) ->
         shutil.rmtree(where)
 
 
-def test_hydra_products_are_appended(raw_image: Path, tmp_path: Path) -> None:
+def test_hydra_products_are_written_whole(raw_image: Path, tmp_path: Path) -> None:
+    """The products file is this build's (issue 12: appending gave a rebuild two lines), as in a fresh $out."""
     out = tmp_path / "out"
     (out / "nix-support").mkdir(parents=True)
     (out / "nix-support" / "hydra-build-products").write_text("file other /nix/store/x\n")
     image = convert(convert_spec(format="vpc", baseName="disk"), fresh_raw(raw_image, tmp_path), out)
-    assert (out / "nix-support" / "hydra-build-products").read_text() == (
-        f"file other /nix/store/x\nfile vpc-image {out}/disk.vhd\n"
-    )
+    assert (out / "nix-support" / "hydra-build-products").read_text() == f"file vpc-image {out}/disk.vhd\n"
     assert image == out / "disk.vhd"
+    assert sorted(os.listdir(out)) == ["disk.vhd", "nix-support"]
 
 
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "raw"])
@@ -215,7 +215,7 @@ def test_vpc_with_a_wrong_virtual_size_fails(raw_image: Path, tmp_path: Path, mo
     out = tmp_path / "out"
     with pytest.raises(BuildError, match=f"virtual size 67125248 bytes, the raw image has {RAW_SIZE}"):
         convert(convert_spec(format="vpc"), fresh_raw(raw_image, tmp_path / "in"), out)
-    assert list(out.iterdir()) == []
+    assert not out.exists(), "out did not exist before the failed conversion: it does not exist after"
 
 
 def test_missing_raw_image_is_a_user_error(tmp_path: Path) -> None:

@@ -459,3 +459,96 @@ def test_sighup_during_mkfs_cleans_up(sandbox: Sandbox, make_spec: SpecFactory) 
     assert "interrupted by SIGHUP: stopped, temporary files removed" in res.stderr
     assert "[makeDiskImage] root filesystem (mkfs.ext4 -d) failed after" in res.stderr
     assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
+
+
+# Every signal whose default action ends a process (signal(7): "Term" or "Core"), but SIGKILL and SIGSTOP,
+# which no process can catch, the hardware faults SIGSEGV, SIGBUS, SIGILL and SIGFPE, from which a handler
+# cannot return, and SIGPIPE and SIGXFSZ, which Python ignores from the start (a write fails with EPIPE or
+# EFBIG instead, and the build unwinds on that error).
+TERMINATING_BY_DEFAULT = {
+    signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTRAP, signal.SIGABRT, signal.SIGUSR1, signal.SIGUSR2,
+    signal.SIGALRM, signal.SIGTERM, signal.SIGSTKFLT, signal.SIGXCPU, signal.SIGVTALRM, signal.SIGPROF,
+    signal.SIGIO, signal.SIGPWR, signal.SIGSYS, *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
+}
+
+
+def test_every_signal_that_would_end_the_builder_is_handled() -> None:
+    from builder.signals import TERMINATING
+
+    assert set(TERMINATING) == TERMINATING_BY_DEFAULT
+
+
+@pytest.mark.parametrize("sig", [signal.SIGQUIT, signal.SIGUSR1, signal.SIGALRM, signal.SIGRTMIN + 2],
+                         ids=["SIGQUIT", "SIGUSR1", "SIGALRM", "SIGRTMIN+2"])
+def test_other_terminating_signals_during_mkfs_clean_up(sig: int, sandbox: Sandbox, make_spec: SpecFactory) -> None:
+    """SIGQUIT, SIGUSR1, SIGALRM... killed the builder on the spot and left its scratch directory in TMPDIR."""
+    sandbox.hold("mkfs.ext4", " -d ")
+
+    def on_line(line: str, proc: subprocess.Popen[str]) -> None:
+        if line.startswith("[makeDiskImage] root filesystem (mkfs.ext4 -d) ..."):
+            wait_for(sandbox.held, "mkfs to start")
+            os.kill(proc.pid, sig)
+
+    res = run_build(sandbox, make_spec(), on_line)
+    name = "SIGRTMIN+2" if sig == signal.SIGRTMIN + 2 else signal.Signals(sig).name
+    assert res.status == 128 + sig, res.stderr
+    assert f"interrupted by {name}: stopped, temporary files removed" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
+
+
+# ---- postVM's own processes -------------------------------------------------------------------------------
+
+def escaping_post_vm(box: Sandbox, status: int) -> str:
+    """A postVM that leaves processes behind in every way a shell can: its own session (setsid), a double
+    fork, SIGTERM/SIGHUP ignored; each runs a copy of sleep whose path names the sandbox. Then it exits."""
+    sleeper = box.private / "sleeper"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", sleeper)
+    sleeper.chmod(0o755)
+    q = shlex.quote(str(sleeper))
+    return (f"setsid {q} 600 </dev/null >/dev/null 2>&1 &\n"
+            f"( setsid {q} 601 </dev/null >/dev/null 2>&1 & ) &\n"
+            f"setsid sh -c \"trap '' TERM HUP INT; {q} 602; {q} 603\" </dev/null >/dev/null 2>&1 &\n"
+            f"nohup {q} 604 </dev/null >/dev/null 2>&1 &\n"
+            f"sleep 0.5\nexit {status}\n")
+
+
+@pytest.mark.parametrize("status", [0, 3], ids=["postVM-succeeds", "postVM-fails"])
+def test_post_vm_processes_in_their_own_session_die_with_the_build(status: int, sandbox: Sandbox,
+                                                                    make_spec: SpecFactory) -> None:
+    """A postVM that starts a process in its own session (setsid) left it running after the build."""
+    res = run_build(sandbox, make_spec(postVM=escaping_post_vm(sandbox, status)))
+    assert res.status == (0 if status == 0 else 1), res.stderr
+    assert processes_mentioning(str(sandbox.private)) == []
+    if status:
+        assert f"build failed: postVM exited with status {status}" in res.stderr
+        assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
+
+
+def test_post_vm_processes_die_with_an_interrupted_build(sandbox: Sandbox, make_spec: SpecFactory) -> None:
+    started = sandbox.private / "post-started"
+    post_vm = escaping_post_vm(sandbox, 0).replace("sleep 0.5\n", f"touch {shlex.quote(str(started))}\nsleep 600\n")
+
+    def on_line(line: str, proc: subprocess.Popen[str]) -> None:
+        if line.startswith("[makeDiskImage] postVM ..."):
+            wait_for(started.exists, "postVM to start its processes")
+            os.kill(proc.pid, signal.SIGTERM)
+
+    res = run_build(sandbox, make_spec(postVM=post_vm), on_line)
+    assert res.status == 143, res.stderr
+    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
+
+
+def test_post_vm_processes_die_with_the_build_as_nobody(sandbox: Sandbox, make_spec: SpecFactory,
+                                                        fixture_spec: Path) -> None:
+    """The same as an unprivileged build user: no privilege is needed to outlive the build's processes."""
+    spec = sandbox.private / "spec.json"
+    shutil.copy(make_spec(contents=[], postVM=escaping_post_vm(sandbox, 0)), spec)
+    for d in (sandbox.tmpdir, sandbox.private):
+        os.chmod(d, 0o777)
+    cmd = ["runuser", "-u", "nobody", "--", "env", *(f"{k}={v}" for k, v in sandbox.env.items()),
+           sys.executable, "-m", "builder", "build", str(spec), "--out", str(sandbox.out)]
+    with readable_by_others(spec, sandbox.private / "sleeper", fixture_spec.parent / "closure-info" / "registration"):
+        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert res.returncode == 0, res.stderr
+    assert processes_mentioning(str(sandbox.private)) == []

@@ -5,7 +5,9 @@ each bad argument set must fail evaluation with one `makeDiskImage:` message nam
 value and what is allowed (including a 256-byte path component and targets at, in or above the store).
 Spec side: more invalid documents through `python -m builder validate` (status 2, JSON path, value,
 allowed).
-Hypothesis throws random and mutated documents at the loader: it must answer 0 or 2, never a traceback.
+Hypothesis throws random and mutated documents at the loader: it must answer 0 or 2, never a traceback,
+always one line per problem; and at `prepare` (slow): 0, 1 or 2 with a one-line message, nothing written
+outside its work and image directories, nothing left in TMPDIR.
 """
 
 from __future__ import annotations
@@ -14,16 +16,20 @@ import contextlib
 import copy
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from builder.cli import main
 from builder.errors import SpecError
 from builder.spec import load_spec_document
+from tests.support.fuzz import JSON, message_problems, mutate
 from tests.support.nixeval import ENTRY, EXTRA, image_expr, nix_eval
 from tests.support.specs import spec_doc
 
@@ -177,33 +183,6 @@ def test_spec_refuses_with_path_value_and_allowed(field: str, value: Any, extra:
 
 # ---- property-based --------------------------------------------------------------------------------------
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
-    max_leaves=12,
-)
-# Values that are nearly right for many fields, so mutations get past the schema and reach later checks.
-PLAUSIBLE: st.SearchStrategy[Any] = st.sampled_from([
-    "auto", "0", "1M", "512M", "1E", "99999999999999999999E", "1.5K", "0.0001K", "ext4", "efi", "none",
-    "/", "/..", "/a/../b", "//", "/nix/store", "/nix/store/x", "/etc/NIXOS", "0644", "7777", "root", "0",
-    "F222513B-DED1-49FA-B591-20CE86A2FE7F", "nodev", "/dev/vda", "chroot", "nixos-enter", "raw", "vpc",
-    "\udcff", "a\nb", "L" * 300, "/" + "d/" * 2100,
-]) | st.integers(min_value=-3, max_value=2**63) | st.booleans() | st.none() | st.just([]) | st.just({})
-
-
-def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Every key path inside a JSON document."""
-    out = [prefix] if prefix else []
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            out += _paths(v, (*prefix, k))
-    elif isinstance(doc, list):
-        for i, v in enumerate(doc):
-            out += _paths(v, (*prefix, i))
-    return out
-
-
 def _status(doc: Any, tmp: Path) -> tuple[int, str]:
     """Exit status and stderr of `validate` on doc, in-process (stderr captured)."""
     path = tmp / "fuzz.json"
@@ -225,33 +204,98 @@ def base_doc(fixture_spec: Path) -> dict[str, Any]:
 def test_random_documents_are_refused_cleanly(doc: Any, tmp_path: Path) -> None:
     status, err = _status(doc, tmp_path)
     assert status == 2, err
-    assert "Traceback" not in err
+    assert message_problems(status, err) == [], err
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_mutated_specs_give_status_0_or_2(data: st.DataObject, base_doc: dict[str, Any], tmp_path: Path) -> None:
     doc = copy.deepcopy(base_doc)
-    for _ in range(data.draw(st.integers(min_value=1, max_value=3))):
-        paths = _paths(doc)
-        if not paths:
-            break
-        where = data.draw(st.sampled_from(paths))
-        node: Any = doc
-        for key in where[:-1]:
-            node = node[key]
-        action = data.draw(st.sampled_from(["replace", "plausible", "delete", "add"]))
-        if action == "delete":
-            del node[where[-1]]
-        elif action == "add" and isinstance(node, dict):
-            node[data.draw(st.text(max_size=10))] = data.draw(JSON)
-        else:
-            node[where[-1]] = data.draw(PLAUSIBLE if action == "plausible" else JSON)
+    mutate(data, doc)
     status, err = _status(doc, tmp_path)
     assert status in (0, 2), err
-    assert "Traceback" not in err
+    assert message_problems(status, err) == [], err
     if status == 0:  # accepted documents load into a Spec without error
         try:
             load_spec_document(doc)
         except SpecError as exc:  # pragma: no cover - would contradict status 0
             raise AssertionError(exc) from None
+
+
+# ---- prepare, fuzzed ------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _snapshot(*roots: Path) -> dict[str, tuple[int, int, int]]:
+    """(mode, size, mtime) of everything below roots, not following symlinks."""
+    facts: dict[str, tuple[int, int, int]] = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in [*dirnames, *filenames]:
+                st_ = os.lstat(os.path.join(dirpath, name))
+                facts[os.path.join(dirpath, name)] = (st_.st_mode, st_.st_size, st_.st_mtime_ns)
+    return facts
+
+
+def _reaches_outside(doc: Any, allowed: tuple[Path, ...]) -> bool:
+    """Whether doc would have prepare read an existing host path outside the allowed trees (contents, configFile).
+
+    A mutation may turn a source into "/" or "/nix/store": a legitimate request to copy the host, which
+    a test must not make.
+    """
+    paths: list[Any] = []
+    if isinstance(doc, dict):
+        paths.append(doc.get("configFile"))
+        contents = doc.get("contents")
+        if isinstance(contents, list):
+            paths += [c.get("source") for c in contents if isinstance(c, dict)]
+    for path in paths:
+        if not isinstance(path, str) or "\0" in path:
+            continue
+        try:
+            parent = Path(path.split("*")[0]) if "*" in path else Path(path)
+            real = parent.resolve()
+            if not os.path.lexists(parent):
+                continue
+        except (OSError, ValueError, RuntimeError):
+            continue
+        if not any(real == a or a in real.parents for a in allowed):
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def fuzz_area(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private area for the prepare fuzzing: spec files, TMPDIR, work and image directories."""
+    return tmp_path_factory.mktemp("prepare-fuzz")
+
+
+@pytest.mark.slow
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_prepare_of_fuzzed_specs_ends_cleanly(data: st.DataObject, base_doc: dict[str, Any], fixture_spec: Path,
+                                              fuzz_area: Path) -> None:
+    """`prepare` on random documents and mutations of the valid spec: status 0, 1 or 2 with a one-line message,
+    no traceback, nothing written outside its work and image directories, nothing left in TMPDIR."""
+    doc: Any = copy.deepcopy(base_doc)
+    if data.draw(st.booleans()):
+        mutate(data, doc)
+    else:
+        doc = data.draw(JSON)
+    assume(not _reaches_outside(doc, (fixture_spec.parent.resolve(), fuzz_area.resolve())))
+    tmpdir, work, images = fuzz_area / "tmp", fuzz_area / "work", fuzz_area / "images"
+    for d in (tmpdir, work, images):
+        d.mkdir(exist_ok=True)
+    spec = fuzz_area / "spec.json"
+    spec.write_text(json.dumps(doc))
+    before = _snapshot(fixture_spec.parent, fuzz_area / "tmp")
+    done = subprocess.run([sys.executable, "-m", "builder", "prepare", str(spec), "--image", str(images / "x.img"),
+                           "--work", str(work)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TMPDIR=str(tmpdir), PYTHONPATH=str(REPO)))
+    assert message_problems(done.returncode, done.stderr) == [], done.stderr[-3000:]
+    assert _snapshot(fixture_spec.parent, fuzz_area / "tmp") == before, "prepare wrote outside its directories"
+    assert os.listdir(work) == [] and os.listdir(tmpdir) == [], done.stderr[-3000:]
+    assert os.listdir(images) == (["x.img"] if done.returncode == 0 else []), done.stderr[-3000:]
+    for leftover in images.iterdir():
+        leftover.unlink()

@@ -190,4 +190,4 @@ def test_a_tool_writing_a_broken_filesystem_fails_the_build(tool: str, make_spec
     assert expected in res.stderr, res.stderr
     step = "check ESP (fsck.vfat)" if tool == "mkfs.vfat" else "check root filesystem (e2fsck)"
     assert f"[makeDiskImage] {step} failed after" in res.stderr
-    assert sorted(os.listdir(out)) == [] and os.listdir(tmp) == []
+    assert not out.exists() and os.listdir(tmp) == []  # out did not exist before the failed build

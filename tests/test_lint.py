@@ -18,3 +18,4 @@ def test_ruff_clean() -> None:
 def test_mypy_strict_clean() -> None:
     res = subprocess.run([sys.executable, "-m", "mypy", "--strict"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+

@@ -307,6 +307,7 @@ INVALID: list[tuple[str, str, list[str]]] = [
     ("label-long-for-xfs", '{ fsType = "xfs"; label = "thirteen-char"; }', ['label = "thirteen-char"', "12"]),
     ("bool-string", '{ installBootLoader = "yes"; }', ['installBootLoader = "yes"', "true or false"]),
     ("bool-int", "{ copyChannel = 1; }", ["copyChannel = 1", "true or false"]),
+    ("share-root-string", '{ shareRootFilesystem = "yes"; }', ['shareRootFilesystem = "yes"', "true or false"]),
     ("efi-vars-on-legacy", "{ touchEFIVars = true; }", ["touchEFIVars = true", 'partitionTableType = "legacy"']),
     ("store-only-bootloader", "{ onlyNixStore = true; }", ["installBootLoader = true", "onlyNixStore = true"]),
     ("store-only-contents",
@@ -383,6 +384,10 @@ def test_bad_grub_devices_from_config_are_named() -> None:
     assert 'config.boot.loader.grub.devices = [ "sda" ]' in done.stderr
 
 
+# Arguments nixpkgs' function does not have (each off by default, so nixpkgs' callers get nixpkgs' behaviour).
+OUR_ARGS = {"shareRootFilesystem"}
+
+
 def test_every_nixpkgs_argument_is_accepted() -> None:
     # DESIGN §2 / nixpkgs-notes §1.1: every argument of the seed and of current nixpkgs, same names.
     nixpkgs_args = {
@@ -393,7 +398,7 @@ def test_every_nixpkgs_argument_is_accepted() -> None:
     }
     done = nix_eval(f"(import {REPO}/nix/args).knownArgs")
     assert done.returncode == 0, done.stderr
-    assert set(json.loads(done.stdout)) == nixpkgs_args
+    assert set(json.loads(done.stdout)) == nixpkgs_args | OUR_ARGS
 
 
 def _levenshtein(a: str, b: str) -> int:

@@ -450,7 +450,7 @@ def test_default_nix_gives_the_same_derivations_as_the_flake(glue: Glue) -> None
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     image_drv, builder_drv = json.loads(done.stdout)
-    assert image_drv == glue.eval_json("hydraJobs.legacy-qcow2.x86_64-linux.drvPath")
+    assert image_drv == glue.eval_json("packages.x86_64-linux.image.drvPath")
     assert builder_drv == glue.eval_json("packages.x86_64-linux.builder.drvPath")
 
 

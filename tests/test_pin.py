@@ -106,3 +106,27 @@ def test_bad_arguments_are_user_errors(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "--rev 'main; rm -rf /' is not allowed" in done.stderr
     assert not (tmp_path / "argv.json").exists(), "nothing is run for a bad argument"
+
+
+@pytest.mark.parametrize("flag", ["--owner", "--repo", "--rev"])
+def test_a_trailing_newline_is_a_user_error(flag: str, tmp_path: Path) -> None:
+    """The name check ended in $, which let "NixOS\\n" through to the prefetch."""
+    fake_prefetch(tmp_path, "{}")
+    done = run_pin(tmp_path, "--file", str(tmp_path / "pin.json"), flag, "nixpkgs\n")
+    assert done.returncode == 2, done.stderr
+    assert f"{flag} 'nixpkgs\\n' is not allowed" in done.stderr
+    assert not (tmp_path / "argv.json").exists()
+
+
+@pytest.mark.nix
+def test_a_symlink_planted_at_the_temporary_pin_is_not_written_through(tmp_path: Path) -> None:
+    """The pin was written to FILE.tmp (following a symlink there) and renamed: now a fresh private name."""
+    fake_prefetch(tmp_path, json.dumps({"owner": "NixOS", "repo": "nixpkgs", "rev": REV, "hash": SRI}))
+    victim = tmp_path / "victim"
+    victim.write_text("must stay as it is\n")
+    (tmp_path / "pin.json.tmp").symlink_to(victim)
+    done = run_pin(tmp_path, "--file", str(tmp_path / "pin.json"), "--rev", REV)
+    assert done.returncode == 0, done.stderr
+    assert victim.read_text() == "must stay as it is\n"
+    assert json.loads((tmp_path / "pin.json").read_text())["rev"] == REV
+    assert (tmp_path / "pin.json.tmp").is_symlink()

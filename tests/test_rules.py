@@ -107,6 +107,8 @@ CASES: list[tuple[str, str, dict[str, Any], bool]] = [
      True),
     ("label-xfs-13", '{ fsType = "xfs"; label = "thirteen-char"; }',
      {"fsType": "xfs", "label": "thirteen-char"}, False),
+    ("label-del", '{ label = "a\x7fb"; }', {"label": "a\x7fb"}, False),  # DEL is a control character too
+    ("label-tab", '{ label = "a\tb"; }', {"label": "a\tb"}, False),
     ("mem-0", "{ memSize = 0; }", {"memSize": 0}, False),
     ("mem-1", "{ memSize = 1; }", {"memSize": 1}, True),
     ("mem-over", "{ memSize = 1048577; }", {"memSize": 1048577}, False),
@@ -134,6 +136,10 @@ CASES: list[tuple[str, str, dict[str, Any], bool]] = [
     ("uuid-null-deterministic", "{ rootFSUID = null; }", {"rootFSUID": None}, False),
     ("uuid-null-not-deterministic", "{ rootFSUID = null; deterministic = false; }",
      {"rootFSUID": None, "deterministic": False}, True),
+    ("share-root", "{ shareRootFilesystem = true; }", {"shareRootFilesystem": True}, True),
+    ("share-root-string", '{ shareRootFilesystem = "yes"; }', {"shareRootFilesystem": "yes"}, False),
+    ("share-root-int", "{ shareRootFilesystem = 1; }", {"shareRootFilesystem": 1}, False),
+    ("share-root-null", "{ shareRootFilesystem = null; }", {"shareRootFilesystem": None}, False),
 ]
 
 

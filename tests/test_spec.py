@@ -134,3 +134,10 @@ def test_efi_vars_need_a_gpt_layout(fixture_spec: Path, tmp_path: Path, capsys: 
     path.write_text(json.dumps(doc))
     assert main(["validate", str(path)]) == 2
     assert "$.touchEFIVars: true is not allowed with partitionTableType = 'legacy'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["512M\n", "1G\n", "4096\n"])
+def test_parse_iec_takes_no_trailing_newline(text: str) -> None:
+    """Its own regex ended in $, which lets one newline through (the schema stops it first; this must too)."""
+    with pytest.raises(ValueError, match="is not a size"):
+        parse_iec(text)

@@ -29,7 +29,9 @@ The profile links (`/nix/var/nix/profiles/system-1-link`) are on the root alread
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +208,7 @@ def plan_install(spec: Spec, boot: BootSpec) -> InstallPlan:
         files += _entry_files(spec, sd, child, name, arch, boot_part)
     # copy-extra-files runs last: what it places replaces a file of the same (case-insensitive) name.
     for name, source in sd.extra_files:
+        _check_regular(source, f"bootLoader.systemdBoot.extraFiles[{json.dumps(name)}]")
         files += [BootFile(boot_part, name, source=source), BootFile(boot_part, f"{EXTRA_FILES_DIR}/{name}", data=b"")]
     for name, text in sd.extra_entries:
         files += [BootFile(boot_part, f"loader/entries/{name}", data=text.encode()),
@@ -216,6 +219,16 @@ def plan_install(spec: Spec, boot: BootSpec) -> InstallPlan:
     directories = [("esp", d) for d in ESP_DIRS] + [(boot_part, d) for d in (*BOOT_DIRS, NIXOS_DIR, EXTRA_FILES_DIR)]
     return InstallPlan(tuple(sorted(last.values(), key=lambda f: (f.partition, f.path))),
                        tuple(sorted(set(directories))))
+
+
+def _check_regular(path: str, field: str) -> None:
+    """A file to copy into the ESP must be a regular file (/dev/zero would fill it; a FIFO would block mcopy)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise UserError(f"{field} {path!r}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{field} {path!r}: not a regular file")
 
 
 def load_plan(spec: Spec) -> InstallPlan:

@@ -2,9 +2,9 @@
 
 raw is moved (renamed, or copied sparse-aware across filesystems); every other format goes through
 `qemu-img convert -f raw -O <format>` (`-c` for qcow2-compressed, `-o force_size=on` for vpc so the
-virtual size is the raw size exactly, not a CHS rounding). The image is written under a temporary
-directory inside `out` with its final file name (vmdk embeds it) and renamed into place at the end, so
-a failure leaves no partial image.
+virtual size is the raw size exactly, not a CHS rounding). The image is written into the output
+transaction (builder/output.py: a private directory inside `out`, with its final file name, which vmdk
+embeds) and renamed into place with the product line, so a failure leaves no partial image.
 
 With `deterministic`, the identifiers qemu-img draws at random (vdi, vpc, vmdk, vhdx) are replaced by
 spec-derived ones (builder.image_ids), so rebuilding the same spec gives the same bytes.
@@ -15,13 +15,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 from ..errors import BuildError, UserError
 from ..log import step
+from ..output import PRODUCTS, Output, output_dir
 from ..spec import Spec
 from .image_ids import fix_identifiers
 
@@ -79,24 +78,23 @@ def _write_image(spec: Spec, raw: Path, dest: Path) -> None:
         fix_identifiers(spec, dest)
 
 
-def convert(spec: Spec, raw: Path, out: Path) -> Path:
-    """Write out/<spec.image_file_name> from the raw image, append the Hydra product line, return its path."""
+def convert_into(spec: Spec, raw: Path, output: Output) -> Path:
+    """Write <baseName>.<ext> and the Hydra product line into the output transaction and install them there.
+
+    Returns the image's final path. The image is staged under its final file name (vmdk embeds it).
+    """
     if not raw.is_file():
         raise UserError(f"--image {str(raw)!r}: no such raw image file")
-    out = out.absolute()
-    final = out / spec.image_file_name
+    final = output.out / spec.image_file_name
     with step(f"convert to {spec.format} as {final.name}"):
-        out.mkdir(parents=True, exist_ok=True)
         if not (spec.format == "raw" and raw.absolute() == final):  # else already in place
-            tmpdir = Path(tempfile.mkdtemp(prefix=".convert-", dir=out))
-            try:
-                tmp = tmpdir / final.name
-                _write_image(spec, raw, tmp)
-                os.replace(tmp, final)
-            finally:
-                shutil.rmtree(tmpdir, ignore_errors=True)
-        support = out / "nix-support"
-        support.mkdir(exist_ok=True)
-        with (support / "hydra-build-products").open("a") as products:
-            products.write(f"file {spec.hydra_format}-image {final}\n")
+            _write_image(spec, raw, output.stage(spec.image_file_name))
+        output.stage(PRODUCTS).write_text(f"file {spec.hydra_format}-image {final}\n")
+        output.install()
     return final
+
+
+def convert(spec: Spec, raw: Path, out: Path) -> Path:
+    """Write out/<spec.image_file_name> from the raw image and the Hydra product line (whole); return its path."""
+    with output_dir(out) as output:
+        return convert_into(spec, raw, output)

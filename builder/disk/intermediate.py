@@ -1,7 +1,7 @@
 """Where the raw image is written before convert, so that no format costs an extra write to disk.
 
-raw: straight into the output directory (a hidden temporary directory there), so convert only renames it,
-even when the build directory is on another filesystem than $out. qcow2, vdi, vpc, vmdk, qcow2-compressed:
+raw: straight into the output transaction's private directory inside OUT (builder/output.py), where
+convert leaves it to be renamed into place, even when the build directory is on another filesystem. qcow2, vdi, vpc, vmdk, qcow2-compressed:
 the raw image is only an intermediate, read once by the converter, so it goes to memory (/dev/shm) when
 the memory can hold it; else, or when MDI_INTERMEDIATE=disk, to the scratch directory on disk as before.
 Either way it is removed when the build ends, done or failed.
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..log import info
+from ..output import Output
 from ..spec import Spec
 from ..staging import store
 from ..units import MiB, human
@@ -102,10 +103,8 @@ def _choice() -> str:
     return choice
 
 
-def intermediate_parent(spec: Spec, scratch: Path, out: Path | None) -> Path:
-    """The directory to hold the raw image's temporary directory (see the module docstring)."""
-    if spec.format == "raw" and out is not None and not spec.needs_vm:
-        return out
+def intermediate_parent(spec: Spec, scratch: Path) -> Path:
+    """The directory to hold a converted format's raw image (see the module docstring): memory or scratch."""
     choice = _choice()
     if choice == "disk":
         return scratch
@@ -119,12 +118,16 @@ def intermediate_parent(spec: Spec, scratch: Path, out: Path | None) -> Path:
 
 
 @contextmanager
-def raw_intermediate(spec: Spec, scratch: Path, out: Path | None) -> Iterator[Path]:
-    """A path for the raw image, in a temporary directory removed on exit (the image with it, unless moved)."""
-    parent = intermediate_parent(spec, scratch, out)
+def raw_intermediate(spec: Spec, scratch: Path, output: Output) -> Iterator[Path]:
+    """A path for the raw image: staged in output for raw without a VM stage; else in a temporary directory
+    (memory or scratch) removed on exit, with the image if convert left it there."""
+    if spec.format == "raw" and not spec.needs_vm:
+        yield output.stage(spec.image_file_name)  # the transaction removes it if the build fails
+        return
+    parent = intermediate_parent(spec, scratch)
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".mdi-raw-", dir=parent))
     try:
-        yield tmp / spec.image_file_name if parent == out else tmp / "nixos.raw"
+        yield tmp / "nixos.raw"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

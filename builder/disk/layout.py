@@ -12,6 +12,7 @@ from ..units import SECTOR, MiB, align_up
 GPT_BACKUP = 33 * SECTOR  # backup partition entries + header at the end of a GPT disk
 GPT_FIRST_USABLE = 34  # LBA: protective MBR, header and 32 sectors of entries come first
 ALIGN = MiB  # parted's optimal alignment on an image file (no I/O topology): 1 MiB
+FS_BLOCK = 4096  # every root filesystem is a whole number of these
 
 # The GUIDs nixos/lib/make-disk-image.nix (nixpkgs) gives sgdisk when deterministic. Its disk GUID,
 # "97FD5997-D90B-4AA3-8D16-C1723AEA73C", has only 11 hex digits in the last group. sgdisk (gptfdisk's
@@ -86,12 +87,9 @@ def table_kind(table_type: str) -> str | None:
 
 
 def root_start(spec: Spec) -> int:
-    """Byte offset where the root filesystem begins."""
-    return {
-        "legacy": MiB,
-        "legacy+gpt": 2 * MiB,
-        "none": 0,
-    }.get(spec.partition_table_type, spec.boot_size)
+    """Byte offset where the root filesystem begins: fixed for the table, or where the boot partition ends."""
+    start = rules.tables()[spec.partition_table_type].root_start
+    return spec.boot_size if start is None else start
 
 
 def tail_reserve(spec: Spec) -> int:
@@ -126,6 +124,21 @@ def root_end(spec: Spec, disk_size: int) -> int:
     if kind is None:
         return disk_size
     return parted_fill_end(disk_size, root_start(spec), kind == "gpt")
+
+
+def root_bytes(spec: Spec, disk_size: int) -> int:
+    """The root filesystem size a disk of disk_size leaves: its root partition, floored to whole 4 KiB blocks."""
+    return (root_end(spec, disk_size) - root_start(spec)) // FS_BLOCK * FS_BLOCK
+
+
+def shared_root_bytes(needed: int) -> int:
+    """The size of a root filesystem that needs `needed` bytes, under shareRootFilesystem with diskSize = "auto".
+
+    Whole MiB, from the contents alone: exactly what the root partition of the smallest disk holds on an
+    msdos table or none, and on GPT disks over about 200 MiB (see parted_fill_end); on smaller GPT disks the
+    partition ends up to 1 MiB past it. The same bytes then fit every layout.
+    """
+    return align_up(needed, MiB)
 
 
 def smallest_disk(spec: Spec, fs_bytes: int) -> int:
@@ -185,6 +198,13 @@ def plan(spec: Spec, disk_size: int) -> Layout:
         disk_guid=DISK_GUID if (det and kind == "gpt") else None,
         mbr_id=MBR_DISK_ID if (det and kind == "msdos") else None,
     )
+
+
+def root_only(spec: Spec, fs_bytes: int) -> Layout:
+    """A root filesystem built as its own file (shareRootFilesystem): no table, the whole file is the root."""
+    root = Partition(number=0, role="root", start=0, end=fs_bytes, name="", flags=(), fs=spec.fs_type,
+                     label=spec.label, mountpoint="/", guid=None)
+    return Layout(table=None, disk_size=fs_bytes, partitions=(root,), disk_guid=None, mbr_id=None)
 
 
 def mounts(spec: Spec) -> tuple[Mount, ...]:

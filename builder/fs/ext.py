@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from ..concurrent import run_side_by_side
 from ..disk import layout, table
 from ..errors import BuildError, UserError
 from ..log import info, step
@@ -33,9 +34,6 @@ from ..staging.measure import BLOCK
 from ..staging.root import StagedRoot, closure_binds, remove_tree_quietly, stage_root
 from ..units import MiB, align_up, human
 from . import fat
-
-# The layout written, and the checks still to run on it, (name, check) each, independent of each other.
-RootChecks = tuple[layout.Layout, list[tuple[str, Callable[[], None]]]]
 
 # The first inode mkfs -d creates from the tree (after the reserved ones and lost+found).
 FIRST_TREE_INODE = 12
@@ -233,8 +231,7 @@ class Sizing:
 
 def _fs_bytes_for(disk_size: int, spec: Spec) -> int:
     """The root filesystem size a disk of disk_size leaves (partition size floored to 4 KiB)."""
-    start, end = layout.root_start(spec), layout.root_end(spec, disk_size)
-    return (end - start) // measure.BLOCK * measure.BLOCK
+    return layout.root_bytes(spec, disk_size)
 
 
 def ext_params(spec: Spec, inodes: int) -> Ext4Params:
@@ -266,6 +263,8 @@ def choose_size(spec: Spec, staged: StagedRoot, scratch: Path, store_usage: meas
     usage = measure.measure(staged.root, subs, store_usage)
     if spec.disk_size is None:
         fs_size, inodes = _needed_fs_bytes(spec, usage, spec.additional_space, scratch)
+        if spec.share_root_filesystem:  # from the tree alone, the same for every layout (builder/fs/shared.py)
+            fs_size = layout.shared_root_bytes(fs_size)
         disk = layout.smallest_disk(spec, fs_size)
     else:
         disk = spec.disk_size
@@ -279,7 +278,8 @@ def choose_size(spec: Spec, staged: StagedRoot, scratch: Path, store_usage: meas
             )
         fs_size = _fs_bytes_for(disk, spec)
         inodes = measure.inode_count(fs_size, usage.inodes, 0)
-    fs_size = _fs_bytes_for(disk, spec)
+    if not (spec.share_root_filesystem and spec.disk_size is None):  # otherwise it fills its partition
+        fs_size = _fs_bytes_for(disk, spec)
     info(f"content: {usage.inodes} inodes, {human(usage.file_bytes)} of file data, "
          f"{human(usage.blocks * measure.BLOCK)} in 4 KiB blocks")
     info(f"root filesystem {human(fs_size)} ({inodes} inodes); disk {human(disk)} "
@@ -287,15 +287,18 @@ def choose_size(spec: Spec, staged: StagedRoot, scratch: Path, store_usage: meas
     return Sizing(disk, fs_size, inodes, usage)
 
 
-def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scratch: Path) -> RootChecks:
-    """Create the sparse image, its table, the root ext4 (populated) and empty FAT partitions.
+def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scratch: Path,
+                plan: layout.Layout | None = None) -> layout.Layout:
+    """Create the sparse image, its table, the root ext4 (populated) and empty FAT partitions; check them.
 
-    The FAT partitions are made on a second thread while mkfs.ext4 fills the root (other byte ranges of the
-    file); the checks are returned, for the caller to run side by side with its own.
+    plan: the layout to write (default: the spec's on the chosen disk; layout.root_only for the root alone).
+    The FAT partitions are other byte ranges of the file: they are made on a second thread while mkfs.ext4
+    fills the root. The checks only read, so they run side by side.
     """
-    plan = layout.plan(spec, size.disk_size)
+    if plan is None:
+        plan = layout.plan(spec, size.disk_size)
     with open(image, "wb") as f:
-        f.truncate(size.disk_size)
+        f.truncate(plan.disk_size)
     with step("partition table"):
         table.write_table(image, plan)
     root = plan.root
@@ -308,7 +311,7 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
             stamped = populate(image, root.start, size.fs_size, staged.root, params, binds, scratch, epoch,
                                staged.lazy_store)
     fats.result()
-    # The staging tree is read; removing it (a syscall per entry) overlaps what follows on the other core.
+    # The staging tree is read; removing it (a syscall per entry) overlaps debugfs on the other core.
     remover = threading.Thread(target=remove_tree_quietly, args=(staged.root,), name="remove staging", daemon=True)
     remover.start()
     try:
@@ -317,7 +320,8 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
                       modes=staged.mode_fixes)
     finally:
         remover.join()
-    return plan, _checks(spec, image, plan)
+    run_side_by_side(_checks(spec, image, plan))
+    return plan
 
 
 def _make_boot_filesystems(spec: Spec, image: Path, plan: layout.Layout) -> None:
@@ -344,18 +348,21 @@ def _checks(spec: Spec, image: Path, plan: layout.Layout) -> list[tuple[str, Cal
         ("check root filesystem (e2fsck)", partial(check, image, root.start)),
         ("root filesystem free space", free_space),
     ]
-    for p in plan.partitions:
-        if p.fs == "vfat":
-            checks.append((f"check {p.label} (fsck.vfat)", partial(fat.check, image, p)))
+    checks += [(f"check {p.label} (fsck.vfat)", partial(fat.check, image, p)) for p in plan.partitions
+               if p.fs == "vfat"]
     return checks
 
 
-def prepare_root(spec: Spec, regs: list[store.Registration], image: Path, scratch: Path) -> RootChecks:
-    """Stage, size and write the image with its ext2/3/4 root made in place by mkfs -d; the layout and its checks."""
+def prepare_root(spec: Spec, regs: list[store.Registration], image: Path, scratch: Path,
+                 root_only: bool = False) -> layout.Layout:
+    """Stage, size and write the image with its ext2/3/4 root made in place by mkfs -d; the layout written.
+
+    root_only: image is the root filesystem alone (shareRootFilesystem), sized as every layout has it.
+    """
     # Sizing the store starts now, in worker processes, and overlaps the staging.
     with measure.StoreMeasure([r.path for r in regs]) as store_usage:
         with step("stage root"):
             staged = stage_root(spec, regs, scratch / "root", lazy_store=userns_available())
         with step("size"):
             size = choose_size(spec, staged, scratch, store_usage)
-    return write_image(spec, staged, size, image, scratch)
+    return write_image(spec, staged, size, image, scratch, layout.root_only(spec, size.fs_size) if root_only else None)

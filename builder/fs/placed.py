@@ -38,7 +38,7 @@ MAX_ATTEMPTS = 8
 
 def _root_bytes(spec: Spec, disk_size: int) -> int:
     """Bytes of the root partition on a disk of disk_size, floored to 4 KiB."""
-    return (layout.root_end(spec, disk_size) - layout.root_start(spec)) // 4096 * 4096
+    return layout.root_bytes(spec, disk_size)
 
 
 def _disk_for(spec: Spec, fs_bytes: int) -> int:
@@ -76,8 +76,12 @@ def _build_writable(spec: Spec, build: RootBuild, fs_file: Path) -> tuple[int, i
         return spec.disk_size, free_of(fs_file)
     want = needed(data, usage.inodes, spec.additional_space)
     for _ in range(MAX_ATTEMPTS):
-        disk = _disk_for(spec, want)
-        size = _root_bytes(spec, disk)
+        if spec.share_root_filesystem:  # from the tree alone, the same for every layout (builder/fs/shared.py)
+            size = layout.shared_root_bytes(want)
+            disk = layout.smallest_disk(spec, size)
+        else:
+            disk = _disk_for(spec, want)
+            size = _root_bytes(spec, disk)
         try:
             with step(f"root filesystem ({tool}, {human(size)})"):
                 make(build, fs_file, size)
@@ -111,15 +115,19 @@ def _build_read_only(spec: Spec, build: RootBuild, fs_file: Path) -> int:
     if spec.additional_space:
         info(f"additionalSpace is not used: {spec.fs_type} is read-only")
     if spec.disk_size is None:
-        return _disk_for(spec, fs_bytes)
+        # shareRootFilesystem places the file with builder/fs/shared.py, which takes the smallest disk.
+        return layout.smallest_disk(spec, fs_bytes) if spec.share_root_filesystem else _disk_for(spec, fs_bytes)
     if _root_bytes(spec, spec.disk_size) < fs_bytes:
         raise UserError(f"diskSize = {spec.disk_size // MiB} MiB is too small: the {spec.fs_type} root is "
                         f"{human(fs_bytes)}; use diskSize >= {_disk_for(spec, fs_bytes) // MiB} or \"auto\"")
     return spec.disk_size
 
 
-def prepare_root(spec: Spec, staged: StagedRoot, image: Path, scratch: Path) -> layout.Layout:
-    """Build the non-ext4 root as its own file, then the disk: table, root placed at its offset, FAT partitions."""
+def prepare_root(spec: Spec, staged: StagedRoot, image: Path, scratch: Path, root_only: bool = False) -> layout.Layout:
+    """Build the non-ext4 root as its own file, then the disk: table, root placed at its offset, FAT partitions.
+
+    root_only: image is the root filesystem alone (shareRootFilesystem), a whole number of 4 KiB blocks.
+    """
     epoch = spec.source_date_epoch
     build = RootBuild(
         root=staged.root, binds=_binds(staged, epoch), owner_fixes=staged.owner_fixes, mode_fixes=staged.mode_fixes,
@@ -137,10 +145,11 @@ def prepare_root(spec: Spec, staged: StagedRoot, image: Path, scratch: Path) -> 
             info(f"root filesystem free: {human(free)}")
         with step(f"check root filesystem ({spec.fs_type})"):
             check(fs_file)
-        plan = layout.plan(spec, disk)
-        info(f"root {spec.fs_type} {human(fs_file.stat().st_size)}; disk {human(disk)}")
+        plan = (layout.root_only(spec, align_up(fs_file.stat().st_size, layout.FS_BLOCK)) if root_only
+                else layout.plan(spec, disk))
+        info(f"root {spec.fs_type} {human(fs_file.stat().st_size)}; disk {human(plan.disk_size)}")
         with open(image, "wb") as f:
-            f.truncate(disk)
+            f.truncate(plan.disk_size)
         with step("partition table"):
             table.write_table(image, plan)
         root = plan.root

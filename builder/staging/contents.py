@@ -222,6 +222,8 @@ def place_config_file(spec: Spec, root: Path) -> None:
         source_mode = os.stat(spec.config_file).st_mode
     except OSError as exc:
         raise UserError(f"configFile {spec.config_file!r}: {exc.strerror}") from None
+    if not stat.S_ISREG(source_mode):  # /dev/zero would be copied until the disk is full; a FIFO would block
+        raise UserError(f"configFile {spec.config_file!r}: not a regular file")
     if os.path.islink(dest) or os.path.isdir(dest):
         raise UserError(f"configFile: {CONFIG_FILE} is a {'symlink' if os.path.islink(dest) else 'directory'} "
                         f"placed by {_entry_for(spec, CONFIG_FILE)}; the configuration file cannot go there")

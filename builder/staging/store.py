@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,25 +99,63 @@ def db_hash(nar_hash: str) -> str:
     raise ValueError(f"hash {nar_hash!r} has an unexpected length")
 
 
-def parse_registration(text: str, source: str) -> list[Registration]:
-    """Parse nix-store --load-db input (closureInfo's registration)."""
+# A store path's last component: 32 Nix base-32 digits, "-", a name of at most 211 characters that Nix allows
+# (src/libstore/path.cc: letters, digits, "+-._?=", not starting with ".").
+STORE_PATH_NAME = re.compile(r"[" + NIX32_ALPHABET + r"]{32}-[A-Za-z0-9+_?=-][A-Za-z0-9+._?=-]{0,210}")
+# narSize and the reference count: plain decimal digits (int() would also take " 5", "+5", "1_0" or "-5").
+_COUNT = re.compile(r"[0-9]{1,19}")
+MAX_NAR_SIZE = 2**63 - 1  # SQLite's integer
+# The registration of 100 000 store paths with 20 references each is about 140 MB: a bound no closure meets,
+# so that a registration that is /dev/zero cannot take all memory.
+MAX_REGISTRATION_BYTES = 512 << 20
+
+
+def store_path_problem(path: str, store_dir: str) -> str | None:
+    """Why path is not a store path (a direct child of store_dir with a valid hash and name), or None."""
+    prefix = store_dir + "/"
+    if path.startswith(prefix) and STORE_PATH_NAME.fullmatch(path[len(prefix):]):
+        return None
+    return (f"{path!r} is not a store path (a direct child of {store_dir} named <32 Nix base-32 characters>-<name>, "
+            "the name of letters, digits and +-._?=, not starting with '.')")
+
+
+def parse_registration(text: str, source: str, store_dir: str) -> list[Registration]:
+    """Parse nix-store --load-db input (closureInfo's registration); every entry is checked, by index and line."""
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     regs: list[Registration] = []
+    seen: set[str] = set()
     i = 0
-    try:
-        while i < len(lines):
-            path, nar_hash, nar_size, deriver, count = lines[i:i + 5]
-            n = int(count)
-            refs = tuple(lines[i + 5:i + 5 + n])
-            if len(refs) != n:
-                raise ValueError("truncated reference list")
+
+    def refuse(why: str) -> UserError:
+        return UserError(f"system.closureInfo: registration[{len(regs)}] (line {i + 1} of {source!r}): {why}")
+
+    while i < len(lines):
+        if len(lines) < i + 5:
+            raise refuse("truncated entry (a path, its hash, narSize, deriver and reference count)")
+        path, nar_hash, nar_size, deriver, count = lines[i:i + 5]
+        why = store_path_problem(path, store_dir)
+        if why:
+            raise refuse(why)
+        if path in seen:
+            raise refuse(f"{path!r} is registered twice")
+        if not _COUNT.fullmatch(nar_size) or int(nar_size) > MAX_NAR_SIZE:
+            raise refuse(f"narSize {nar_size!r} is not allowed (a number of bytes, 0 to {MAX_NAR_SIZE})")
+        if deriver and store_path_problem(deriver, store_dir):
+            raise refuse(f"deriver {deriver!r} is neither empty nor a store path")
+        if not _COUNT.fullmatch(count):
+            raise refuse(f"reference count {count!r} is not a number")
+        try:
             db_hash(nar_hash)
-            regs.append(Registration(path, nar_hash, int(nar_size), deriver, refs))
-            i += 5 + n
-    except ValueError as exc:
-        raise UserError(f"{source}: malformed closureInfo registration near line {i + 1}: {exc}") from None
+        except ValueError as exc:
+            raise refuse(str(exc)) from None
+        refs = tuple(lines[i + 5:i + 5 + int(count)])
+        if len(refs) != int(count):
+            raise refuse(f"truncated reference list ({len(refs)} of {count} references)")
+        seen.add(path)
+        regs.append(Registration(path, nar_hash, int(nar_size), deriver, refs))
+        i += 5 + len(refs)
     return regs
 
 
@@ -125,17 +164,20 @@ def read_closure(spec: Spec) -> list[Registration]:
     info = Path(spec.closure_info)
     reg_file = info / "registration"
     try:
-        regs = parse_registration(reg_file.read_text(), str(reg_file))
-    except OSError as exc:
+        with open(reg_file, "rb") as f:
+            data = f.read(MAX_REGISTRATION_BYTES + 1)
+        if len(data) > MAX_REGISTRATION_BYTES:
+            raise UserError(f"system.closureInfo: {str(reg_file)!r} is larger than {MAX_REGISTRATION_BYTES} bytes "
+                            "(not a closureInfo registration)")
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"system.closureInfo: cannot read {str(reg_file)!r}: {exc}") from None
+    regs = parse_registration(text, str(reg_file), spec.store_dir)
     paths = {r.path for r in regs}
-    prefix = spec.store_dir.rstrip("/") + "/"
     for r in regs:
-        if not r.path.startswith(prefix) or "/" in r.path[len(prefix):]:
-            raise UserError(f"system.closureInfo: {r.path!r} is not a store path under {spec.store_dir}")
         missing = [ref for ref in r.references if ref not in paths]
         if missing:
-            raise UserError(f"system.closureInfo: the closure is not closed: {r.path} references {missing[0]}")
+            raise UserError(f"system.closureInfo: the closure is not closed: {r.path} references {missing[0]!r}")
     wanted = [("system.toplevel", spec.toplevel)]
     if spec.channel:
         wanted.append(("system.channel", spec.channel))

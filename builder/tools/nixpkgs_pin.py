@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ from ..errors import BuildError, UserError
 from ..staging.store import NIX32_ALPHABET, nix32
 
 # Nix's base-32 alphabet (no e, o, u, t), as in `nix hash to-base32`.
-_REV = re.compile(r"^[0-9a-f]{40}$")
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_REV = re.compile(r"[0-9a-f]{40}")  # whole-string matches (fullmatch): $ would let a trailing newline through
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def sri_to_nix32(sri: str) -> str:
@@ -65,7 +66,7 @@ def prefetch(owner: str, repo: str, rev: str) -> dict[str, Any]:
 def pin_document(answer: dict[str, Any], owner: str, repo: str, branch: str) -> dict[str, str]:
     """The pin.json content from a prefetch answer (hash as SRI "hash" or nix32 "sha256")."""
     commit = answer.get("rev")
-    if not isinstance(commit, str) or not _REV.match(commit):
+    if not isinstance(commit, str) or not _REV.fullmatch(commit):
         raise BuildError(f"nix-prefetch-github gave rev {commit!r}, expected a 40-digit commit id")
     sri = answer.get("hash")
     if isinstance(sri, str):
@@ -92,13 +93,20 @@ def pin_document(answer: dict[str, Any], owner: str, repo: str, branch: str) -> 
 def refresh_pin(file: Path, owner: str, repo: str, rev: str) -> None:
     """Prefetch owner/repo at rev and rewrite file atomically; a failed prefetch leaves it untouched."""
     for label, value in (("--owner", owner), ("--repo", repo), ("--rev", rev)):
-        if not _NAME.match(value):
+        if not _NAME.fullmatch(value):
             raise UserError(f"{label} {value!r} is not allowed (letters, digits, '_', '.', '-')")
-    branch = rev if not _REV.match(rev) else ""
+    branch = rev if not _REV.fullmatch(rev) else ""
     doc = pin_document(prefetch(owner, repo, rev), owner, repo, branch)
     if not branch:
         doc.pop("branch")
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(file)
+    # A fresh private name beside the file (O_EXCL), never one someone else could have planted a link at.
+    fd, tmp = tempfile.mkstemp(dir=file.absolute().parent, prefix=f".{file.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(doc, indent=2) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     print(f"{file}: {owner}/{repo} {doc['rev']} sha256 {doc['sha256']}")

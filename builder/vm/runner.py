@@ -146,7 +146,7 @@ def run_in_vm(command: list[str], disk: Path, *, mem_mib: int, xchg: Path,
     tail: collections.deque[str] = collections.deque(maxlen=CONSOLE_TAIL_LINES)
     console_log = xchg / "console.log"
 
-    # SIGINT/SIGTERM/SIGHUP raise Interrupted (signal handlers can only be set from the main thread).
+    # Terminating signals raise Interrupted (signal handlers can only be set from the main thread).
     in_main = threading.current_thread() is threading.main_thread()
     signals = handle_termination() if in_main else contextlib.nullcontext()
     # die_with_parent: qemu gets SIGKILL if the builder dies (even by SIGKILL), so no VM outlives a build.

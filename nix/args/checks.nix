@@ -252,6 +252,7 @@ rec {
     ++ bool "onlyNixStore"
     ++ bool "deterministic"
     ++ bool "copyChannel"
+    ++ bool "shareRootFilesystem"
     ++ check "OVMF" (
       a.OVMF == null || isAttrs a.OVMF
     ) "an OVMF package output with firmware and variables, such as pkgs.OVMF.fd"

@@ -171,6 +171,60 @@ rec {
     else
       null;
 
+  # shareRootFilesystem: the spec the root filesystem alone is built from (`make-disk-image root-filesystem`),
+  # from an image's spec. It keeps what the root filesystem's bytes are made from -- the system (toplevel,
+  # closureInfo, channel, additionalPaths), contents, configFile, onlyNixStore, fsType, label, rootFSUID,
+  # deterministic, additionalSpace or a fixed diskSize with the root partition it leaves, and the mount points
+  # prepare makes on the root when it installs systemd-boot itself (builder.spec.Spec.installs_systemd_boot) --
+  # and gives everything else one value, so images differing only in the rest are one derivation. Tables stand
+  # for each other when the root build cannot tell them apart: with diskSize = "auto" the root is sized from
+  # its contents alone; with a fixed diskSize the root partition depends on the label kind and where the root
+  # starts (rules.json rootStartMiB, null: at the end of bootSize).
+  rootFilesystemSpec =
+    spec:
+    let
+      table = rules.tables.${spec.partitionTableType};
+      fixed = spec.diskSize != "auto";
+      mountPoints =
+        spec.installBootLoader
+        && spec.bootLoader.systemdBoot != null
+        && !spec.onlyNixStore
+        && !spec.touchEFIVars
+        && !namedOwners spec;
+      same =
+        t:
+        (!fixed || (t.label == table.label && t.rootStartMiB == table.rootStartMiB))
+        && (!mountPoints || (t.espMountPoint == table.espMountPoint && t.xbootldrMountPoint == table.xbootldrMountPoint));
+      canonical = builtins.head (filter (n: same rules.tables.${n}) rules.order.tables);
+      # The boot partition's end as a canonical string ("256M" and "256MiB" both end at 257 MiB).
+      bootEndMiB = checks.parseIEC spec.bootSize / (1024 * 1024) + 1;
+    in
+    spec
+    // {
+      name = "root-filesystem";
+      baseName = "root";
+      format = "raw";
+      partitionTableType = canonical;
+      bootSize =
+        if fixed && rules.tables.${canonical}.rootStartMiB == null then
+          "${toString (bootEndMiB - 1)}M"
+        else
+          defaults.bootSize;
+      additionalSpace = if fixed then defaults.additionalSpace else spec.additionalSpace;
+      installBootLoader = mountPoints;
+      touchEFIVars = false;
+      efiFirmware = null;
+      efiVariables = null;
+      postVM = "";
+      memSize = defaults.memSize;
+      rootGPUID = defaults.rootGPUID;
+      bootLoader = {
+        grubDevices = [ ];
+        limineBiosDevice = null;
+        systemdBoot = if mountPoints then spec.bootLoader.systemdBoot else null;
+      };
+    };
+
   # The spec document (builder/spec.schema.json) from normalized arguments and what nixpkgs computed.
   toSpec =
     {
@@ -235,5 +289,8 @@ rec {
         };
         sourceDateEpoch = 1;
         enterCommand = "nixos-enter";
-      };
+      }
+      # Only when set: the spec of an image without it stays what it was, and with it the identifiers
+      # vdi, vpc and vmdk derive from the spec (builder/disk/image_ids.py).
+      // (if args.shareRootFilesystem then { shareRootFilesystem = true; } else { });
 }

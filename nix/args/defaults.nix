@@ -1,5 +1,5 @@
-# The arguments of nixpkgs' make-disk-image.nix with its defaults. label and rootFSUID are left out:
-# their defaults depend on other arguments (see ./default.nix's normalize).
+# The arguments of nixpkgs' make-disk-image.nix with its defaults, and this project's own (shareRootFilesystem).
+# label and rootFSUID are left out: their defaults depend on other arguments (see ./default.nix's normalize).
 rec {
   defaults = {
     diskSize = "auto";
@@ -24,6 +24,8 @@ rec {
     rootGPUID = "F222513B-DED1-49FA-B591-20CE86A2FE7F";
     copyChannel = true;
     additionalPaths = [ ];
+    # Not in nixpkgs: the root filesystem as its own derivation, shared by the images that have the same one.
+    shareRootFilesystem = false;
   };
 
   knownArgs = [
