@@ -365,7 +365,9 @@ def build(spec: Spec, out: Path, work: Path | None = None, report: Report = _no_
                 if spec.touch_efi_vars and vars_file.exists():
                     shutil.copyfile(vars_file, output.stage("efi-vars.fd"))
             final = _convert(spec, raw, output)
-            with step("postVM"):
-                run_post_vm(spec, final)
+        # After the scratch directory and the raw intermediate are gone: postVM needs neither, and what it
+        # leaves running is killed at its end (builder/signals.py), which must not reach their janitor.
+        with step("postVM"):
+            run_post_vm(spec, final)
         report(final)
     return final

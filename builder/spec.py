@@ -11,7 +11,6 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
 from . import chmod, rules
 from .boot.systemd_boot_config import SystemdBootConfig, parse_systemd_boot, systemd_boot_problems
 from .errors import SpecError

@@ -18,7 +18,10 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +30,6 @@ from ..errors import UserError
 from ..log import info
 from ..output import Output
 from ..spec import Spec
-from ..staging import store
 from ..units import MiB, human
 
 # MDI_INTERMEDIATE=auto (default), memory or disk: where a converted format's raw intermediate goes.
@@ -37,9 +39,23 @@ MEMORY_DIR_ENV = "MDI_MEMORY_DIR"
 SPARE = 512 * MiB
 
 
-def estimated_bytes(spec: Spec) -> int:
-    """An upper estimate of the bytes the raw image allocates: closure and contents, inflated for metadata."""
-    nar = sum(r.nar_size for r in store.read_closure(spec))
+def estimated_bytes(spec: Spec) -> int | None:
+    """An upper estimate of the bytes the raw image allocates: closure and contents, inflated for metadata.
+
+    The closure's size is closureInfo's total-nar-size (nixpkgs' closure-info.nix writes it); None when it
+    cannot be read (the registration itself is read once, by the build).
+    """
+    path = os.path.join(spec.closure_info, "total-nar-size")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            nar = int(os.read(fd, 64).decode().strip())
+        finally:
+            os.close(fd)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
     contents = 0
     for entry in spec.contents:
         for source in glob.glob(entry.source) if entry.is_glob else [entry.source]:
@@ -108,13 +124,54 @@ def intermediate_parent(spec: Spec, scratch: Path) -> Path:
     choice = _choice()
     if choice == "disk":
         return scratch
-    need = estimated_bytes(spec) + (spec.mem_size * MiB if spec.needs_vm else 0) + SPARE
+    estimate = estimated_bytes(spec)
+    if estimate is None and choice == "auto":
+        info(f"raw intermediate on disk ({scratch}): closureInfo has no readable total-nar-size to size it by")
+        return scratch
+    need = (estimate or 0) + (spec.mem_size * MiB if spec.needs_vm else 0) + SPARE
     room = memory_room()
     if choice == "memory" or room >= need:
         info(f"raw intermediate in memory ({memory_dir()}): needs about {human(need)}, {human(room)} free")
         return memory_dir()
     info(f"raw intermediate on disk ({scratch}): it needs about {human(need)} of memory, {human(room)} free")
     return scratch
+
+
+def _janitor(directory: Path) -> tuple[int, int]:
+    """Fork a process that removes directory once this one has ended, however (a SIGKILL too): (pid, pipe fd).
+
+    It waits for end-of-file on a pipe whose write end only the builder holds (and its forks: closed when
+    they end), so memory is not left holding an image after a killed build, as a file in /dev/shm would.
+    It ignores the signals that stop a build and leaves the terminal's session, so it outlives the builder.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the janitor: only system calls and a tree removal, then _exit
+        try:
+            os.setsid()
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+                signal.signal(sig, signal.SIG_IGN)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.closerange(3, read_end)
+            os.closerange(read_end + 1, os.sysconf("SC_OPEN_MAX"))
+            while os.read(read_end, 1):
+                pass
+            shutil.rmtree(directory, ignore_errors=True)
+        finally:
+            os._exit(0)
+    os.close(read_end)
+    return pid, write_end
+
+
+def _reap(pid: int, timeout: float = 2.0) -> None:
+    """Collect the janitor once it has seen the pipe close (it exits at once); do not wait on it for long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.waitpid(pid, os.WNOHANG)[0] != 0:
+            return
+        time.sleep(0.005)
 
 
 @contextmanager
@@ -127,7 +184,11 @@ def raw_intermediate(spec: Spec, scratch: Path, output: Output) -> Iterator[Path
     parent = intermediate_parent(spec, scratch)
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".mdi-raw-", dir=parent))
+    janitor = _janitor(tmp) if parent != scratch else None  # scratch is removed by its owner
     try:
         yield tmp / "nixos.raw"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if janitor is not None:
+            os.close(janitor[1])
+            _reap(janitor[0])

@@ -16,12 +16,11 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from ..concurrent import run_side_by_side
+from ..concurrent import alongside, run_side_by_side
 from ..disk import layout, table
 from ..errors import BuildError, UserError
 from ..log import info, step
@@ -304,13 +303,11 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
     root = plan.root
     params = ext_params(spec, size.inodes)
     epoch = spec.source_date_epoch
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fat") as pool:
-        fats = pool.submit(_make_boot_filesystems, spec, image, plan)
+    with alongside("boot filesystems", partial(_make_boot_filesystems, spec, image, plan)):
         with step("root filesystem (mkfs.ext4 -d)"):
             binds = closure_binds(staged, epoch)
             stamped = populate(image, root.start, size.fs_size, staged.root, params, binds, scratch, epoch,
                                staged.lazy_store)
-    fats.result()
     # The staging tree is read; removing it (a syscall per entry) overlaps debugfs on the other core.
     remover = threading.Thread(target=remove_tree_quietly, args=(staged.root,), name="remove staging", daemon=True)
     remover.start()
@@ -326,10 +323,9 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
 
 def _make_boot_filesystems(spec: Spec, image: Path, plan: layout.Layout) -> None:
     """The empty FAT partitions (ESP, XBOOTLDR, BOOT)."""
-    with step("boot filesystems"):
-        for p in plan.partitions:
-            if p.fs == "vfat":
-                fat.make(image, p, spec.deterministic)
+    for p in plan.partitions:
+        if p.fs == "vfat":
+            fat.make(image, p, spec.deterministic)
 
 
 def _checks(spec: Spec, image: Path, plan: layout.Layout) -> list[tuple[str, Callable[[], None]]]:
