@@ -1,10 +1,12 @@
 """Where the raw image is written before convert, so that no format costs an extra write to disk.
 
-raw: straight into the output transaction's private directory inside OUT (builder/output.py), where
-convert leaves it to be renamed into place, even when the build directory is on another filesystem. qcow2, vdi, vpc, vmdk, qcow2-compressed:
-the raw image is only an intermediate, read once by the converter, so it goes to memory (/dev/shm) when
-the memory can hold it; else, or when MDI_INTERMEDIATE=disk, to the scratch directory on disk as before.
-Either way it is removed when the build ends, done or failed.
+raw (no VM stage): straight into the output transaction's private directory inside OUT
+(builder/output.py), from where it is renamed into place, even when the build directory is on another
+filesystem. qcow2, vdi, vpc, vmdk, qcow2-compressed: the raw image is only an intermediate, read once by
+the converter, so it goes to memory (/dev/shm) when the memory can hold it; else, or when
+MDI_INTERMEDIATE=disk, to the scratch directory on disk as before. With a VM stage (`build` only; the Nix
+derivation keeps it in its build directory) the VM's memSize counts against that memory too.
+It is removed when the build ends, done or failed; after a SIGKILL, by a janitor process (below).
 
 "Can hold it": the closure's NAR size plus the contents, with the allocation overhead of small files and
 ext4's metadata (x1.3 + 64 MiB), plus the VM's memSize when a VM runs beside it, must fit in three
