@@ -59,13 +59,13 @@ def stat_shim(src: Path, work: Path) -> tuple[str, str]:
 
     Without it the builder falls back to its slower debugfs pass, so a fresh clone must not time that.
     """
-    built = sorted((src / "builder").glob("_statshim*.so"))
+    built = sorted((src / "builder" / "sandbox").glob("_statshim*.so"))
     if built:
         return str(built[0]), f"{built[0].name}, built with the package"
     out = work / "statshim.so"
-    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(out), str(src / "builder" / "statshim.c"), "-ldl"],
-                   check=True)
-    return str(out), "compiled by the bench from builder/statshim.c (the package was not built in place)"
+    source = src / "builder" / "sandbox" / "statshim.c"
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(out), str(source), "-ldl"], check=True)
+    return str(out), "compiled by the bench from builder/sandbox/statshim.c (the package was not built in place)"
 
 
 def builder_plan(closure: Closure, scratch: Path, python: str, src: Path, as_root: bool, shim: str) -> Plan:
