@@ -12,6 +12,7 @@ import pytest
 
 from bench.closure import Closure, generate
 from bench.debian_closure import generate_debian
+from bench.qcow2 import render, summarise
 from tests.test_bench_smoke import tree_digest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,3 +78,22 @@ def test_qcow2_harness_times_checks_and_reports(tmp_path: Path) -> None:
     sizes = {r["method"]: r["bytes"] for r in summary}
     assert sizes["ours"] == sizes["ours-1"] and 0.9 < sizes["ours"] / sizes["qemu-img"] < 1.1
     assert not (tmp_path / "work" / "scratch" / "qcow2").exists(), "scratch removed"
+
+
+def test_qcow2_summary_survives_a_failed_first_run() -> None:
+    facts = {"bytes": 3 << 20, "sha256": "a"}
+    checked = {**facts, "check_status": 0, "compare_status": 0, "compressed_clusters": 40, "allocated_clusters": 41}
+    run = {"user": 1.0, "sys": 0.1, "maxrss_kib": 20480, "load_before": 0.5}
+    records = [
+        {"method": "qemu-img", "run": 0, "error": "step 'convert' exited 1: No space left on device"},
+        {"method": "qemu-img", "run": 1, "wall": 2.0, **run, "facts": checked},
+        {"method": "qemu-img", "run": 2, "wall": 3.0, **run, "facts": {**facts, "sha256": "b"}},
+        {"method": "ours", "run": 0, "wall": 1.0, **run, "facts": checked},
+    ]
+    rows = summarise(records, ["qemu-img", "ours"])
+    assert (rows[0]["runs"], rows[0]["distinct"], rows[0]["check_status"], rows[0]["wall"]) == (2, 2, 0, 2.5)
+    assert len(rows[0]["errors"]) == 1
+    text = render(rows, {"nproc": "2"}, {"closure": "debian", "size": "4M", "runs": 3}, {"bytes": 1 << 30,
+                                                                                        "allocated": 1 << 20})
+    assert "| qemu-img | 2.50 (2.00-3.00) |" in text and "| 2 of 2 | 1.00x, 1.00x |" in text
+    assert "| ours | 1.00 (1.00-1.00) |" in text and "| 2.50x, 1.00x |" in text
