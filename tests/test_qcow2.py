@@ -28,6 +28,7 @@ from builder.disk.qcow2 import CLUSTER, deflate_cluster, write_compressed_qcow2
 from builder.errors import BuildError
 from tests.support.specs import SpecFactory
 from tests.test_convert import convert_spec
+from tests.test_nix_glue import assemble_glue
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -357,3 +358,18 @@ def test_a_prepared_fixture_image(make_spec: SpecFactory, tmp_path: Path) -> Non
     check = qemu_json("check", str(first))
     assert 0 < check["compressed-clusters"] <= check["allocated-clusters"]
     assert first.stat().st_size < raw.stat().st_blocks * 512, "smaller than the raw's data"
+
+
+@pytest.mark.nix
+def test_hydra_job_is_written_by_this_writer_and_rebuilds_bit_for_bit(tmp_path_factory: pytest.TempPathFactory
+                                                                      ) -> None:
+    """hydraJobs.efi-qcow2-compressed through Nix (the nixpkgs stand-in, no VM), then `nix build --rebuild`."""
+    glue = assemble_glue(tmp_path_factory.mktemp("qcow2-nix"))
+    attr = "hydraJobs.efi-qcow2-compressed.x86_64-linux"
+    image = glue.build(attr, "result") / "nixos.qcow2"
+    subprocess.run(["qemu-img", "check", str(image)], check=True, capture_output=True)
+    assert struct.unpack(">I", image.read_bytes()[100:104]) == (104,), "written by builder/disk/qcow2.py"
+    assert qemu_json("check", str(image))["compressed-clusters"] > 0
+    # --rebuild builds the derivation again and fails if the output differs from the first build
+    done = glue.nix("build", "--rebuild", "--no-link", glue.ref(attr), check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
