@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .closure import Closure, ensure_closure, remove_tree
+from .closure import CLOSURE_KINDS, Closure, ensure_closure, remove_tree
 from .machine import machine_facts
 from .measure import image_facts
 from .methods import (
@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-staging", choices=("disk", "tmpfs"), default="disk",
                    help="where the seed's method stages its copy of the closure (disk: in --work; tmpfs: /dev/shm)")
     p.add_argument("--seed", type=int, default=1, help="PRNG seed of the closure generator")
+    p.add_argument("--closure", choices=CLOSURE_KINDS, default="synthetic",
+                   help="synthetic: PRNG file contents (incompressible); debian: this machine's ELF and text files "
+                        "(bench/debian_closure.py), which compress like a real closure")
     p.add_argument("--out", type=Path, default=REPO / "bench/results.md", help="results table (markdown)")
     p.add_argument("--python", default=sys.executable, help="interpreter that runs the builder")
     p.add_argument("--builder-src", type=Path, default=REPO,
@@ -134,7 +137,7 @@ def time_method(method: str, closure: Closure, work: Path, args: argparse.Namesp
 def bench_size(label: str, args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
     """Generate (or reuse) one closure and time every method on it in alternated runs."""
     t0 = time.monotonic()
-    closure = ensure_closure(args.work, parse_size(label), args.seed, label)
+    closure = ensure_closure(args.work, parse_size(label), args.seed, label, args.closure)
     print(f"== {label}: closure ready in {time.monotonic() - t0:.1f}s "
           f"({closure.manifest['store_paths']} store paths, {closure.manifest['counts']['inodes']} inodes)",
           flush=True)
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                               if commit_file.exists() else f"{args.builder_src} at the repo commit")
     args.stat_shim, facts["stat shim"] = stat_shim(args.builder_src, args.work)
     config = {"builder_src": str(args.builder_src), "sizes": args.sizes, "runs": args.runs, "methods": methods,
-              "cache": args.cache, "seed_staging": args.seed_staging, "seed": args.seed, "work": str(args.work)}
+              "cache": args.cache, "seed_staging": args.seed_staging, "seed": args.seed, "closure": args.closure,
+              "work": str(args.work)}
     sizes = [bench_size(label.strip(), args, methods) for label in args.sizes.split(",") if label.strip()]
     summary = summarise(sizes, methods)
     text = render(facts, config, sizes, summary)

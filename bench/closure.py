@@ -334,16 +334,27 @@ def remove_tree(path: Path) -> None:
         _remove(path)
 
 
-def ensure_closure(work: Path, target: int, seed: int, label: str) -> Closure:
-    """The cached closure for (target, seed), generated once under work/closures."""
-    directory = work / "closures" / f"{label}-seed{seed}-v{GENERATOR_VERSION}"
+CLOSURE_KINDS = ("synthetic", "debian")
+
+
+def ensure_closure(work: Path, target: int, seed: int, label: str, kind: str = "synthetic") -> Closure:
+    """The cached closure for (target, seed) or of this machine's files (kind "debian", bench.debian_closure),
+    generated once under work/closures."""
+    from .debian_closure import GENERATOR_VERSION as DEBIAN_VERSION
+    from .debian_closure import generate_debian
+
+    name = f"{label}-seed{seed}-v{GENERATOR_VERSION}" if kind == "synthetic" else f"{label}-debian-v{DEBIAN_VERSION}"
+    directory = work / "closures" / name
     manifest_file = directory / "manifest.json"
     if manifest_file.exists():
         return Closure(directory, json.loads(manifest_file.read_text()))
     partial = directory.with_name(directory.name + ".partial")
     remove_tree(partial)
     partial.parent.mkdir(parents=True, exist_ok=True)
-    generate(partial, target, seed)
+    if kind == "synthetic":
+        generate(partial, target, seed)
+    else:
+        generate_debian(partial, target)
     remove_tree(directory)
     partial.rename(directory)
     # closure-info holds absolute host paths: regenerate it for the final location.

@@ -131,6 +131,8 @@ def render(machine: dict[str, str], config: dict[str, Any], sizes: list[dict[str
     out += ["", "## Method", "",
             f"- sizes {config['sizes']}, {config['runs']} alternated runs per method (order rotated each run; "
             f"medians shown with min-max), methods {', '.join(config['methods'])}",
+            f"- closure: {config.get('closure', 'synthetic')} (synthetic: PRNG file contents, incompressible; "
+            "debian: this machine's ELF and text files, bench/debian_closure.py)",
             f"- page cache: `{config['cache']}` before every timed run "
             "(warm: the whole tree read once, so every method reads it from memory; drop: sync + drop_caches)",
             "- every method ends with `sync` inside its timing, so data still in the page cache "
