@@ -16,6 +16,7 @@ from .machine import machine_facts
 from .measure import image_facts
 from .methods import (
     BOOT_MIB,
+    FORMATS,
     METHODS,
     ROOT_ONLY,
     Plan,
@@ -58,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--closure", choices=CLOSURE_KINDS, default="synthetic",
                    help="synthetic: PRNG file contents (incompressible); debian: this machine's ELF and text files "
                         "(bench/debian_closure.py), which compress like a real closure")
+    p.add_argument("--format", choices=FORMATS, default="raw",
+                   help="the image format: raw; qcow2 or qcow2-compressed (the floor and repart then add one "
+                        "`qemu-img convert` of their raw image, -c for compressed)")
     p.add_argument("--out", type=Path, default=REPO / "bench/results.md", help="results table (markdown)")
     p.add_argument("--python", default=sys.executable, help="interpreter that runs the builder")
     p.add_argument("--builder-src", type=Path, default=REPO,
@@ -109,11 +113,12 @@ def time_method(method: str, closure: Closure, work: Path, args: argparse.Namesp
     staging = (Path("/dev/shm/mdi-bench-staging") if args.seed_staging == "tmpfs" else work / "staging")
     remove_tree(staging)
     if method == "builder":
-        plan = builder_plan(closure, scratch, args.python, args.builder_src, os.geteuid() == 0, args.stat_shim)
+        plan = builder_plan(closure, scratch, args.python, args.builder_src, os.geteuid() == 0, args.stat_shim,
+                            args.format)
     elif method == "floor":
-        plan = floor_plan(closure, scratch, ref["disk"], ref["root_offset"], ref["root_size"])
+        plan = floor_plan(closure, scratch, ref["disk"], ref["root_offset"], ref["root_size"], args.format)
     elif method == "repart":
-        plan = repart_plan(closure, scratch, ref["repart_disk"], ref["repart_root"])
+        plan = repart_plan(closure, scratch, ref["repart_disk"], ref["repart_root"], args.format)
     else:
         plan = seed_plan(closure, scratch, staging, REPO)
     if method in ROOT_ONLY:
@@ -121,6 +126,11 @@ def time_method(method: str, closure: Closure, work: Path, args: argparse.Namesp
     prepare_cache(closure, args.cache)
     result = run_plan(plan)
     record: dict[str, Any] = {"method": method, **result}
+    if result.get("error") is None and plan.output is not None:
+        st = plan.output.stat()
+        record["output"] = {"apparent": st.st_size, "allocated": st.st_blocks * 512}
+        if not plan.image.exists():  # the builder's: read back into a raw image to measure, outside the timing
+            subprocess.run(["qemu-img", "convert", "-O", "raw", str(plan.output), str(plan.image)], check=True)
     if result.get("error") is None:
         try:
             facts = image_facts(plan.image, fsck=measure_all, scan=measure_all, offset=plan.root_offset)
@@ -201,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                               if commit_file.exists() else f"{args.builder_src} at the repo commit")
     args.stat_shim, facts["stat shim"] = stat_shim(args.builder_src, args.work)
     config = {"builder_src": str(args.builder_src), "sizes": args.sizes, "runs": args.runs, "methods": methods,
+              "format": args.format,
               "cache": args.cache, "seed_staging": args.seed_staging, "seed": args.seed, "closure": args.closure,
               "work": str(args.work)}
     sizes = [bench_size(label.strip(), args, methods) for label in args.sizes.split(",") if label.strip()]

@@ -27,11 +27,30 @@ class Plan:
     """One method run: the commands to time and the image file they leave."""
 
     steps: list[Step]
-    image: Path
+    image: Path  # the raw image to measure (for the builder's converted formats: made from output, untimed)
     root_offset: int | None = None  # where the root fs starts when the image has no partition table
+    output: Path | None = None  # the converted image, for formats other than raw
 
 
-def spec_document(closure: Closure, logical_store: bool) -> dict[str, Any]:
+FORMATS = ("raw", "qcow2", "qcow2-compressed")
+
+
+def converted_name(fmt: str) -> str:
+    """The builder's output file name for a format (baseName nixos)."""
+    return "nixos.img" if fmt == "raw" else "nixos.qcow2"
+
+
+def convert_step(image: Path, fmt: str) -> list[Step]:
+    """What the floor and repart add for a converted format: one `qemu-img convert` of their raw image, as
+    nixpkgs' make-disk-image.nix does (`-c` for qcow2-compressed)."""
+    if fmt == "raw":
+        return []
+    return [{"name": "qemu-img convert", "argv": ["qemu-img", "convert", "-f", "raw", "-O", "qcow2",
+                                                   *(["-c"] if fmt == "qcow2-compressed" else []),
+                                                   str(image), str(image.with_suffix(".qcow2"))]}]
+
+
+def spec_document(closure: Closure, logical_store: bool, fmt: str = "raw") -> dict[str, Any]:
     """The builder's spec for the closure: efi, ext4, auto size, no VM (no bootloader, contents or channel).
 
     With logical_store the spec names /nix/store (the tree is bind-mounted there), else the tree's own
@@ -40,7 +59,7 @@ def spec_document(closure: Closure, logical_store: bool) -> dict[str, Any]:
     store = LOGICAL_STORE if logical_store else str(closure.store_dir)
     info = closure.closure_info_nix if logical_store else closure.closure_info
     return {
-        "specVersion": 1, "name": "bench-disk-image", "baseName": "nixos", "format": "raw",
+        "specVersion": 1, "name": "bench-disk-image", "baseName": "nixos", "format": fmt,
         "partitionTableType": "efi", "fsType": "ext4", "label": LABEL, "diskSize": "auto",
         "additionalSpace": ADDITIONAL_SPACE, "bootSize": f"{BOOT_MIB}M", "contents": [],
         "installBootLoader": False, "touchEFIVars": False, "efiFirmware": None, "efiVariables": None,
@@ -68,7 +87,8 @@ def stat_shim(src: Path, work: Path) -> tuple[str, str]:
     return str(out), "compiled by the bench from builder/sandbox/statshim.c (the package was not built)"
 
 
-def builder_plan(closure: Closure, scratch: Path, python: str, src: Path, as_root: bool, shim: str) -> Plan:
+def builder_plan(closure: Closure, scratch: Path, python: str, src: Path, as_root: bool, shim: str,
+                 fmt: str = "raw") -> Plan:
     """`python -m builder prepare --out`: prepare and convert to raw in one process, as a Nix build with no
     VM stage runs them.
 
@@ -77,7 +97,7 @@ def builder_plan(closure: Closure, scratch: Path, python: str, src: Path, as_roo
     holding the `builder` package to time.
     """
     spec = scratch / "spec.json"
-    spec.write_text(json.dumps(spec_document(closure, logical_store=as_root), indent=2) + "\n")
+    spec.write_text(json.dumps(spec_document(closure, logical_store=as_root, fmt=fmt), indent=2) + "\n")
     out, work = scratch / "out", scratch / "builder-work"
     work.mkdir()
     env = {"PYTHONPATH": str(src), "MDI_STAT_SHIM": shim}
@@ -86,24 +106,28 @@ def builder_plan(closure: Closure, scratch: Path, python: str, src: Path, as_roo
     if as_root:
         prepare = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                    'mount --bind "$0" /nix/store && exec "$@"', str(closure.store_dir), *prepare]
-    return Plan([
-        {"name": "prepare", "argv": prepare, "env": env, "cwd": str(src)},
-        {"name": "sync", "argv": ["sync"]},
-    ], out / "nixos.img")
+    steps: list[Step] = [{"name": "prepare", "argv": prepare, "env": env, "cwd": str(src)},
+                         {"name": "sync", "argv": ["sync"]}]
+    if fmt == "raw":
+        return Plan(steps, out / "nixos.img")
+    return Plan(steps, scratch / "measured.raw", output=out / converted_name(fmt))
 
 
-def floor_plan(closure: Closure, scratch: Path, disk_size: int, root_offset: int, root_size: int) -> Plan:
-    """`mkfs.ext4 -d` straight from the closure tree at the builder's root offset, in a file of its size."""
+def floor_plan(closure: Closure, scratch: Path, disk_size: int, root_offset: int, root_size: int,
+               fmt: str = "raw") -> Plan:
+    """`mkfs.ext4 -d` straight from the closure tree at the builder's root offset, in a file of its size
+    (then one `qemu-img convert` for a converted format)."""
     image = scratch / "floor.img"
     return Plan([
         {"name": "truncate", "argv": ["truncate", "-s", str(disk_size), str(image)]},
         {"name": "mkfs-d", "argv": ["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", LABEL, "-d", str(closure.root),
                                     "-E", f"offset={root_offset}", str(image), f"{root_size // 1024}k"]},
+        *convert_step(image, fmt),
         {"name": "sync", "argv": ["sync"]},
-    ], image, root_offset)
+    ], image, root_offset, None if fmt == "raw" else image.with_suffix(".qcow2"))
 
 
-def repart_plan(closure: Closure, scratch: Path, disk_size: int, root_size: int) -> Plan:
+def repart_plan(closure: Closure, scratch: Path, disk_size: int, root_size: int, fmt: str = "raw") -> Plan:
     """systemd-repart 252: ESP + root with CopyFiles=, sized by hand (its --size=auto ignores CopyFiles)."""
     defs = scratch / "repart.d"
     defs.mkdir()
@@ -116,8 +140,9 @@ def repart_plan(closure: Closure, scratch: Path, disk_size: int, root_size: int)
     return Plan([
         {"name": "repart", "argv": ["systemd-repart", "--empty=create", f"--size={disk_size}", "--dry-run=no",
                                     f"--definitions={defs}", f"--seed={REPART_SEED}", "--no-pager", str(image)]},
+        *convert_step(image, fmt),
         {"name": "sync", "argv": ["sync"]},
-    ], image)
+    ], image, None, None if fmt == "raw" else image.with_suffix(".qcow2"))
 
 
 def seed_plan(closure: Closure, scratch: Path, staging: Path, repo: Path) -> Plan:

@@ -32,6 +32,8 @@ def _method_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         cpu_stall=_median([r.get("cpu_stall", float("nan")) for r in ok]),
         facts=next((r["facts"] for r in ok if r["facts"]["fsck_ok"] is not None), ok[0]["facts"]),
     )
+    if "output" in ok[0]:
+        out["output"] = ok[0]["output"]
     steps: dict[str, list[float]] = {}
     for r in ok:
         for name, seconds in r["steps"]:
@@ -131,6 +133,8 @@ def render(machine: dict[str, str], config: dict[str, Any], sizes: list[dict[str
     out += ["", "## Method", "",
             f"- sizes {config['sizes']}, {config['runs']} alternated runs per method (order rotated each run; "
             f"medians shown with min-max), methods {', '.join(config['methods'])}",
+            f"- format: {config.get('format', 'raw')} (for qcow2 and qcow2-compressed the floor and repart add one "
+            "`qemu-img convert` of their raw image on disk, `-c` for compressed; the builder converts itself)",
             f"- closure: {config.get('closure', 'synthetic')} (synthetic: PRNG file contents, incompressible; "
             "debian: this machine's ELF and text files, bench/debian_closure.py)",
             f"- page cache: `{config['cache']}` before every timed run "
@@ -162,6 +166,11 @@ def render(machine: dict[str, str], config: dict[str, Any], sizes: list[dict[str
         out += ["", "Ratios (medians of this run), wall: " +
                 ", ".join(f"{k} = {v:.2f}" for k, v in s["ratios"].items()) + "; CPU time: " +
                 ", ".join(f"{k} = {v:.2f}" for k, v in s["cpu_ratios"].items()), ""]
+        outputs = [f"{m} {ms['output']['apparent'] / MiB:.0f} MiB ({ms['output']['allocated'] / MiB:.0f} on disk)"
+                   for m, ms in s["methods"].items() if ms.get("output")]
+        if outputs:
+            out += [f"Output files ({config.get('format')}): " + ", ".join(outputs) + "; the table's image columns "
+                    "are the raw image each converted from (the builder's: read back from its output)", ""]
         for m, ms in s["methods"].items():
             if ms.get("steps"):
                 out.append(f"- {m} steps (median s): " +

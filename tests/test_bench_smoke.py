@@ -101,3 +101,25 @@ def test_closure_info_lists_the_store_and_nix_verifies_it(closures: tuple[Closur
     check = subprocess.run(["nix-store", "--store", str(c.root), "-qR", f"/nix/store/{c.toplevel.name}"],
                            check=True, capture_output=True, text=True)
     assert len(check.stdout.split()) == len(on_disk)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_bench_times_the_builder_and_the_floor_end_to_end(tmp_path: Path, fmt: str) -> None:
+    """`python -m bench` on a tiny closure: both methods run, their images are measured, the report is written."""
+    import json
+    import sys
+
+    out = tmp_path / "results.md"
+    res = subprocess.run([sys.executable, "-m", "bench", "--sizes", "4M", "--runs", "1", "--methods", "builder,floor",
+                          "--format", fmt, "--work", str(tmp_path / "work"), "--out", str(out)],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    records = data["sizes"][0]["records"]
+    assert sorted(r["method"] for r in records) == ["builder", "floor"]
+    assert [r.get("error") for r in records] == [None, None]
+    assert all(r["facts"]["fsck_ok"] for r in records)
+    assert "built with the package" in data["machine"]["stat shim"]
+    if fmt == "qcow2":
+        assert all(r["output"]["apparent"] > 0 for r in records)
+        assert "Output files (qcow2)" in out.read_text()
