@@ -23,8 +23,8 @@ source tree; the names below are the spec's):
   the CPU time of 6 for a 4% larger file (a closure of ELF and text files, bench/debian_closure.py), which
   on 2 cores is what makes the writer 3x faster than `qemu-img convert -c` (README, Benchmark). With
   level=QEMU_LEVEL the clusters are exactly qemu-img's (tests/test_qcow2.py). A partial last cluster
-  is zero-padded to a whole one. As in qemu's qcow2_co_pwritev_compressed_task, which gives deflate `cluster_size - 1` bytes
-  of room, a cluster whose deflated form is not smaller than the cluster is stored uncompressed.
+  is zero-padded to a whole one. As in qemu's qcow2_co_pwritev_compressed_task, which gives deflate
+  `cluster_size - 1` bytes of room, a cluster whose deflated form is not smaller is stored uncompressed.
 - Space is handed out as qemu's driver hands it out. A compressed cluster goes at a byte cursor, right
   after the previous compressed cluster, in the tail of the host cluster that one ended in, or across
   into the next host cluster when that is the next one at the end of the file (qcow2_alloc_bytes); its
