@@ -23,6 +23,10 @@ class BuildError(Exception):
     exit_status = 1
 
 
+class OutOfHostSpace(BuildError):
+    """The directory the image file is written in is full (the host's, not the image's filesystem)."""
+
+
 class Interrupted(BaseException):
     """A termination signal stopped the build; a BaseException so it unwinds past `except Exception`."""
 

@@ -300,8 +300,16 @@ def _convert(spec: Spec, raw: Path, output: Output) -> Path:
         return convert_into(spec, raw, output)
 
 
+def check_settings(spec: Spec) -> None:
+    """The environment's settings for this build, checked before any work (exit 2 for a bad value)."""
+    if spec.format == "qcow2-compressed":
+        from .disk.convert import qcow2_writer
+        qcow2_writer()
+
+
 def convert_image(spec: Spec, raw: Path, out: Path, report: Report = _no_report) -> Path:
     """Step 4 alone (the `convert` command, the Nix derivation's postVM): into OUT, as builder/output.py says."""
+    check_settings(spec)
     with output_dir(out) as output:
         final = _convert(spec, raw, output)
         report(final)
@@ -318,6 +326,7 @@ def prepare_and_convert(spec: Spec, image: Path | None, out: Path, work: Path | 
     if spec.needs_vm:
         raise UserError(f"prepare --out {str(out)!r}: this spec needs the VM stage (finalize) before the image "
                         "is converted; run prepare without --out, then finalize, after-vm and convert")
+    check_settings(spec)
     with output_dir(out) as output:
         if image is not None:
             prepare_image(spec, image, work, root_filesystem)
@@ -352,6 +361,7 @@ def build(spec: Spec, out: Path, work: Path | None = None, report: Report = _no_
     place for postVM, and everything is undone if a step, postVM or report (printing the path) fails.
     """
     check_vm_inputs(spec)
+    check_settings(spec)
     with output_dir(out) as output:
         with scratch_dir(work) as scratch, raw_intermediate(spec, scratch, output) as raw:
             prepare_image(spec, raw, scratch, root_filesystem)

@@ -1,11 +1,12 @@
 """A quick yes to "does this spec satisfy spec.schema.json?", so a valid spec never imports jsonschema.
 
 Importing jsonschema costs about 0.1 s of CPU, which is most of the builder's own fixed cost on a small
-closure (issue 15). This checks the keywords the schema uses, each at least as strictly as JSON Schema
-2020-12 does, and says "valid" only when it is sure; anything else (an unknown keyword, a float where an
-integer is wanted, a failed check) answers False and the caller asks jsonschema itself, which also words
-the errors. So the answer may be a false "no", never a false "yes" (tests/test_schema_fast.py compares
-both on every spec the tests have).
+closure (issue 15). This checks the keywords the schema uses, each exactly as the builder's JSON Schema
+2020-12 validator does (its "integer" refuses floats), and says "valid" only when it is sure; anything
+else (an unknown keyword, a number compared with a number of the other type, a failed check) answers
+False and the caller asks jsonschema itself, which also words the errors. Exact, not merely stricter,
+because oneOf counts the branches that say yes. So the answer may be a false "no", never a false "yes"
+(tests/test_schema_fast.py compares both on every spec the tests have).
 """
 
 from __future__ import annotations
@@ -38,7 +39,13 @@ def _is_type(value: Any, name: str) -> bool:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """enum/const equality, with types compared too (True is not 1)."""
+    """enum/const equality, exactly as jsonschema's: True is not 1, and 1.0 == 1 is left to jsonschema.
+
+    Exact, not merely stricter, because a false "no" inside oneOf could turn two matches into one.
+    """
+    numbers = (int, float)
+    if type(a) in numbers and type(b) in numbers and type(a) is not type(b):
+        raise _Unsure
     if type(a) is not type(b):
         return False
     if isinstance(a, list):
@@ -95,7 +102,7 @@ def _valid(value: Any, schema: Any, root: dict[str, Any]) -> bool:
             ok = not isinstance(value, dict) or all(_valid(k, want, root) for k in value)
         elif key == "items":
             ok = not isinstance(value, list) or all(_valid(v, want, root) for v in value)
-        elif key == "oneOf":
+        elif key == "oneOf":  # sound only because every other keyword's "no" is exact, as jsonschema's
             ok = sum(1 for s in want if _valid(value, s, root)) == 1
         else:
             raise _Unsure

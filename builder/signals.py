@@ -34,6 +34,8 @@ TERMINATING: tuple[int, ...] = tuple(sorted(
     {int(s) for s in signal.valid_signals()} - {int(s) for s in _NOT_HANDLED | _DEFAULT_IGNORE_OR_STOP}
 ))
 _libc = ctypes.CDLL(None, use_errno=True)
+# Looked up now, not in a forked child (preexec_fn) while other threads run: no dlsym after fork.
+_prctl = _libc.prctl
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
@@ -56,7 +58,7 @@ def handle_termination() -> Iterator[None]:
 
 def die_with_parent() -> None:
     """In a forked child before exec (preexec_fn): receive SIGKILL when the builder process dies."""
-    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         os._exit(127)
 
 

@@ -137,3 +137,44 @@ def test_prepare_without_out_still_needs_image(make_spec: SpecFactory) -> None:
                          text=True, cwd=REPO)
     assert res.returncode == 2
     assert "--image is required unless --out is given" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("closed", ["0 1 2"])
+def test_closed_standard_fds_do_not_end_the_janitor_early(make_spec: SpecFactory, tmp_path: Path,
+                                                          memory_dir: Path, closed: str) -> None:
+    """Started with stdin/stdout/stderr closed, the builder's janitor pipe must not land on fd 0-2: the janitor
+    points those at /dev/null, would see end-of-file at once and remove the raw image mid-build."""
+    spec = make_spec(format="qcow2", installBootLoader=False, baseName="nixos")
+    out = tmp_path / "out"
+    redirect = " ".join(f"{fd}<&-" for fd in closed.split())
+    cmd = f'exec "$0" -m builder prepare "$1" --out "$2" {redirect}'
+    res = subprocess.run(["sh", "-c", cmd, sys.executable, str(spec), str(out)], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, "MDI_MEMORY_DIR": str(memory_dir),
+                                        "MDI_INTERMEDIATE": "memory"})
+    assert res.returncode == 0, res.stderr
+    assert subprocess.run(["qemu-img", "check", str(out / "nixos.qcow2")], capture_output=True).returncode == 0
+    assert list(memory_dir.iterdir()) == []
+
+
+def test_memory_full_names_the_way_out(make_spec: SpecFactory, tmp_path: Path) -> None:
+    """A raw image kept in memory that runs out of room: the message says so and how to keep it on disk."""
+    spec = make_spec(format="qcow2", partitionTableType="none", installBootLoader=False)
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], check=True)
+    try:
+        res = prepare_out(spec, tmp_path / "out", env={"MDI_MEMORY_DIR": str(full), "MDI_INTERMEDIATE": "memory"})
+        assert res.returncode == 1, res.stderr
+        assert "ran out of space" in res.stderr and "MDI_INTERMEDIATE=disk" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+        assert os.listdir(full) == []
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+def test_bad_qcow2_writer_is_refused_before_any_work(make_spec: SpecFactory, tmp_path: Path) -> None:
+    spec = make_spec(format="qcow2-compressed", installBootLoader=False)
+    res = prepare_out(spec, tmp_path / "out", env={"MDI_QCOW2_WRITER": "qemu"})
+    assert res.returncode == 2
+    assert "MDI_QCOW2_WRITER='qemu'" in res.stderr and "Traceback" not in res.stderr
+    assert "root filesystem" not in res.stderr, "refused only after the build's steps ran"

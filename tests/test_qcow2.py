@@ -12,6 +12,7 @@ import errno
 import functools
 import hashlib
 import json
+import os
 import random
 import struct
 import subprocess
@@ -282,6 +283,20 @@ def test_a_size_not_a_multiple_of_512_is_refused(tmp_path: Path) -> None:
     raw.write_bytes(b"x" * 1000)
     with pytest.raises(BuildError, match="1000 bytes, not a multiple of 512"):
         write_compressed_qcow2(raw, tmp_path / "odd.qcow2")
+
+
+def test_a_size_qemu_cannot_open_is_refused(tmp_path: Path) -> None:
+    """qemu refuses an L1 table over 32 MiB (4 PiB here at 64 KiB clusters): refused, not written unopenable."""
+    base = Path("/dev/shm") if os.path.isdir("/dev/shm") else tmp_path  # tmpfs holds sparse files that large
+    raw = base / f"mdi-test-huge-{os.getpid()}.raw"
+    try:
+        with raw.open("wb") as f:
+            f.truncate(4 << 50)
+        with pytest.raises(BuildError, match="qemu refuses an L1 table over 32 MiB"):
+            write_compressed_qcow2(raw, tmp_path / "huge.qcow2")
+        assert not (tmp_path / "huge.qcow2").exists()
+    finally:
+        raw.unlink(missing_ok=True)
 
 
 def test_memory_stays_bounded(tmp_path: Path) -> None:

@@ -119,3 +119,11 @@ def test_loading_a_valid_spec_does_not_import_jsonschema(fixture_spec: Path) -> 
                          cwd=Path(__file__).parent.parent)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("value", [1, 1.0, True, "1"])
+def test_one_of_is_never_valid_where_jsonschema_says_otherwise(value: Any) -> None:
+    """oneOf counts the branches that say yes, so every "no" must be exact: 1.0 == 1 for jsonschema's const."""
+    schema = {"oneOf": [{"const": 1}, {"type": "number"}]}
+    oracle_valid = not list(jsonschema.Draft202012Validator(schema).iter_errors(value))
+    assert not surely_valid(value, schema) or oracle_valid, (value, "fast says valid, jsonschema does not")

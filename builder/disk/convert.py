@@ -69,16 +69,21 @@ def _move_raw(raw: Path, dest: Path) -> None:
     raw.unlink()
 
 
+def qcow2_writer() -> str:
+    """MDI_QCOW2_WRITER, checked: who writes qcow2-compressed, the builder (default) or qemu-img convert -c."""
+    writer = os.environ.get("MDI_QCOW2_WRITER", "builder")
+    if writer not in ("builder", "qemu-img"):
+        raise UserError(f"MDI_QCOW2_WRITER={writer!r}: expected 'builder' (the default) or 'qemu-img'")
+    return writer
+
+
 def _write_image(spec: Spec, raw: Path, dest: Path) -> None:
     """Write dest (a temporary name) from raw in spec.format, checked and with identifiers pinned."""
     if spec.format == "raw":
         _move_raw(raw, dest)
         return
     if spec.format == "qcow2-compressed":
-        writer = os.environ.get("MDI_QCOW2_WRITER", "builder")
-        if writer not in ("builder", "qemu-img"):
-            raise UserError(f"MDI_QCOW2_WRITER={writer!r}: expected 'builder' (the default) or 'qemu-img'")
-        if writer == "builder":
+        if qcow2_writer() == "builder":
             write_compressed_qcow2(raw, dest)
             return
     _run_qemu_img(["convert", "-f", "raw", *qemu_img_args(spec), str(raw), str(dest)])

@@ -11,12 +11,13 @@ It is removed when the build ends, done or failed; after a SIGKILL, by a janitor
 "Can hold it": the closure's NAR size plus the contents, with the allocation overhead of small files and
 ext4's metadata (x1.3 + 64 MiB), plus the VM's memSize when a VM runs beside it, must fit in three
 places at once: /dev/shm's free space (the Nix sandbox's own tmpfs, sandbox-shm-size, 50% of RAM by
-default), MemAvailable, and the memory cgroup's headroom (memory.max - memory.current; tmpfs pages are
-charged to it), with 512 MiB to spare.
+default), MemAvailable, and the memory cgroup's headroom (memory.max - memory.current over the build's
+cgroup and its parents; tmpfs pages are charged to it), with 512 MiB to spare.
 """
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import shutil
@@ -28,9 +29,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import OutOfHostSpace, UserError
 from ..log import info
 from ..output import Output
+from ..signals import TERMINATING
 from ..spec import Spec
 from ..units import MiB, human
 
@@ -63,10 +65,18 @@ def estimated_bytes(spec: Spec) -> int | None:
         for source in glob.glob(entry.source) if entry.is_glob else [entry.source]:
             if os.path.isdir(source):
                 for dirpath, _dirs, files in os.walk(source):
-                    contents += sum(os.lstat(os.path.join(dirpath, f)).st_size for f in files)
-            elif os.path.lexists(source):
-                contents += os.lstat(source).st_size
+                    contents += sum(_size(os.path.join(dirpath, f)) for f in files)
+            else:
+                contents += _size(source)
     return int((nar + contents) * 1.3) + 64 * MiB + spec.boot_size
+
+
+def _size(path: str) -> int:
+    """A file's size, 0 when it cannot be read: an estimate must not pre-empt staging's own error message."""
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0
 
 
 def _mem_available() -> int:
@@ -82,19 +92,29 @@ def _mem_available() -> int:
 
 
 def _cgroup_headroom() -> int | None:
-    """memory.max - memory.current of this process's cgroup (v2), or None when it has no limit."""
+    """The least memory.max - memory.current over this process's cgroup (v2) and every parent visible from it,
+    or None when none has a limit: a limit is often set on a parent (nix-daemon.service's MemoryMax=)."""
     try:
         with open("/proc/self/cgroup") as f:
             path = next((ln.split(":", 2)[2].strip() for ln in f if ln.startswith("0::")), None)
-        if path is None:
-            return None
-        base = Path("/sys/fs/cgroup") / path.lstrip("/")
-        limit = (base / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        return int(limit) - int((base / "memory.current").read_text())
-    except (OSError, ValueError):
+    except OSError:
         return None
+    if path is None:
+        return None
+    root = Path("/sys/fs/cgroup")
+    base = root / path.lstrip("/")
+    least: int | None = None
+    for level in [base, *base.parents]:
+        try:
+            limit = (level / "memory.max").read_text().strip()
+            if limit != "max":
+                headroom = int(limit) - int((level / "memory.current").read_text())
+                least = headroom if least is None else min(least, headroom)
+        except (OSError, ValueError):
+            pass
+        if level == root:
+            break
+    return least
 
 
 def memory_dir() -> Path:
@@ -146,13 +166,23 @@ def _janitor(directory: Path) -> tuple[int, int]:
     they end), so memory is not left holding an image after a killed build, as a file in /dev/shm would.
     It ignores the signals that stop a build and leaves the terminal's session, so it outlives the builder.
     """
-    read_end, write_end = os.pipe()
-    pid = os.fork()
+    read_end, write_end = _pipe_above_stdio()
+    # Termination signals stay blocked across the fork until the child ignores them: one arriving in between
+    # would run the builder's handler (and its cleanup) inside the janitor.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)
+    try:
+        pid = os.fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        os.close(read_end)
+        os.close(write_end)
+        raise
     if pid == 0:  # the janitor: only system calls and a tree removal, then _exit
         try:
             os.setsid()
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            for sig in TERMINATING:
                 signal.signal(sig, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
@@ -163,8 +193,20 @@ def _janitor(directory: Path) -> tuple[int, int]:
             shutil.rmtree(directory, ignore_errors=True)
         finally:
             os._exit(0)
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     os.close(read_end)
     return pid, write_end
+
+
+def _pipe_above_stdio() -> tuple[int, int]:
+    """os.pipe() with both ends at fd 3 or above: when the builder runs with stdin, stdout or stderr closed,
+    a plain pipe may get fd 0-2, which the janitor points at /dev/null (it would see EOF and remove at once)."""
+    ends = os.pipe()
+    try:
+        return (fcntl.fcntl(ends[0], fcntl.F_DUPFD_CLOEXEC, 3), fcntl.fcntl(ends[1], fcntl.F_DUPFD_CLOEXEC, 3))
+    finally:
+        os.close(ends[0])
+        os.close(ends[1])
 
 
 def _reap(pid: int, timeout: float = 2.0) -> None:
@@ -186,9 +228,16 @@ def raw_intermediate(spec: Spec, scratch: Path, output: Output) -> Iterator[Path
     parent = intermediate_parent(spec, scratch)
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".mdi-raw-", dir=parent))
-    janitor = _janitor(tmp) if parent != scratch else None  # scratch is removed by its owner
+    janitor = None
     try:
+        if parent != scratch:  # scratch is removed by its owner
+            janitor = _janitor(tmp)
         yield tmp / "nixos.raw"
+    except OutOfHostSpace as exc:
+        if parent == scratch:
+            raise
+        raise OutOfHostSpace(f"{exc}\n(the raw image was kept in memory; {CHOICE_ENV}=disk writes it to the "
+                             "build directory instead)") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if janitor is not None:

@@ -65,6 +65,7 @@ CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
 SECTOR = 512
 L2_ENTRIES = CLUSTER // 8
+MAX_L1_BYTES = 32 << 20  # qemu's QCOW_MAX_L1_SIZE (block/qcow2.h): larger images do not open
 REFCOUNT_ORDER = 4  # 16-bit refcounts, qemu's default
 REFCOUNTS_PER_BLOCK = CLUSTER * 8 >> REFCOUNT_ORDER
 REFTABLE_ENTRIES_PER_CLUSTER = CLUSTER // 8
@@ -301,6 +302,9 @@ def write_compressed_qcow2(raw: Path, dest: Path, workers: int | None = None, le
         if size % SECTOR:
             raise BuildError(f"the raw image {raw} is {size} bytes, not a multiple of {SECTOR}: "
                              "qcow2 readers count the virtual size in 512-byte sectors")
+        if -(-size // (CLUSTER * L2_ENTRIES)) * 8 > MAX_L1_BYTES:
+            raise BuildError(f"the raw image is {size} bytes: qcow2 with 64 KiB clusters holds at most "
+                             f"{MAX_L1_BYTES // 8 * CLUSTER * L2_ENTRIES} (qemu refuses an L1 table over 32 MiB)")
         out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             writer = _Writer(out, size)

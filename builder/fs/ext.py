@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..concurrent import alongside, run_side_by_side
 from ..disk import layout, table
-from ..errors import BuildError, UserError
+from ..errors import BuildError, OutOfHostSpace, UserError
 from ..log import info, step
 from ..sandbox.namespace import run_with_binds, userns_available
 from ..sandbox.statshim import stat_shim
@@ -141,7 +141,7 @@ def populate(
         host = os.statvfs(image.parent)
         if "No space left" in msg and host.f_bavail * host.f_frsize < HOST_FULL_BYTES:
             # The sparse image file could not grow: the build host's disk is full, not the image's filesystem.
-            raise BuildError(f"the directory the image is written in, {str(image.parent)!r}, ran out of space "
+            raise OutOfHostSpace(f"the directory the image is written in, {str(image.parent)!r}, ran out of space "
                              f"({host.f_bavail * host.f_frsize} bytes free) while writing the image: {msg}")
         if "Could not allocate" in msg or "No space left" in msg:
             raise BuildError(f"the root filesystem ({size_bytes} bytes) is too small for its contents: {msg}")
