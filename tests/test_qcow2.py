@@ -392,7 +392,7 @@ def test_hydra_job_is_written_by_this_writer_and_rebuilds_bit_for_bit(tmp_path_f
 
 
 def test_default_level_costs_little_size(raws: dict[str, Path], tmp_path: Path) -> None:
-    """The writer's level (3) against qemu-img -c's (6) on mixed text/ELF/random data: a few % larger, and the
+    """The writer's level (2) against qemu-img -c's (6) on mixed text/ELF/random data: a few % larger, and the
     same clusters left uncompressed or unallocated (only the deflate effort differs)."""
     ours, theirs = tmp_path / "ours.qcow2", tmp_path / "qemu.qcow2"
     write_compressed_qcow2(raws["sparse-mixed"], ours)

@@ -18,10 +18,11 @@ source tree; the names below are the spec's):
   (L2 entry 0: they read as zeros), as qemu-img does.
 - Every other cluster is deflated as qemu's qcow2 driver deflates it (block/qcow2-threads.c:
   `deflateInit2(Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY)`, raw deflate with a
-  4 KiB window, which is what qemu's `inflateInit2(-12)` reads), except for the level: LEVEL (3) rather
-  than zlib's default 6. Any level gives a deflate stream every qemu inflates the same way; 3 takes 0.61x
-  the CPU time of 6 for a 4% larger file (a closure of ELF and text files, bench/debian_closure.py), which
-  on 2 cores is what makes the writer 3x faster than `qemu-img convert -c` (README, Benchmark). With
+  4 KiB window, which is what qemu's `inflateInit2(-12)` reads), except for the level: LEVEL (2) rather
+  than zlib's default 6. Any level gives a deflate stream every qemu inflates the same way; 2 takes 0.52x
+  the CPU time of 6 for a 5% larger file (a closure of ELF and text files, bench/debian_closure.py), which
+  on 2 cores is what makes the writer 3x faster than `qemu-img convert -c` (README, Benchmark; level 3,
+  0.61x, fell just short of it there). With
   level=QEMU_LEVEL the clusters are exactly qemu-img's (tests/test_qcow2.py). A partial last cluster
   is zero-padded to a whole one. As in qemu's qcow2_co_pwritev_compressed_task, which gives deflate
   `cluster_size - 1` bytes of room, a cluster whose deflated form is not smaller is stored uncompressed.
@@ -74,7 +75,7 @@ COPIED = 1 << 63  # L1/L2 entry: the cluster's refcount is exactly one
 COMPRESSED = 1 << 62
 CSIZE_SHIFT = 62 - (CLUSTER_BITS - 8)  # where the sector count starts in a compressed cluster descriptor
 QEMU_LEVEL = zlib.Z_DEFAULT_COMPRESSION  # 6: what qemu-img convert -c uses
-LEVEL = 3  # what this writer uses (module docstring)
+LEVEL = 2  # what this writer uses (module docstring)
 BATCH = 16  # clusters read and deflated per task (1 MiB)
 MAX_IN_FLIGHT = 48  # tasks submitted and not yet written: bounds memory to ~2 x 48 MiB
 _HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQII")
