@@ -14,7 +14,6 @@ shared root filesystem (apparent and allocated bytes) with the jobs using it and
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import shutil
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.support.digest import sha256
 from tests.test_nix_glue import Glue, assemble_glue
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,15 +51,6 @@ def du(path: Path) -> tuple[int, int]:
         apparent += st.st_size
         allocated += st.st_blocks * 512
     return apparent, allocated
-
-
-def sha256(path: Path) -> str:
-    """Hash of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 STEP = re.compile(r"^\[makeDiskImage\] (?P<name>.+) done in (?P<seconds>[0-9.]+)s$", re.M)

@@ -17,7 +17,6 @@ hashed on every run, so the table also shows whether a method gave the same byte
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from tests.support.digest import sha256
 
 from .cli import parse_size, run_plan
 from .closure import CLOSURE_KINDS, ensure_closure, remove_tree
@@ -49,15 +50,6 @@ def method_steps(method: str, raw: Path, out: Path, spec: Path, python: str, src
         argv = ["taskset", "-c", str(min(os.sched_getaffinity(0))), *argv]
     return [{"name": "convert", "argv": argv, "env": {"PYTHONPATH": str(src)}, "cwd": str(src)},
             {"name": "sync", "argv": ["sync"]}]
-
-
-def sha256(path: Path) -> str:
-    """sha256 of a file."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(8 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def output_facts(raw: Path, image: Path, check: bool) -> dict[str, Any]:

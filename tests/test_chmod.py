@@ -9,7 +9,6 @@ rsync gives when run as nixpkgs runs it (read back with debugfs; both builds are
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pwd
@@ -31,6 +30,7 @@ from builder import chmod
 from builder.errors import SpecError
 from builder.spec import SCHEMA_PATH, load_spec_document
 from tests.fixtures.system import fixture_system_spec
+from tests.support.digest import sha256
 from tests.support.fscheck import checker, extract, owners_and_modes
 from tests.support.imagecheck import e2fsck_clean
 from tests.support.specs import spec_doc
@@ -284,15 +284,6 @@ while [ $# -gt 0 ]; do
   fi
 done
 """
-
-
-def sha256(path: Path) -> str:
-    """Hash of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def image_modes(image: Path, paths: list[str]) -> dict[str, int]:

@@ -3,7 +3,6 @@ it is, in memory or on disk, no extra copy for raw, and nothing left behind, don
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import subprocess
@@ -13,19 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.digest import sha256
 from tests.support.specs import SpecFactory
 
 REPO = Path(__file__).parent.parent
 EXT = {"raw": "img", "qcow2": "qcow2", "vdi": "vdi", "vpc": "vhd", "vmdk": "vmdk"}
-
-
-def sha256(path: Path) -> str:
-    """Hash of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def prepare_out(spec: Path, out: Path, *extra: str, env: dict[str, str] | None = None,

@@ -9,7 +9,6 @@ image placed from it is byte-identical to the same image built without sharing, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 
 from builder.disk import layout
 from builder.spec import Spec, load_spec_document
+from tests.support.digest import sha256
 from tests.support.nixeval import ENTRY, FAKE, REPO, nix_eval
 from tests.test_nix_glue import Glue, assemble_glue
 
@@ -201,15 +201,6 @@ in [
     legacy, qcow2, efi, hybrid, btrfs, space = json.loads(done.stdout)
     assert legacy == qcow2 == efi == hybrid
     assert len({legacy, btrfs, space}) == 3
-
-
-def sha256(path: Path) -> str:
-    """Hash of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.mark.slow

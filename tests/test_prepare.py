@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 
 from builder.spec import load_spec
+from tests.support.digest import sha256
 from tests.support.imagecheck import (
     blkid,
     debugfs,
@@ -45,15 +45,6 @@ def prepare(spec: Path, image: Path, *, env: dict[str, str] | None = None,
         argv = ["runuser", "-u", user, "--", *argv]
     return subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **(env or {})},
                           cwd=Path(__file__).parent.parent)
-
-
-def sha256(path: Path) -> str:
-    """Hash of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def root_offset(image: Path, layout: str) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import json
 import os
 import random
@@ -27,6 +26,7 @@ from builder.disk import qcow2
 from builder.disk.convert import convert
 from builder.disk.qcow2 import CLUSTER, QEMU_LEVEL, deflate_cluster, write_compressed_qcow2
 from builder.errors import BuildError
+from tests.support.digest import sha256
 from tests.support.specs import SpecFactory
 from tests.test_convert import convert_spec
 from tests.test_nix_glue import assemble_glue
@@ -133,15 +133,6 @@ def qemu_map(image: Path) -> list[dict[str, Any]]:
                           text=True)
     ranges: list[dict[str, Any]] = json.loads(done.stdout)
     return ranges
-
-
-def sha256(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 raw_sha256 = functools.lru_cache(sha256)  # the module's raw images do not change once made

@@ -7,7 +7,6 @@ difference.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from builder.tools.reprocheck import explain
+from tests.support.digest import sha256
 from tests.support.fixture_images import FixtureImages, build
 from tests.support.imagecheck import part_offset
 from tests.support.specs import SpecFactory, spec_doc
@@ -30,15 +30,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).parent.parent
 LAYOUTS = ["legacy", "legacy+boot", "legacy+gpt", "efi", "efixbootldr", "hybrid", "none"]
 FS_TYPES = ["ext4", "btrfs", "erofs", "squashfs"]
-
-
-def sha256(path: Path) -> str:
-    """Hash of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ fit its layout, is refused with a message saying why; a step that fails midway l
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -19,20 +18,12 @@ from typing import Any
 import pytest
 
 from tests.fixtures.closure_fixture import ROOT_GPUID
+from tests.support.digest import sha256
 from tests.support.imagecheck import part_offset, part_size
 from tests.support.specs import SpecFactory
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
-
-
-def sha256(path: Path) -> str:
-    """Hash of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def builder(*argv: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
