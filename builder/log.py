@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+# Steps run side by side on threads (builder/concurrent.py): each line is written whole, under this lock.
+# (print() writes the text and its newline in two calls, so two threads' lines could run together.)
+_LINES = threading.RLock()
+
+
+def _line(text: str) -> None:
+    """Write one whole line to stderr and flush it."""
+    with _LINES:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
 
 def info(message: str) -> None:
     """Print one progress line to stderr (build logs)."""
-    print(f"[makeDiskImage] {message}", file=sys.stderr, flush=True)
+    _line(f"[makeDiskImage] {message}")
 
 
 def warn(message: str) -> None:
     """Print a warning to stderr: something accepted that the user should know about."""
-    print(f"[makeDiskImage] warning: {message}", file=sys.stderr, flush=True)
+    _line(f"[makeDiskImage] warning: {message}")
 
 
 @contextmanager
