@@ -14,10 +14,13 @@ _LINES = threading.RLock()
 
 
 def _line(text: str) -> None:
-    """Write one whole line to stderr and flush it."""
+    """Write one whole line to stderr and flush it (nothing when the builder was started with fd 2 closed)."""
+    stream = sys.stderr
+    if stream is None:
+        return
     with _LINES:
-        sys.stderr.write(text + "\n")
-        sys.stderr.flush()
+        stream.write(text + "\n")
+        stream.flush()
 
 
 def info(message: str) -> None:
