@@ -94,6 +94,21 @@ def fresh_file(beside: Path, suffix: str) -> Path:
     return Path(name)
 
 
+@contextmanager
+def written_beside(target: Path, option: str) -> Iterator[Path]:
+    """A fresh file beside target (fresh_file), renamed onto target when the block ends well, removed if not."""
+    try:
+        partial = fresh_file(target, ".partial")
+    except OSError as exc:
+        raise UserError(f"{option} {str(target)!r}: cannot write in its directory ({exc.strerror})") from None
+    try:
+        yield partial
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 def _size_field(spec: Spec) -> str:
     """The argument that sets the image's size, as the user wrote it: diskSize, or additionalSpace with "auto"."""
     if spec.disk_size is None:
@@ -149,11 +164,7 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None,
     of made again.
     """
     check_image_path(image)
-    with scratch_dir(work) as scratch:
-        try:
-            partial = fresh_file(image, ".partial")
-        except OSError as exc:
-            raise UserError(f"--image {str(image)!r}: cannot write in its directory ({exc.strerror})") from None
+    with scratch_dir(work) as scratch, written_beside(image, "--image") as partial:
         try:
             check_room(spec, [(scratch, scratch.parent), (partial, image.absolute().parent)])
             regs: list[store.Registration] = []
@@ -179,15 +190,10 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None,
                     write_install(spec, boot_install, partial, plan, scratch)
             with step("check partition table"):
                 table.check(partial, plan)
-            os.replace(partial, image)
         except OSError as exc:
-            partial.unlink(missing_ok=True)
             if exc.errno == errno.EFBIG:  # sizing added more than check_room could know: still the size's fault
                 raise UserError(f"{_size_field(spec)}: the image does not fit in one file on the build filesystem "
                                 f"({exc}); give a smaller size, or build where larger files are allowed") from None
-            raise
-        except BaseException:
-            partial.unlink(missing_ok=True)
             raise
     return plan
 
@@ -202,19 +208,10 @@ def build_root_filesystem(spec: Spec, out: Path, work: Path | None = None) -> Pa
         raise UserError("root-filesystem: the spec does not have shareRootFilesystem = true; only then is the root "
                         "filesystem sized independently of the layout, so that one build serves every variant")
     check_image_path(out)
-    with scratch_dir(work) as scratch:
-        try:
-            partial = fresh_file(out, ".partial")
-        except OSError as exc:
-            raise UserError(f"--out {str(out)!r}: cannot write in its directory ({exc.strerror})") from None
-        try:
-            with step("read closure"):
-                regs = store.read_closure(spec)
-            _make_root(spec, regs, partial, scratch, root_only=True)
-            os.replace(partial, out)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+    with scratch_dir(work) as scratch, written_beside(out, "--out") as partial:
+        with step("read closure"):
+            regs = store.read_closure(spec)
+        _make_root(spec, regs, partial, scratch, root_only=True)
     return out
 
 

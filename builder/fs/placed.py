@@ -148,18 +148,24 @@ def prepare_root(spec: Spec, staged: StagedRoot, image: Path, scratch: Path, roo
         plan = (layout.root_only(spec, align_up(fs_file.stat().st_size, layout.FS_BLOCK)) if root_only
                 else layout.plan(spec, disk))
         info(f"root {spec.fs_type} {human(fs_file.stat().st_size)}; disk {human(plan.disk_size)}")
-        with open(image, "wb") as f:
-            f.truncate(plan.disk_size)
-        with step("partition table"):
-            table.write_table(image, plan)
-        root = plan.root
-        with step("place root filesystem"):
-            place(fs_file, image, root.start, root.size)
+        lay_out_around(spec, image, plan, fs_file)
     finally:
         fs_file.unlink(missing_ok=True)
+    return plan
+
+
+def lay_out_around(spec: Spec, image: Path, plan: layout.Layout, root_file: Path) -> str:
+    """image as plan's sparse disk: its partition table, root_file placed in the root partition, the empty FAT
+    partitions made and checked. How root_file was placed (builder/disk/sparse.py's place)."""
+    with open(image, "wb") as f:
+        f.truncate(plan.disk_size)
+    with step("partition table"):
+        table.write_table(image, plan)
+    with step("place root filesystem"):
+        how = place(root_file, image, plan.root.start, plan.root.size)
     with step("boot filesystems"):
         for p in plan.partitions:
             if p.fs == "vfat" and p.role != "root":
                 fat.make(image, p, spec.deterministic)
                 fat.check(image, p)
-    return plan
+    return how

@@ -14,13 +14,12 @@ import subprocess
 from pathlib import Path
 
 from .. import rules
-from ..disk import layout, table
-from ..disk.sparse import place
+from ..disk import layout
 from ..errors import BuildError, UserError
-from ..log import info, step
+from ..log import info
 from ..spec import Spec
 from ..units import MiB, human
-from . import fat
+from .placed import lay_out_around
 
 
 def probe(path: Path) -> dict[str, str]:
@@ -81,16 +80,6 @@ def place_root(spec: Spec, root_file: Path, image: Path) -> layout.Layout:
     disk = spec.disk_size if spec.disk_size is not None else layout.smallest_disk(spec, size)
     plan = layout.plan(spec, disk)
     info(f"root filesystem {human(size)} from {root_file}; disk {human(disk)}")
-    with open(image, "wb") as f:
-        f.truncate(disk)
-    with step("partition table"):
-        table.write_table(image, plan)
-    with step("place root filesystem"):
-        how = place(root_file, image, plan.root.start, plan.root.size)
+    how = lay_out_around(spec, image, plan, root_file)
     info(f"root filesystem placed by {how}")
-    with step("boot filesystems"):
-        for p in plan.partitions:
-            if p.fs == "vfat" and p.role != "root":
-                fat.make(image, p, spec.deterministic)
-                fat.check(image, p)
     return plan
