@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -250,6 +251,43 @@ def test_vmdk_cid_of_any_width_is_pinned(raw_image: Path, tmp_path: Path) -> Non
     assert lines[0] == b"CID=0123abcd" and lines[1] == b"parentCID=ffffffff"
     subprocess.run(["qemu-img", "check", str(image)], check=True)
     subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vmdk", str(raw_image), str(image)], check=True)
+
+
+def qemu_write_cid(area: bytes, cid: int) -> bytes:
+    """qemu's block/vmdk.c vmdk_write_cid on a descriptor area: the CID rewritten in place with %x, the text
+    from parentCID appended after it, the rest of the area (old bytes included) left as it was."""
+    desc = bytearray(area)
+    desc[-1] = 0
+    tail = bytes(desc[desc.index(b"parentCID"):]).split(b"\0", 1)[0]
+    at = desc.index(b"CID") + len(b"CID=")
+    text = b"%x\n" % cid + tail + b"\0"
+    desc[at:at + len(text)] = text
+    return bytes(desc)
+
+
+def test_vmdk_leftovers_of_a_shorter_cid_are_dropped(raw_image: Path, tmp_path: Path) -> None:
+    # qemu-img draws a CID at creation and another at the first write, rewriting the descriptor in place:
+    # a second CID two or more digits shorter leaves the old text's last bytes behind the new NUL (seen as
+    # a 1-in-hundreds difference between two deterministic builds). Pinning must give the same bytes anyway.
+    image = convert(convert_spec(format="vmdk", deterministic=False, rootFSUID=None), fresh_raw(raw_image, tmp_path),
+                    tmp_path / "out")
+    data = image.read_bytes()
+    desc_offset, desc_size = struct.unpack_from("<QQ", data, 28)
+    start, end = desc_offset * 512, (desc_offset + desc_size) * 512
+    images = {}
+    for name, cids in (("long-then-short", (0xFEDCBA98, 0xA1)), ("short", (0xA1,))):
+        area = data[start:end]
+        for cid in cids:
+            area = qemu_write_cid(area, cid)
+        images[name] = tmp_path / f"{name}.vmdk"
+        images[name].write_bytes(data[:start] + area + data[end:])
+        assert subprocess.run(["qemu-img", "check", str(images[name])]).returncode == 0, "a valid vmdk, as qemu leaves it"
+    left = images["long-then-short"].read_bytes()[start:end]
+    assert left.split(b"\0", 1)[1].strip(b"\0"), "the simulated rewrite leaves bytes behind the terminator"
+    for path in images.values():
+        fix_vmdk(path, 0x0123ABCD)
+    assert images["long-then-short"].read_bytes() == images["short"].read_bytes()
+    subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vmdk", str(raw_image), str(images["short"])], check=True)
 
 
 def test_crc32c_check_value() -> None:

@@ -73,23 +73,29 @@ def fix_vdi(path: Path, image_uuid: uuid.UUID, last_snap_uuid: uuid.UUID) -> Non
 
 
 def fix_vmdk(path: Path, cid: int) -> None:
-    """Set the CID in the descriptor embedded in a monolithicSparse VMDK (qemu writes it unpadded: `%x`)."""
+    """Set the CID in the descriptor embedded in a monolithicSparse VMDK (qemu writes it unpadded: `%x`).
+
+    The descriptor is a NUL-terminated string in its sectors. qemu-img writes a random CID when it creates
+    the file and another on the first write (block/vmdk.c: vmdk_write_cid, called once per open from
+    vmdk_pwritev), rewriting the text in place: when the second CID has fewer digits, the old text's last
+    bytes stay behind the new terminator. Only the text up to the first NUL is kept, then NUL padding.
+    """
     with path.open("r+b") as f:
         header = f.read(512)
         if header[:4] != b"KDMV":
             raise BuildError(f"{path}: not a sparse VMDK (no KDMV magic)")
         desc_offset, desc_size = struct.unpack_from("<QQ", header, 28)
         f.seek(desc_offset * 512)
-        desc = f.read(desc_size * 512)
-        new, count = re.subn(rb"^CID=[0-9a-fA-F]{1,8}$", b"CID=%08x" % cid, desc, count=1, flags=re.MULTILINE)
+        area = f.read(desc_size * 512)
+        text = area.split(b"\0", 1)[0]
+        new, count = re.subn(rb"^CID=[0-9a-fA-F]{1,8}$", b"CID=%08x" % cid, text, count=1, flags=re.MULTILINE)
         if count != 1:
             raise BuildError(f"{path}: no CID line in the VMDK descriptor")
-        # The descriptor area is NUL-padded text: keep its size, the line may have grown by up to 7 bytes.
-        if new[len(desc):].strip(b"\0"):
+        # The line may have grown by up to 7 bytes: the text and its terminator must still fit the area.
+        if len(new) >= len(area):
             raise BuildError(f"{path}: no room for the CID in the VMDK descriptor")
-        new = new[:len(desc)].ljust(len(desc), b"\0")
         f.seek(desc_offset * 512)
-        f.write(new)
+        f.write(new.ljust(len(area), b"\0"))
 
 
 def _checked_vhdx_block(path: Path, block: bytes, what: str) -> bytearray:
