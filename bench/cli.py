@@ -115,7 +115,7 @@ def time_method(method: str, closure: Closure, work: Path, args: argparse.Namesp
     remove_tree(staging)
     if method == "builder":
         plan = builder_plan(closure, scratch, args.python, args.builder_src, os.geteuid() == 0, args.stat_shim,
-                            args.format, args.pycache)
+                            args.format)
     elif method == "floor":
         plan = floor_plan(closure, scratch, ref["disk"], ref["root_offset"], ref["root_size"], args.format)
     elif method == "repart":
@@ -211,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     facts["builder timed"] = (f"{args.builder_src} (snapshot of {commit_file.read_text().strip()})"
                               if commit_file.exists() else f"{args.builder_src} at the repo commit")
     args.stat_shim, facts["stat shim"] = stat_shim(args.builder_src, args.work)
-    args.pycache = args.work / "pycache"
-    facts["builder bytecode"] = compile_bytecode(args.builder_src, args.python, args.pycache)
+    facts["builder bytecode"] = compile_bytecode(args.builder_src, args.python)
     config = {"builder_src": str(args.builder_src), "sizes": args.sizes, "runs": args.runs, "methods": methods,
               "format": args.format,
               "cache": args.cache, "seed_staging": args.seed_staging, "seed": args.seed, "closure": args.closure,

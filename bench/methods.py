@@ -87,23 +87,24 @@ def stat_shim(src: Path, work: Path) -> tuple[str, str]:
     return str(out), "compiled by the bench from builder/sandbox/statshim.c (the package was not built)"
 
 
-def compile_bytecode(src: Path, python: str, prefix: Path) -> str:
-    """Byte-compile the timed builder package into prefix (PYTHONPYCACHEPREFIX), once, before any timing.
+def compile_bytecode(src: Path, python: str) -> str:
+    """Byte-compile the timed builder package beside its sources (__pycache__, ignored by git), before timing.
 
     The Nix package is installed with its bytecode (buildPythonApplication compiles it), so a timed run
-    must not compile the sources again: an interpreter run with PYTHONDONTWRITEBYTECODE, or from a
-    read-only tree, would (about 0.1 s per run here). The checkout itself is left untouched.
+    must not compile the sources again, as an interpreter run with PYTHONDONTWRITEBYTECODE would on
+    every run (about 0.1 s here). Not PYTHONPYCACHEPREFIX: with it the interpreter looks for every
+    module's bytecode there only, and compiled the whole standard library on each run instead.
     """
-    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(prefix)}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}
     done = subprocess.run([python, "-m", "compileall", "-q", str(src / "builder")], env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"byte-compiling {src / 'builder'} failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
-    return f"compiled before timing into {prefix} (PYTHONPYCACHEPREFIX), as the Nix package installs it"
+    return f"compiled before timing (python -m compileall {src / 'builder'}), as the Nix package installs it"
 
 
 def builder_plan(closure: Closure, scratch: Path, python: str, src: Path, as_root: bool, shim: str,
-                 fmt: str = "raw", pycache: Path | None = None) -> Plan:
+                 fmt: str = "raw") -> Plan:
     """`python -m builder prepare --out`: prepare and convert to raw in one process, as a Nix build with no
     VM stage runs them.
 
@@ -116,8 +117,6 @@ def builder_plan(closure: Closure, scratch: Path, python: str, src: Path, as_roo
     out, work = scratch / "out", scratch / "builder-work"
     work.mkdir()
     env = {"PYTHONPATH": str(src), "MDI_STAT_SHIM": shim}
-    if pycache is not None:  # the bytecode compile_bytecode wrote
-        env["PYTHONPYCACHEPREFIX"] = str(pycache)
     # As nix/make-disk-image.nix runs it: no --image, so the raw image goes where it costs no extra write.
     prepare = [python, "-m", "builder", "prepare", str(spec), "--work", str(work), "--out", str(out)]
     if as_root:
