@@ -281,7 +281,8 @@ def test_vmdk_leftovers_of_a_shorter_cid_are_dropped(raw_image: Path, tmp_path: 
             area = qemu_write_cid(area, cid)
         images[name] = tmp_path / f"{name}.vmdk"
         images[name].write_bytes(data[:start] + area + data[end:])
-        assert subprocess.run(["qemu-img", "check", str(images[name])]).returncode == 0, "a valid vmdk, as qemu leaves it"
+        checked = subprocess.run(["qemu-img", "check", str(images[name])])
+        assert checked.returncode == 0, "a valid vmdk, as qemu leaves it"
     left = images["long-then-short"].read_bytes()[start:end]
     assert left.split(b"\0", 1)[1].strip(b"\0"), "the simulated rewrite leaves bytes behind the terminator"
     for path in images.values():
