@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from . import chmod, rules
 from .boot.systemd_boot_config import SystemdBootConfig, parse_systemd_boot, systemd_boot_problems
 from .errors import SpecError
+from .inputfile import read_at_most
 from .log import warn
 from .resources import data_file
 from .schema_fast import surely_valid
@@ -596,7 +597,7 @@ def load_spec(path: Path) -> Spec:
     """Read and validate a spec file; unreadable, oversized or non-JSON files are user errors too."""
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_SPEC_BYTES + 1)
+            data = read_at_most(f, MAX_SPEC_BYTES)
         if len(data) > MAX_SPEC_BYTES:
             raise SpecError([f"$: spec file {str(path)!r} is larger than {MAX_SPEC_BYTES} bytes (not a spec)"])
         text = data.decode("utf-8")

@@ -345,6 +345,27 @@ def test_a_key_with_a_newline_is_named_on_one_line(fixture_spec: Path, tmp_path:
     assert '$["x\\n"]: "\\u0000" contains a NUL byte' in err, err
 
 
+def test_reading_the_registration_does_not_reserve_its_bound(fixture_spec: Path, tmp_path: Path) -> None:
+    """The registration (and the spec) are read in pieces: `f.read(bound + 1)` reserved the whole 512 MiB bound
+    up front, which an address-space limit or a build machine without overcommit refuses (MemoryError)."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(spec_doc(fixture_spec)))
+    script = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "from builder.spec import load_spec\n"
+        "from builder.staging import store\n"
+        "size = next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmSize:'))\n"
+        "limit = size * 1024 + (256 << 20)\n"  # room for reading, not for reserving 512 MiB
+        "resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
+        "print(len(store.read_closure(load_spec(Path(sys.argv[1])))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(spec)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) > 0
+
+
 def test_an_endless_registration_is_refused_without_reading_it_all(fixture_spec: Path, tmp_path: Path) -> None:
     """closureInfo's registration read until memory ran out when it was /dev/zero; it is bounded like the spec."""
     doc = spec_doc(fixture_spec)

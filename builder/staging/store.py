@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..inputfile import read_at_most
 from ..spec import Spec
 
 NIX32_ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -165,7 +166,7 @@ def read_closure(spec: Spec) -> list[Registration]:
     reg_file = info / "registration"
     try:
         with open(reg_file, "rb") as f:
-            data = f.read(MAX_REGISTRATION_BYTES + 1)
+            data = read_at_most(f, MAX_REGISTRATION_BYTES)
         if len(data) > MAX_REGISTRATION_BYTES:
             raise UserError(f"system.closureInfo: {str(reg_file)!r} is larger than {MAX_REGISTRATION_BYTES} bytes "
                             "(not a closureInfo registration)")
