@@ -31,7 +31,7 @@ from tests.support.digest import sha256
 from .cli import parse_size, run_plan
 from .closure import CLOSURE_KINDS, ensure_closure, remove_tree
 from .machine import machine_facts
-from .methods import Plan, builder_plan, spec_document, stat_shim
+from .methods import Plan, builder_plan, compile_bytecode, spec_document, stat_shim
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -70,6 +70,7 @@ def make_raw(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path]:
     closure = ensure_closure(args.work, parse_size(args.size), 1, args.size, args.closure)
     as_root = os.geteuid() == 0
     shim, _ = stat_shim(args.builder_src, args.work)
+    compile_bytecode(args.builder_src, args.python)  # the convert runs are timed as the Nix package runs
     plan = builder_plan(closure, scratch, args.python, args.builder_src, as_root, shim)
     result = run_plan(plan)
     if result.get("error"):

@@ -7,18 +7,17 @@ from typing import BinaryIO
 CHUNK = 1 << 20
 
 
-def read_at_most(f: BinaryIO, limit: int) -> bytes:
+def read_at_most(f: BinaryIO, limit: int) -> bytearray:
     """The file's bytes, or its first limit + 1 bytes when it is longer (the caller refuses those).
 
-    Read in 1 MiB pieces: `f.read(limit + 1)` would allocate the whole bound up front (512 MiB for a
-    registration), which a build machine without overcommit, or under a memory limit, refuses.
+    Read in 1 MiB pieces into one growing buffer: `f.read(limit + 1)` would allocate the whole bound up
+    front (512 MiB for a registration), which a build machine without overcommit, or under a memory limit,
+    refuses; a list of pieces joined at the end would need twice what was read.
     """
-    chunks: list[bytes] = []
-    total = 0
-    while total <= limit:
-        chunk = f.read(min(CHUNK, limit + 1 - total))
+    data = bytearray()
+    while len(data) <= limit:
+        chunk = f.read(min(CHUNK, limit + 1 - len(data)))
         if not chunk:
             break
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
+        data += chunk
+    return data
