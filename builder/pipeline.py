@@ -37,6 +37,7 @@ from .fs import ext, fat, placed
 from .log import step
 from .output import Output, output_dir
 from .resources import template_dir
+from .sandbox.e2fscrc import crc_library
 from .signals import reaping_descendants
 from .spec import Spec
 from .staging import store
@@ -299,6 +300,7 @@ def _convert(spec: Spec, raw: Path, output: Output) -> Path:
 
 def check_settings(spec: Spec) -> None:
     """The environment's settings for this build, checked before any work (exit 2 for a bad value)."""
+    crc_library()
     if spec.format == "qcow2-compressed":
         from .disk.convert import qcow2_writer
         qcow2_writer()

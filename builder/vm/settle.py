@@ -25,6 +25,7 @@ from ..disk.layout import Layout, plan
 from ..errors import BuildError
 from ..fs import fat
 from ..log import step
+from ..sandbox.e2fscrc import with_crc_library
 from ..spec import Spec
 
 FALLOC_FL_KEEP_SIZE = 1
@@ -34,7 +35,7 @@ RANDOM_SEED = "/loader/random-seed"
 
 def _run(argv: list[str], epoch: int, what: str, ok: tuple[int, ...] = (0,)) -> str:
     """Run an e2fsprogs/mtools command with the fake time; BuildError naming `what` on failure."""
-    env = dict(os.environ, E2FSPROGS_FAKE_TIME=str(epoch), SOURCE_DATE_EPOCH=str(epoch), TZ="UTC")
+    env = with_crc_library(dict(os.environ, E2FSPROGS_FAKE_TIME=str(epoch), SOURCE_DATE_EPOCH=str(epoch), TZ="UTC"))
     res = subprocess.run(argv, capture_output=True, text=True, env=env)
     if res.returncode not in ok:
         raise BuildError(f"{what} failed: {(res.stderr or res.stdout).strip()[-1500:]}")
@@ -99,7 +100,7 @@ def _inode_times(image: Path, offset: int, epoch: int, scratch: Path) -> None:
     cmds = scratch / "vmpin-times.cmds"
     cmds.write_text("\n".join(lines) + "\n")
     res = subprocess.run(["debugfs", "-w", "-f", str(cmds), target], capture_output=True, text=True,
-                         env=dict(os.environ, E2FSPROGS_FAKE_TIME=str(epoch)))
+                         env=with_crc_library(dict(os.environ, E2FSPROGS_FAKE_TIME=str(epoch))))
     errors = [ln for ln in res.stderr.splitlines() if ln and not ln.startswith("debugfs ")]
     if res.returncode != 0 or errors:
         raise BuildError(f"debugfs could not pin inode times after the VM: {'; '.join(errors[:5])}")
