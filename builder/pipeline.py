@@ -38,6 +38,7 @@ from .log import step
 from .output import Output, output_dir
 from .resources import template_dir
 from .sandbox.e2fscrc import crc_library
+from .sandbox.statshim import stat_shim
 from .signals import reaping_descendants
 from .spec import Spec
 from .staging import store
@@ -165,6 +166,7 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None,
     of made again.
     """
     check_image_path(image)
+    check_settings(spec)
     with scratch_dir(work) as scratch, written_beside(image, "--image") as partial:
         try:
             check_room(spec, [(scratch, scratch.parent), (partial, image.absolute().parent)])
@@ -209,6 +211,7 @@ def build_root_filesystem(spec: Spec, out: Path, work: Path | None = None) -> Pa
         raise UserError("root-filesystem: the spec does not have shareRootFilesystem = true; only then is the root "
                         "filesystem sized independently of the layout, so that one build serves every variant")
     check_image_path(out)
+    check_settings(spec)
     with scratch_dir(work) as scratch, written_beside(out, "--out") as partial:
         with step("read closure"):
             regs = store.read_closure(spec)
@@ -300,6 +303,7 @@ def _convert(spec: Spec, raw: Path, output: Output) -> Path:
 
 def check_settings(spec: Spec) -> None:
     """The environment's settings for this build, checked before any work (exit 2 for a bad value)."""
+    stat_shim()
     crc_library()
     if spec.format == "qcow2-compressed":
         from .disk.convert import qcow2_writer

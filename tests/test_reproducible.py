@@ -247,7 +247,7 @@ def test_stat_shim_that_is_not_a_file_is_named(make_spec: SpecFactory, tmp_path:
     res = subprocess.run([sys.executable, "-m", "builder", "prepare", str(make_spec()), "--image",
                           str(tmp_path / "x.img")], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "MDI_STAT_SHIM": str(tmp_path / "missing.so")})
-    assert res.returncode != 0
+    assert res.returncode == 2, res.stderr
     assert "MDI_STAT_SHIM" in res.stderr and "missing.so" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "x.img").exists()

@@ -5,7 +5,9 @@ build's files, so it runs with the stat shim (builder/statshim.c, LD_PRELOAD) th
 owned by root with atime/ctime at the epoch, and E2FSPROGS_FAKE_TIME pins what it stamps itself (crtime;
 with deterministic also the superblock's times; e2fsprogs 1.47.0 ignores SOURCE_DATE_EPOCH). The numeric
 owners contents asked for are then set with debugfs. Without the shim (not built, or MDI_STAT_SHIM=none)
-one debugfs pass over every inode sets owners and times instead: same result, slower.
+one debugfs pass over every inode sets owners and times instead: same result, slower. Every e2fsprogs tool
+here also runs with the checksum library (builder/sandbox/e2fscrc.c): libext2fs' CRC-32C on the CPU's
+crc32 instruction, the same bytes in less time.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-/* LD_PRELOAD library for e2fsprogs (mkfs.ext4, debugfs, e2fsck; builder/sandbox/e2fscrc.py): their
+/* LD_PRELOAD library for e2fsprogs (mkfs.ext4, debugfs, e2fsck, tune2fs; builder/sandbox/e2fscrc.py): their
    metadata checksums (CRC-32C) with the CPU's crc32 instruction instead of libext2fs' table code.
 
    With metadata_csum, `mkfs.ext4 -d` checksums every inode, directory and extent block each time it

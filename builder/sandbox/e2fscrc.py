@@ -7,11 +7,9 @@ same image bytes, in less time. MDI_E2FS_CRC=none leaves e2fsprogs as it is (tes
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from functools import cache
 
-from ..errors import UserError
+from .preload import built_library
 
 # Path of the library to preload into e2fsprogs, or "none"; default: the one built with the package.
 CRC_ENV = "MDI_E2FS_CRC"
@@ -19,16 +17,8 @@ CRC_ENV = "MDI_E2FS_CRC"
 
 @cache
 def crc_library() -> str | None:
-    """The checksum library to preload into e2fsprogs, if any (a bad MDI_E2FS_CRC is the user's: exit 2)."""
-    chosen = os.environ.get(CRC_ENV)
-    if chosen == "none":
-        return None
-    if chosen:
-        if not os.path.isfile(chosen):
-            raise UserError(f"{CRC_ENV}={chosen!r} is not a file (give the built e2fscrc library, or 'none')")
-        return chosen
-    found = importlib.util.find_spec(f"{__package__}._e2fscrc")
-    return found.origin if found is not None and found.origin and os.path.isfile(found.origin) else None
+    """The checksum library to preload into e2fsprogs (built with the package as builder.sandbox._e2fscrc), if any."""
+    return built_library(CRC_ENV, "_e2fscrc", "e2fscrc")
 
 
 def with_crc_library(env: dict[str, str]) -> dict[str, str]:
