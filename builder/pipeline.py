@@ -278,6 +278,7 @@ def after_vm(spec: Spec, image: Path) -> None:
 
     The same step for `build` and for the Nix derivation's postVM, deterministic or not.
     """
+    check_settings(spec)
     plan = layout.plan(spec, image.stat().st_size)
     with step("check after finalize"):
         check_finalized(spec, image, plan)

@@ -7,6 +7,7 @@ debugfs, e2fsck and tune2fs without the library for the images.
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -24,28 +25,44 @@ REPO = Path(__file__).parent.parent
 LAYOUTS = ["legacy", "legacy+boot", "legacy+gpt", "efi", "efixbootldr", "hybrid", "none"]
 ROOT_PARTITION = {"legacy": 1, "legacy+boot": 2, "legacy+gpt": 2, "efi": 2, "efixbootldr": 3, "hybrid": 3}
 
-# Compares the library's ext2fs_crc32c_le with libext2fs' own over every alignment and many lengths. The
-# process runs with the library preloaded, as e2fsprogs does, so that it finds libext2fs' function next.
+# Compares the library's ext2fs_crc32c_le with libext2fs' own at every alignment (addresses inside one
+# buffer) and many lengths. How the process finds libext2fs is argv[2]: "preloaded", as e2fsprogs runs (the
+# library in LD_PRELOAD, libext2fs after it in the global scope); "private", libext2fs loaded before it
+# with RTLD_LOCAL (out of RTLD_NEXT's reach); "alone", the library choosing before any libext2fs is loaded
+# (it then checks the instruction against the CRC's definition, and libext2fs is loaded only to compare).
 COMPARE = r"""
-import ctypes, os, random, sys
-real = ctypes.CDLL("libext2fs.so.2", mode=ctypes.RTLD_GLOBAL).ext2fs_crc32c_le
-ours = ctypes.CDLL(sys.argv[1])
-mine = ours.ext2fs_crc32c_le
-for f in (real, mine):
-    f.restype, f.argtypes = ctypes.c_uint32, [ctypes.c_uint32, ctypes.c_char_p, ctypes.c_size_t]
+import ctypes, random, sys
+library, how = sys.argv[1], sys.argv[2]
+signature = (ctypes.c_uint32, [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t])
+def function(lib):
+    f = lib.ext2fs_crc32c_le
+    f.restype, f.argtypes = signature
+    return f
+if how == "alone":
+    ours = ctypes.CDLL(library)
+    mine = function(ours)
+    mine(0, None, 0)  # chooses now, with no libext2fs in the process
+    real = function(ctypes.CDLL("libext2fs.so.2"))
+else:
+    real = function(ctypes.CDLL("libext2fs.so.2", mode=ctypes.RTLD_GLOBAL if how == "preloaded" else 0))
+    ours = ctypes.CDLL(library)
+    mine = function(ours)
 rng = random.Random(7)
-data = rng.randbytes(70000)
+data = ctypes.create_string_buffer(rng.randbytes(70000), 70000)
+base = ctypes.addressof(data)
 checked = 0
 for start in range(16):
     for length in list(range(0, 300)) + [4096, 4096 + 7, 65536 + 3]:
         crc = rng.getrandbits(32)
-        piece = data[start:start + length]
-        if real(crc, piece, length) != mine(crc, piece, length):
-            sys.exit(f"differs at start {start}, length {length}, crc {crc:#x}")
+        if real(crc, base + start, length) != mine(crc, base + start, length):
+            sys.exit(f"differs at address offset {start}, length {length}, crc {crc:#x}")
         checked += 1
+check = ctypes.create_string_buffer(b"123456789", 9)
+standard = mine(0xFFFFFFFF, ctypes.addressof(check), 9) ^ 0xFFFFFFFF  # CRC-32C's published check value
 distinct = ctypes.cast(real, ctypes.c_void_p).value != ctypes.cast(mine, ctypes.c_void_p).value
-print(checked, ours.e2fscrc_uses_instruction(), distinct)
+print(checked, ours.e2fscrc_uses_instruction(), distinct, hex(standard))
 """
+x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason="the library defines nothing elsewhere")
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +79,20 @@ def cpu_has_crc32_instruction() -> bool:
     return any(" sse4_2" in line for line in flags)
 
 
-def test_checksums_are_libext2fs_own(library: str) -> None:
-    res = subprocess.run([sys.executable, "-c", COMPARE, library], capture_output=True, text=True,
-                         env=e2fscrc.with_crc_library(dict(os.environ)))
+@x86_64_only
+@pytest.mark.parametrize("how", ["preloaded", "private", "alone"])
+def test_checksums_are_libext2fs_own(library: str, how: str) -> None:
+    env = e2fscrc.with_crc_library(dict(os.environ)) if how == "preloaded" else dict(os.environ)
+    res = subprocess.run([sys.executable, "-c", COMPARE, library, how], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
-    checked, uses_instruction, distinct = res.stdout.split()
-    assert (int(checked), distinct) == (16 * 303, "True")  # libext2fs' function against the library's
+    checked, uses_instruction, distinct, standard = res.stdout.split()
+    # libext2fs' function against the library's, and the check value every CRC-32C gives for "123456789"
+    assert (int(checked), distinct, standard) == (16 * 303, "True", "0xe3069283")
     # On this CPU the instruction must be what computed them (else the library would only slow e2fsprogs).
     assert uses_instruction == ("1" if cpu_has_crc32_instruction() else "0")
 
 
+@x86_64_only
 def test_mkfs_takes_its_checksums_from_the_library(library: str, tmp_path: Path) -> None:
     """The dynamic linker binds libext2fs' own calls to the library, not only mkfs's (LD_DEBUG=bindings)."""
     image = tmp_path / "x.img"
@@ -82,6 +103,48 @@ def test_mkfs_takes_its_checksums_from_the_library(library: str, tmp_path: Path)
     assert res.returncode == 0, res.stderr
     bound = [line for line in res.stderr.splitlines() if "`ext2fs_crc32c_le'" in line]
     assert any("libext2fs.so" in line.split(" to ")[0] and library in line.split(" to ")[1] for line in bound), bound
+
+
+E2FSPROGS_WRITERS = {"mkfs.ext4", "e2fsck", "tune2fs", "debugfs"}
+
+
+def preloads_of(argv: list[str], env: dict[str, str] | None) -> tuple[str, str] | None:
+    """(tool, LD_PRELOAD it runs with) when argv runs e2fsprogs' mkfs, e2fsck, tune2fs or a writing debugfs.
+
+    LD_PRELOAD is the environment's or, through env(1) inside the namespace helper's argv, the argument's.
+    """
+    for i, arg in enumerate(argv):
+        tool = os.path.basename(arg)
+        if tool in E2FSPROGS_WRITERS and (tool != "debugfs" or "-w" in argv[i:]):
+            given = [a.split("=", 1)[1] for a in argv[:i] if a.startswith("LD_PRELOAD=")]
+            return tool, given[-1] if given else (env or os.environ).get("LD_PRELOAD", "")
+    return None
+
+
+@x86_64_only
+@pytest.mark.slow
+def test_every_e2fsprogs_tool_runs_with_the_library(library: str, make_spec: SpecFactory, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare (mkfs probes, mkfs -d, debugfs, e2fsck) and the settling after the VM (tune2fs, e2fsck, debugfs)."""
+    from builder.pipeline import prepare_image
+    from builder.spec import load_spec
+
+    seen: list[tuple[str, str]] = []
+    real_run = subprocess.run
+
+    def recording(argv: list[str], *args: object, **kwargs: object) -> object:
+        found = preloads_of(list(argv), kwargs.get("env"))  # type: ignore[arg-type]
+        if found:
+            seen.append(found)
+        return real_run(argv, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(subprocess, "run", recording)
+    image = tmp_path / "efi.img"
+    prepare_image(load_spec(make_spec(partitionTableType="efi", bootSize="128M")), image, tmp_path / "work")
+    (tmp_path / "scratch").mkdir()
+    settle_ext(image, part_offset(image, ROOT_PARTITION["efi"]), 1700000000, tmp_path / "scratch")
+    assert {tool for tool, _ in seen} == E2FSPROGS_WRITERS
+    assert [(tool, preload) for tool, preload in seen if library not in preload.split(":")] == []
 
 
 def test_with_crc_library_keeps_what_was_preloaded(library: str) -> None:
@@ -154,3 +217,25 @@ def test_a_library_that_is_not_a_file_is_named(make_spec: SpecFactory, tmp_path:
     assert e2fscrc.CRC_ENV in res.stderr and "missing.so" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "x.img").exists()
+
+
+def test_a_path_the_loader_would_split_is_named(make_spec: SpecFactory, tmp_path: Path) -> None:
+    odd = tmp_path / "a b:c.so"
+    odd.write_bytes(b"")
+    res = subprocess.run([sys.executable, "-m", "builder", "prepare", str(make_spec()), "--image",
+                          str(tmp_path / "x.img")], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, e2fscrc.CRC_ENV: str(odd)})
+    assert res.returncode == 2, res.stderr
+    assert e2fscrc.CRC_ENV in res.stderr and "spaces and colons" in res.stderr
+    assert not (tmp_path / "x.img").exists()
+
+
+@pytest.mark.slow
+def test_a_library_the_loader_refuses_changes_nothing(make_spec: SpecFactory, tmp_path: Path) -> None:
+    """ld.so only warns about a file it cannot preload; debugfs' error parsing must not take that for a failure."""
+    not_elf = tmp_path / "not-elf.so"
+    not_elf.write_text("not a library\n")
+    spec = make_spec(partitionTableType="efi", bootSize="128M")
+    prepare(spec, tmp_path / "refused.img", tmp_path / "work", MDI_E2FS_CRC=str(not_elf))
+    prepare(spec, tmp_path / "stock.img", tmp_path / "work", MDI_E2FS_CRC="none")
+    assert sha256(tmp_path / "refused.img") == sha256(tmp_path / "stock.img")

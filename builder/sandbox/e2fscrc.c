@@ -8,7 +8,8 @@
    polynomial 0x82F63B78, lib/ext2fs/crc32c.c) is the one SSE4.2's crc32 computes, so the image's bytes
    do not change. The instruction is used only when the CPU has it and it gives libext2fs' own results
    on a test buffer; else every call goes to libext2fs' function. Elsewhere than x86-64 this library
-   defines nothing, and the table code runs as without it. */
+   defines nothing, and the table code runs as without it. The dynamic loader splits LD_PRELOAD at
+   spaces and colons, so its path must have neither (builder/sandbox/preload.py sees to it). */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stddef.h>
@@ -18,6 +19,9 @@
 #if defined(__x86_64__)
 
 typedef uint32_t crc_fn(uint32_t crc, unsigned char const *p, size_t len);
+
+uint32_t ext2fs_crc32c_le(uint32_t crc, unsigned char const *p, size_t len);
+static crc_fn *chosen_fn;
 
 __attribute__((target("sse4.2"))) static uint32_t crc_instruction(uint32_t crc, unsigned char const *p, size_t len) {
     uint64_t c = crc;
@@ -33,7 +37,8 @@ __attribute__((target("sse4.2"))) static uint32_t crc_instruction(uint32_t crc, 
     return (uint32_t)c;
 }
 
-/* Bit by bit: for a process whose libext2fs could not be found to compare with (none calls this then). */
+/* Bit by bit, from the definition: what the instruction is checked against when libext2fs' own function
+   cannot be found (a libext2fs loaded with RTLD_LOCAL by dlopen is not in RTLD_NEXT's reach). */
 static uint32_t crc_bitwise(uint32_t crc, unsigned char const *p, size_t len) {
     while (len--) {
         crc ^= *p++;
@@ -43,12 +48,25 @@ static uint32_t crc_bitwise(uint32_t crc, unsigned char const *p, size_t len) {
     return crc;
 }
 
-/* The instruction when it agrees with `real` over every alignment and length of a test buffer. */
-static crc_fn *choose(crc_fn *real) {
-    if (!real)
-        return crc_bitwise;
+/* libext2fs' own function: the next definition after this library's, else the one of a libext2fs
+   already loaded privately; NULL when there is none (then nothing in the process calls this one). */
+static crc_fn *libext2fs_function(void) {
+    crc_fn *real = (crc_fn *)dlsym(RTLD_NEXT, "ext2fs_crc32c_le");
+    if (!real) {
+        void *lib = dlopen("libext2fs.so.2", RTLD_LAZY | RTLD_NOLOAD);
+        if (lib)
+            real = (crc_fn *)dlsym(lib, "ext2fs_crc32c_le");
+    }
+    return real == ext2fs_crc32c_le ? NULL : real;
+}
+
+/* The instruction when it agrees with the reference (libext2fs' function, else the definition) over
+   every alignment and many lengths of a test buffer; else the reference itself. */
+static crc_fn *choose(void) {
+    crc_fn *real = libext2fs_function();
+    crc_fn *reference = real ? real : crc_bitwise;
     if (!__builtin_cpu_supports("sse4.2"))
-        return real;
+        return reference;
     unsigned char buf[4096 + 64];
     uint32_t x = 0x12345678u;
     for (size_t i = 0; i < sizeof buf; i++) {
@@ -57,17 +75,19 @@ static crc_fn *choose(crc_fn *real) {
     }
     for (size_t start = 0; start < 16; start++)
         for (size_t len = 0; len <= 64; len++)
-            if (crc_instruction(~0u, buf + start, len) != real(~0u, buf + start, len))
-                return real;
-    if (crc_instruction(0x9e3779b9u, buf + 3, 4096) != real(0x9e3779b9u, buf + 3, 4096))
-        return real;
+            if (crc_instruction(~0u, buf + start, len) != reference(~0u, buf + start, len))
+                return reference;
+    if (crc_instruction(0x9e3779b9u, buf + 3, 4096) != reference(0x9e3779b9u, buf + 3, 4096))
+        return reference;
     return crc_instruction;
 }
 
 static crc_fn *chosen(void) {
-    static crc_fn *fn;
-    if (!fn) /* e2fsprogs is single-threaded; a second chooser would choose the same */
-        fn = choose((crc_fn *)dlsym(RTLD_NEXT, "ext2fs_crc32c_le"));
+    crc_fn *fn = __atomic_load_n(&chosen_fn, __ATOMIC_RELAXED);
+    if (!fn) { /* two threads choosing at once choose the same */
+        fn = choose();
+        __atomic_store_n(&chosen_fn, fn, __ATOMIC_RELAXED);
+    }
     return fn;
 }
 
@@ -75,7 +95,7 @@ uint32_t ext2fs_crc32c_le(uint32_t crc, unsigned char const *p, size_t len) {
     return chosen()(crc, p, len);
 }
 
-/* For the tests: 1 when the crc32 instruction computes the checksums, 0 when libext2fs' code does. */
+/* For the tests: 1 when the crc32 instruction computes the checksums, 0 when the reference does. */
 int e2fscrc_uses_instruction(void) {
     return chosen() == crc_instruction;
 }

@@ -19,6 +19,16 @@ def built_library(setting: str, module: str, what: str) -> str | None:
     if chosen:
         if not os.path.isfile(chosen):
             raise UserError(f"{setting}={chosen!r} is not a file (give the built {what} library, or 'none')")
+        if not preloadable(chosen):
+            raise UserError(f"{setting}={chosen!r}: LD_PRELOAD splits paths at spaces and colons; give a path "
+                            "without them, or 'none'")
         return chosen
     found = importlib.util.find_spec(f"{__package__}.{module}")
-    return found.origin if found is not None and found.origin and os.path.isfile(found.origin) else None
+    if found is None or not found.origin or not os.path.isfile(found.origin) or not preloadable(found.origin):
+        return None  # not built, or installed where the loader cannot be given it: e2fsprogs runs without
+    return found.origin
+
+
+def preloadable(path: str) -> bool:
+    """Whether LD_PRELOAD can name path: the dynamic loader splits its value at spaces and colons."""
+    return not any(c in path for c in " \t\n:")

@@ -24,6 +24,7 @@ from pathlib import Path
 from ..disk.layout import Layout, plan
 from ..errors import BuildError
 from ..fs import fat
+from ..fs.ext import debugfs_errors
 from ..log import step
 from ..sandbox.e2fscrc import with_crc_library
 from ..spec import Spec
@@ -101,7 +102,7 @@ def _inode_times(image: Path, offset: int, epoch: int, scratch: Path) -> None:
     cmds.write_text("\n".join(lines) + "\n")
     res = subprocess.run(["debugfs", "-w", "-f", str(cmds), target], capture_output=True, text=True,
                          env=with_crc_library(dict(os.environ, E2FSPROGS_FAKE_TIME=str(epoch))))
-    errors = [ln for ln in res.stderr.splitlines() if ln and not ln.startswith("debugfs ")]
+    errors = debugfs_errors(res.stderr)
     if res.returncode != 0 or errors:
         raise BuildError(f"debugfs could not pin inode times after the VM: {'; '.join(errors[:5])}")
 
