@@ -28,6 +28,7 @@ from ..errors import BuildError, OutOfHostSpace, UserError
 from ..log import info, step
 from ..sandbox.e2fscrc import with_crc_library
 from ..sandbox.namespace import run_with_binds, userns_available
+from ..sandbox.preload import preload_list
 from ..sandbox.statshim import stat_shim
 from ..spec import Spec
 from ..staging import measure, store
@@ -133,7 +134,7 @@ def populate(
     preload = env.pop("LD_PRELOAD", None)
     shim = stat_shim()
     if shim:
-        preload = ":".join(filter(None, [preload, shim]))
+        preload = preload_list(preload, shim)
         argv = [f"MDI_SHIM_EPOCH={epoch}", *argv]
         env["E2FSPROGS_FAKE_TIME"] = str(params.fake_time if params.fake_time is not None else epoch)
     if preload:

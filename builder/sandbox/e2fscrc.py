@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from .preload import built_library
+from .preload import built_library, preload_list
 
 # Path of the library to preload into e2fsprogs, or "none"; default: the one built with the package.
 CRC_ENV = "MDI_E2FS_CRC"
@@ -26,4 +26,4 @@ def with_crc_library(env: dict[str, str]) -> dict[str, str]:
     library = crc_library()
     if library is None:
         return env
-    return {**env, "LD_PRELOAD": ":".join(filter(None, [env.get("LD_PRELOAD"), library]))}
+    return {**env, "LD_PRELOAD": preload_list(env.get("LD_PRELOAD"), library)}

@@ -32,3 +32,8 @@ def built_library(setting: str, module: str, what: str) -> str | None:
 def preloadable(path: str) -> bool:
     """Whether LD_PRELOAD can name path: the dynamic loader splits its value at spaces and colons."""
     return not any(c in path for c in " \t\n:")
+
+
+def preload_list(*libraries: str | None) -> str:
+    """An LD_PRELOAD value loading these in order (empty or None entries, e.g. an unset LD_PRELOAD, left out)."""
+    return ":".join(filter(None, libraries))
