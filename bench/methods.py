@@ -20,6 +20,8 @@ LABEL = "nixos"
 ROOT_GUID = "F222513B-DED1-49FA-B591-20CE86A2FE7F"
 REPART_SEED = "6e1f2a52-3c4d-4e5f-8a9b-0c1d2e3f4a5b"
 Step = dict[str, Any]
+# Runs a command with the closure at /nix/store in a private mount namespace, whether or not the host has one.
+STORE_VIEW = ("unshare", "--mount", "--propagation", "private", "sh", str(Path(__file__).with_name("storeview.sh")))
 
 
 @dataclass(frozen=True)
@@ -108,9 +110,9 @@ def builder_plan(closure: Closure, scratch: Path, python: str, src: Path, as_roo
     """`python -m builder prepare --out`: prepare and convert to raw in one process, as a Nix build with no
     VM stage runs them.
 
-    As root the closure is bind-mounted on /nix/store in a private mount namespace (what a Nix build
-    sandbox sees), so the image holds /nix/store like the other methods' images; `src` is the directory
-    holding the `builder` package to time.
+    As root the closure is seen at /nix/store in a private mount namespace (bench/storeview.sh: what a Nix
+    build sandbox sees, also on a host that has no /nix/store yet), so the image holds /nix/store like the
+    other methods' images; `src` is the directory holding the `builder` package to time.
     """
     spec = scratch / "spec.json"
     spec.write_text(json.dumps(spec_document(closure, logical_store=as_root, fmt=fmt), indent=2) + "\n")
@@ -120,8 +122,9 @@ def builder_plan(closure: Closure, scratch: Path, python: str, src: Path, as_roo
     # As nix/make-disk-image.nix runs it: no --image, so the raw image goes where it costs no extra write.
     prepare = [python, "-m", "builder", "prepare", str(spec), "--work", str(work), "--out", str(out)]
     if as_root:
-        prepare = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                   'mount --bind "$0" /nix/store && exec "$@"', str(closure.store_dir), *prepare]
+        view = scratch / "store-view"
+        view.mkdir()
+        prepare = [*STORE_VIEW, str(closure.store_dir), str(view), "--", *prepare]
     steps: list[Step] = [{"name": "prepare", "argv": prepare, "env": env, "cwd": str(src)},
                          {"name": "sync", "argv": ["sync"]}]
     if fmt == "raw":

@@ -186,6 +186,10 @@ def read_closure(spec: Spec) -> list[Registration]:
     for field, path in wanted:
         if path not in paths:
             raise UserError(f"{field}: {path!r} is not in closureInfo's registration (the closure must include it)")
+    if not os.path.isdir(spec.store_dir):
+        raise UserError(f"system.storeDir: {spec.store_dir!r} is not a directory on this machine, so the closure "
+                        "cannot be read from it (a host that has never run a Nix build has no /nix/store): build "
+                        "where the closure is, or give the storeDir that holds it")
     for r in regs:
         if not os.path.lexists(r.path):
             raise UserError(f"system.closureInfo: store path {r.path!r} does not exist on this machine")
