@@ -1,6 +1,6 @@
 """The output directory (`--out OUT`): what one build puts there, written as one transaction.
 
-The contract (README, "Failure behaviour"):
+The contract (docs/failure-behaviour.md):
 - One build at a time: the builder holds an exclusive lock (flock) on OUT itself, so no lock file is left
   in it; a second build into the same OUT stops at once with "is in use by another build", changing nothing.
 - Every file is first written under a fresh private directory inside OUT (`.make-disk-image-XXXXXXXX`),

@@ -445,7 +445,7 @@ def test_builder_sigkill_frees_the_raw_intermediate_in_memory(sandbox: Sandbox, 
     assert seen and any(name.endswith("nixos.raw.partial") or ".partial" in name for name in seen[0]), seen
     wait_for(lambda: tree_listing(memory) == [], "the janitor to remove the raw intermediate", timeout=10)
     wait_for(lambda: not processes_mentioning(str(sandbox.private)), "the builder's processes to end")
-    shutil.rmtree(sandbox.tmpdir)  # the scratch directory: left by a SIGKILL (README, Failure behaviour)
+    shutil.rmtree(sandbox.tmpdir)  # the scratch directory: left by a SIGKILL (docs/failure-behaviour.md)
     sandbox.tmpdir.mkdir()
     assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
 

@@ -21,7 +21,7 @@ source tree; the names below are the spec's):
   4 KiB window, which is what qemu's `inflateInit2(-12)` reads), except for the level: LEVEL (2) rather
   than zlib's default 6. Any level gives a deflate stream every qemu inflates the same way; 2 takes 0.52x
   the CPU time of 6 for a 5% larger file (a closure of ELF and text files, bench/debian_closure.py), which
-  on 2 cores is what makes the writer 3x faster than `qemu-img convert -c` (README, Benchmark; level 3,
+  on 2 cores is what makes the writer 3x faster than `qemu-img convert -c` (docs/benchmark.md; level 3,
   0.61x, fell just short of it there). With
   level=QEMU_LEVEL the clusters are exactly qemu-img's (tests/test_qcow2.py). A partial last cluster
   is zero-padded to a whole one. As in qemu's qcow2_co_pwritev_compressed_task, which gives deflate
