@@ -82,6 +82,8 @@ rec {
       };
       withDerived = base // {
         diskSize = checks.diskSizeMiB base.diskSize;
+        # nixpkgs hands memSize to vmTools, which reads it through toString: "2048" is 2048 MiB.
+        memSize = if builtins.isString base.memSize then checks.fromDecimal base.memSize else base.memSize;
         label = args.label or (if base.onlyNixStore then "nix-store" else "nixos");
         rootFSUID =
           if args ? rootFSUID then
@@ -244,8 +246,10 @@ rec {
     in
     if badDevices != [ ] then
       throw (bad "config.boot.loader.grub.devices" grubDevices "device paths under /dev, or \"nodev\"")
-    else if limineBiosDevice != null && !matches "/dev/[^[:cntrl:]]+" limineBiosDevice then
-      throw (bad "config.boot.loader.limine.biosDevice" limineBiosDevice "a device path under /dev")
+    # "nodev" is NixOS' default biosDevice: nixpkgs' make-disk-image.nix builds it (its `ln -s /dev/vda nodev`
+    # links nothing that matters) and limine-install.py then installs Limine's stage 2 only, saying so.
+    else if limineBiosDevice != null && !matches "nodev|/dev/[^[:cntrl:]]+" limineBiosDevice then
+      throw (bad "config.boot.loader.limine.biosDevice" limineBiosDevice "a device path under /dev, or \"nodev\"")
     else if systemdBootProblem args systemdBoot != null then
       throw (err (systemdBootProblem args systemdBoot))
     else
