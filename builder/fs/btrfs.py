@@ -3,7 +3,7 @@
 btrfs-progs has no owner or time options and no offset: the tool runs in a user namespace with the
 store bound in, under fakeroot (every file reads as root:root, contents' numeric owners come from a
 fakeroot state file) and, when deterministic, with libfaketime freezing the clock and seeding the
-randomness libuuid draws its chunk-tree and device UUIDs from (builder/pinned.py). What it cannot
+randomness libuuid draws its chunk-tree and device UUIDs from (builder/sandbox/fakeroot.py). What it cannot
 keep: btrfs-progs 6.2 writes device nodes with device number 0:0 (refused, see reject_devices);
 hard links are kept.
 """

@@ -1,6 +1,6 @@
 """The read-only erofs root (onlyNixStore): mkfs.erofs --all-root -T into its own file, label patched in.
 
-mkfs.erofs builds from a directory (the store bound in, builder/pinned.py) with every owner root and
+mkfs.erofs builds from a directory (the store bound in, builder/sandbox/fakeroot.py) with every owner root and
 one fixed timestamp (-T: compact inodes carry no own time, so every file shows it); hard links and
 symlinks are kept. erofs-utils 1.5 has no label option: the volume name is written into the superblock
 here and its CRC32C recomputed, as newer mkfs.erofs -L does.

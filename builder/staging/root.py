@@ -27,9 +27,9 @@ class StagedRoot:
     root: Path
     store_binds: tuple[tuple[str, str], ...]  # (store path, placeholder in root)
     owner_fixes: tuple[OwnerFix, ...]
-    mode_fixes: tuple[ModeFix, ...]  # contents whose image mode is not their staged copy's (builder/contents.py)
+    mode_fixes: tuple[ModeFix, ...]  # contents whose image mode is not their staged copy's (builder/staging/contents.py)
     # The staged store directory when its placeholders are made on a tmpfs inside mkfs's namespace
-    # (builder/namespace.py) rather than on disk; None when they are on disk.
+    # (builder/sandbox/namespace.py) rather than on disk; None when they are on disk.
     lazy_store: str | None = None
 
 

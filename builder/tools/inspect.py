@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .. import rules
 from ..errors import BuildError, UserError
 
 LINUX_TYPES = {
@@ -22,7 +23,6 @@ LINUX_TYPES = {
     "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",  # Linux root (x86-64)
     "83",
 }
-EXT_TYPES = ("ext2", "ext3", "ext4")
 
 
 def _run(cmd: list[str], ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
@@ -132,7 +132,7 @@ def root_filesystem(raw: Path, offset: int, size: int) -> dict[str, Any]:
     for key in ("blockSize", "blockCount", "freeBlocks", "freeBytes", "reservedBlocks", "inodeCount",
                 "freeInodes", "features", "hashSeed"):
         root[key] = None
-    if fs["fsType"] in EXT_TYPES:
+    if fs["fsType"] in rules.ext_family():
         h = dumpe2fs_header(raw, offset)
         root.update(
             blockSize=int(h["Block size"]),

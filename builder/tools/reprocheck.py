@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import rules
 from ..log import info, step
 from ..spec import Spec, load_spec_document
 
@@ -186,7 +187,7 @@ def explain(a: Path, b: Path) -> list[str]:
                f"{len(inside)} blocks differ"
         report.append(head)
         detail: list[str] = []
-        if region.fs in ("ext2", "ext3", "ext4"):
+        if region.fs in rules.ext_family():
             detail = explain_ext4(a, region, inside, b)
         elif region.fs == "vfat":
             detail = explain_fat(a, region, inside, b)
