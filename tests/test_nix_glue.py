@@ -144,7 +144,7 @@ def test_lib_make_disk_image_is_the_function(glue: Glue) -> None:
 # postVM as real callers write it: nixpkgs' preVM put these tools on PATH and defined these functions.
 POST_VM = r"""
 mkdir -p $out/report
-echo "${START-unset} ${SECTORS-unset} ${bootSize-unset} ${bootSizeMiB-unset} ${root-unset}" > $out/report/pre-vm
+echo "$START $SECTORS $bootSize $bootSizeMiB $root" > $out/report/pre-vm
 eval $(partx $diskImage -o START,SECTORS --nr 1 --pairs)
 echo "$START $SECTORS" > $out/report/partx
 sectorsToBytes $START > $out/report/root-offset
@@ -229,7 +229,7 @@ def test_post_vm_has_nixpkgs_tools_and_functions(vm_builds: tuple[tuple[Path, Pa
     assert (report / "root-offset").read_text() == f"{1024 * 1024}\n"
     # nixpkgs' preVM variables, as its postVM (the same shell) sees them: the root partition's START and
     # SECTORS as partx reads them from the image, bootSize rounded as nixpkgs does, root under the build dir.
-    start, sectors, boot, boot_mib, root = (report / "pre-vm").read_text().split()
+    start, sectors, boot, boot_mib, root = (report / "pre-vm").read_text().split()  # five: each one set
     assert f"{start} {sectors}\n" == (report / "partx").read_text()
     assert (boot, boot_mib) == (str(257 * 1024 * 1024), "257MiB")
     assert root.endswith("/root") and root != "/root"
