@@ -165,8 +165,8 @@ def pre_vm_variables(spec: Spec, plan: layout.Layout, build_dir: Path) -> dict[s
     `eval $(partx $diskImage -o START,SECTORS --nr <root partition> --pairs)`: the root partition's first
     sector and length in sectors (without a table START and SECTORS stay unset).
     """
-    variables = {"root": f"{build_dir}/root", "bootSize": str(spec.boot_size),
-                 "bootSizeMiB": f"{spec.boot_size // MiB}MiB"}
+    variables = {"root": f"{build_dir}/root", "bootSize": str(spec.boot_partition_end),
+                 "bootSizeMiB": f"{spec.boot_partition_end // MiB}MiB"}
     if plan.table is not None:
         variables["START"] = str(plan.root.start // SECTOR)
         variables["SECTORS"] = str(plan.root.size // SECTOR)
@@ -191,7 +191,7 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None,
     of made again.
     """
     check_image_path(image)
-    check_settings(spec)
+    check_environment(spec)
     with scratch_dir(work) as scratch, written_beside(image, "--image") as partial:
         try:
             check_room(spec, [(scratch, scratch.parent), (partial, image.absolute().parent)])
@@ -236,7 +236,7 @@ def build_root_filesystem(spec: Spec, out: Path, work: Path | None = None) -> Pa
         raise UserError("root-filesystem: the spec does not have shareRootFilesystem = true; only then is the root "
                         "filesystem sized independently of the layout, so that one build serves every variant")
     check_image_path(out)
-    check_settings(spec)
+    check_environment(spec)
     with scratch_dir(work) as scratch, written_beside(out, "--out") as partial:
         with step("read closure"):
             regs = store.read_closure(spec)
@@ -303,7 +303,7 @@ def after_vm(spec: Spec, image: Path) -> None:
 
     The same step for `build` and for the Nix derivation's postVM, deterministic or not.
     """
-    check_settings(spec)
+    check_environment(spec)
     plan = layout.plan(spec, image.stat().st_size)
     with step("check after finalize"):
         check_finalized(spec, image, plan)
@@ -327,8 +327,9 @@ def _convert(spec: Spec, raw: Path, output: Output) -> Path:
         return convert_into(spec, raw, output)
 
 
-def check_settings(spec: Spec) -> None:
-    """The environment's settings for this build, checked before any work (exit 2 for a bad value)."""
+def check_environment(spec: Spec) -> None:
+    """The environment variables this build reads (stat shim, checksum library, qcow2 writer), checked before any
+    work: a bad value is the user's error (exit 2)."""
     stat_shim()
     crc_library()
     if spec.format == "qcow2-compressed":
@@ -338,7 +339,7 @@ def check_settings(spec: Spec) -> None:
 
 def convert_image(spec: Spec, raw: Path, out: Path, report: Report = _no_report) -> Path:
     """Step 4 alone (the `convert` command, the Nix derivation's postVM): into OUT, as builder/output.py says."""
-    check_settings(spec)
+    check_environment(spec)
     with output_dir(out) as output:
         final = _convert(spec, raw, output)
         report(final)
@@ -357,7 +358,7 @@ def prepare_and_convert(spec: Spec, image: Path | None, out: Path, work: Path | 
     if spec.needs_vm:
         raise UserError(f"prepare --out {str(out)!r}: this spec needs the VM stage (finalize) before the image "
                         "is converted; run prepare without --out, then finalize, after-vm and convert")
-    check_settings(spec)
+    check_environment(spec)
     with output_dir(out) as output:
         if image is not None:
             plan = prepare_image(spec, image, work, root_filesystem)
@@ -394,7 +395,7 @@ def build(spec: Spec, out: Path, work: Path | None = None, report: Report = _no_
     place for postVM, and everything is undone if a step, postVM or report (printing the path) fails.
     """
     check_vm_inputs(spec)
-    check_settings(spec)
+    check_environment(spec)
     with output_dir(out) as output:
         with scratch_dir(work) as scratch, raw_intermediate(spec, scratch, output) as raw:
             plan = prepare_image(spec, raw, scratch, root_filesystem)

@@ -79,7 +79,7 @@ class Spec:
     label: str
     disk_size: int | None  # bytes; None means "auto"
     additional_space: int  # bytes
-    boot_size: int  # bytes, the END offset of the boot partition: boot_end(bootSize), as nixpkgs rounds it
+    boot_partition_end: int  # bytes: where the boot partition ends, boot_end(bootSize), as nixpkgs rounds it
     contents: tuple[Content, ...]
     install_boot_loader: bool
     touch_efi_vars: bool
@@ -532,7 +532,6 @@ def load_spec_document(doc: Any) -> Spec:
         problems = _cross_field_problems(doc)
     if problems:
         raise SpecError(problems)
-    boot_size = boot_end(doc["bootSize"])
     return Spec(
         raw=doc,
         name=doc["name"],
@@ -543,7 +542,7 @@ def load_spec_document(doc: Any) -> Spec:
         label=truncated_label(doc["fsType"], doc["label"]),
         disk_size=None if doc["diskSize"] == "auto" else int(doc["diskSize"]) * MiB,
         additional_space=parse_iec(doc["additionalSpace"]),
-        boot_size=boot_size,
+        boot_partition_end=boot_end(doc["bootSize"]),
         contents=tuple(
             Content(
                 source=c["source"],
