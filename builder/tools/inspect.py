@@ -17,6 +17,7 @@ from typing import Any
 
 from .. import rules
 from ..errors import BuildError, UserError
+from ..process import run
 
 LINUX_TYPES = {
     "0FC63DAF-8483-4772-8E79-3D69D8477DE4",  # Linux filesystem data
@@ -26,14 +27,8 @@ LINUX_TYPES = {
 
 
 def _run(cmd: list[str], ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
-    """Run a tool, returning the result when its exit status is in ok; otherwise raise BuildError."""
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise BuildError(f"{cmd[0]} is not on PATH (needed to inspect images)") from None
-    if done.returncode not in ok:
-        raise BuildError(f"{' '.join(cmd)} failed (exit {done.returncode}): {done.stderr.strip()}")
-    return done
+    """Run an inspecting tool (builder/process.py), returning the result when its exit status is in ok."""
+    return run(cmd, ok=ok, missing="needed to inspect images")
 
 
 def qemu_info(path: Path) -> dict[str, Any]:
