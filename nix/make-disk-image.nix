@@ -60,7 +60,7 @@ let
   placeRoot = lib.optionalString a.shareRootFilesystem " --root-filesystem ${rootFilesystem}";
 
   fileName = argsLib.fileName a;
-  needsVM = argsLib.needsVM a { systemdBootOnHost = systemdBoot.section != null; };
+  needsVM = argsLib.needsVM spec;
 
   # Why the VM runs, for the refusal of a cross build that needs it.
   vmReasons =
