@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
                    "would (only for a spec with no VM stage)")
     s.add_argument("--root-filesystem", type=Path, help="place this root filesystem (from `root-filesystem`, "
                    "shareRootFilesystem) instead of making it")
+    s.add_argument("--pre-vm-variables", type=Path, help="write the shell variables nixpkgs' preVM sets (root, "
+                   "bootSize, bootSizeMiB, START, SECTORS) to this file, for postVM to source")
 
     s = sub.add_parser("root-filesystem", help="shareRootFilesystem: only the root filesystem, as the file OUT, "
                        "for `prepare --root-filesystem` of every variant with the same root")
@@ -113,10 +115,14 @@ def run(args: argparse.Namespace) -> int:
         if args.out is None:
             if args.image is None:
                 raise UserError("prepare: --image is required unless --out is given")
-            prepare_image(spec, args.image, args.work, args.root_filesystem)
+            plan = prepare_image(spec, args.image, args.work, args.root_filesystem)
+            if args.pre_vm_variables is not None:
+                from .pipeline import pre_vm_variables, write_pre_vm_variables
+
+                write_pre_vm_variables(args.pre_vm_variables, pre_vm_variables(spec, plan, Path.cwd()))
         else:
             prepare_and_convert(spec, args.image, args.out, args.work, report=print_path,
-                                root_filesystem=args.root_filesystem)
+                                root_filesystem=args.root_filesystem, variables_file=args.pre_vm_variables)
         return 0
     if args.command == "root-filesystem":
         from .pipeline import build_root_filesystem

@@ -43,7 +43,7 @@ from .signals import reaping_descendants
 from .spec import Spec
 from .staging import store
 from .staging.root import remove_tree, stage_root
-from .units import MiB, human
+from .units import SECTOR, MiB, human
 
 # Called with the finished image's path once everything else succeeded, before OUT is kept (the CLI prints it).
 Report = Callable[[Path], None]
@@ -157,6 +157,31 @@ def _make_root(spec: Spec, regs: list[store.Registration], image: Path, scratch:
     return placed.prepare_root(spec, staged, image, scratch, root_only)
 
 
+def pre_vm_variables(spec: Spec, plan: layout.Layout, build_dir: Path) -> dict[str, str]:
+    """The shell variables nixpkgs' make-disk-image.nix sets in preVM, which its postVM (same shell) still sees.
+
+    There: root="$PWD/root"; bootSize=$(round_to_nearest $(numfmt --from=iec bootSize) $mebibyte) and
+    bootSizeMiB=$((bootSize / 1024 / 1024))MiB; with a partition table,
+    `eval $(partx $diskImage -o START,SECTORS --nr <root partition> --pairs)`: the root partition's first
+    sector and length in sectors (without a table START and SECTORS stay unset).
+    """
+    variables = {"root": f"{build_dir}/root", "bootSize": str(spec.boot_partition_end),
+                 "bootSizeMiB": f"{spec.boot_partition_end // MiB}MiB"}
+    if plan.table is not None:
+        variables["START"] = str(plan.root.start // SECTOR)
+        variables["SECTORS"] = str(plan.root.size // SECTOR)
+    return variables
+
+
+def write_pre_vm_variables(path: Path, variables: dict[str, str]) -> None:
+    """Write the variables as shell assignments for the Nix derivation's postVM to source."""
+    text = "".join(f"{name}={shlex.quote(value)}\n" for name, value in variables.items())
+    try:
+        path.write_text("# nixpkgs' preVM variables (builder/pipeline.py pre_vm_variables)\n" + text)
+    except OSError as exc:
+        raise UserError(f"--pre-vm-variables {str(path)!r}: cannot write it ({exc.strerror})") from None
+
+
 def prepare_image(spec: Spec, image: Path, work: Path | None = None,
                   root_filesystem: Path | None = None) -> layout.Layout:
     """Unprivileged part: stage, size, partition, create and populate every filesystem into a raw image.
@@ -166,7 +191,7 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None,
     of made again.
     """
     check_image_path(image)
-    check_settings(spec)
+    check_environment(spec)
     with scratch_dir(work) as scratch, written_beside(image, "--image") as partial:
         try:
             check_room(spec, [(scratch, scratch.parent), (partial, image.absolute().parent)])
@@ -211,7 +236,7 @@ def build_root_filesystem(spec: Spec, out: Path, work: Path | None = None) -> Pa
         raise UserError("root-filesystem: the spec does not have shareRootFilesystem = true; only then is the root "
                         "filesystem sized independently of the layout, so that one build serves every variant")
     check_image_path(out)
-    check_settings(spec)
+    check_environment(spec)
     with scratch_dir(work) as scratch, written_beside(out, "--out") as partial:
         with step("read closure"):
             regs = store.read_closure(spec)
@@ -224,8 +249,8 @@ def post_vm_env_script() -> Path:
     return template_dir() / "post-vm-env.sh"
 
 
-def run_post_vm(spec: Spec, image: Path) -> None:
-    """Run the user's postVM as nixpkgs does: $diskImage and $out set, nixpkgs' shell functions defined.
+def run_post_vm(spec: Spec, image: Path, variables: dict[str, str] | None = None) -> None:
+    """Run the user's postVM as nixpkgs does: $diskImage, $out and preVM's variables set, its functions defined.
 
     (Under Nix the derivation runs postVM itself, after sourcing the same file, with PATH set to the
     tools nixpkgs gives it; here PATH is the host's.)
@@ -233,7 +258,7 @@ def run_post_vm(spec: Spec, image: Path) -> None:
     if not spec.post_vm.strip():
         return
     out = image.parent
-    env = dict(os.environ, diskImage=str(image), out=str(out))
+    env = dict(os.environ, **(variables or {}), diskImage=str(image), out=str(out))
     if spec.touch_efi_vars:
         env["efiVars"] = str(out / "efi-vars.fd")
     # The script goes through a memfd, not argv: one argument holds at most 128 KiB (E2BIG), a postVM may
@@ -278,7 +303,7 @@ def after_vm(spec: Spec, image: Path) -> None:
 
     The same step for `build` and for the Nix derivation's postVM, deterministic or not.
     """
-    check_settings(spec)
+    check_environment(spec)
     plan = layout.plan(spec, image.stat().st_size)
     with step("check after finalize"):
         check_finalized(spec, image, plan)
@@ -302,8 +327,9 @@ def _convert(spec: Spec, raw: Path, output: Output) -> Path:
         return convert_into(spec, raw, output)
 
 
-def check_settings(spec: Spec) -> None:
-    """The environment's settings for this build, checked before any work (exit 2 for a bad value)."""
+def check_environment(spec: Spec) -> None:
+    """The environment variables this build reads (stat shim, checksum library, qcow2 writer), checked before any
+    work: a bad value is the user's error (exit 2)."""
     stat_shim()
     crc_library()
     if spec.format == "qcow2-compressed":
@@ -313,7 +339,7 @@ def check_settings(spec: Spec) -> None:
 
 def convert_image(spec: Spec, raw: Path, out: Path, report: Report = _no_report) -> Path:
     """Step 4 alone (the `convert` command, the Nix derivation's postVM): into OUT, as builder/output.py says."""
-    check_settings(spec)
+    check_environment(spec)
     with output_dir(out) as output:
         final = _convert(spec, raw, output)
         report(final)
@@ -321,24 +347,28 @@ def convert_image(spec: Spec, raw: Path, out: Path, report: Report = _no_report)
 
 
 def prepare_and_convert(spec: Spec, image: Path | None, out: Path, work: Path | None = None,
-                        report: Report = _no_report, root_filesystem: Path | None = None) -> Path:
+                        report: Report = _no_report, root_filesystem: Path | None = None,
+                        variables_file: Path | None = None) -> Path:
     """Steps 1 and 4 in one process, for an image without a VM stage (the Nix build's plain derivation).
 
     Without `image` the raw image goes where it costs no extra write (builder/disk/intermediate.py) and is
     gone afterwards; with it, it is written there (and moved from there when the format is raw).
+    variables_file: where to write nixpkgs' preVM variables for postVM (pre_vm_variables).
     """
     if spec.needs_vm:
         raise UserError(f"prepare --out {str(out)!r}: this spec needs the VM stage (finalize) before the image "
                         "is converted; run prepare without --out, then finalize, after-vm and convert")
-    check_settings(spec)
+    check_environment(spec)
     with output_dir(out) as output:
         if image is not None:
-            prepare_image(spec, image, work, root_filesystem)
+            plan = prepare_image(spec, image, work, root_filesystem)
             final = _convert(spec, image, output)
         else:
             with scratch_dir(work) as scratch, raw_intermediate(spec, scratch, output) as raw:
-                prepare_image(spec, raw, scratch, root_filesystem)
+                plan = prepare_image(spec, raw, scratch, root_filesystem)
                 final = _convert(spec, raw, output)
+        if variables_file is not None:
+            write_pre_vm_variables(variables_file, pre_vm_variables(spec, plan, Path.cwd()))
         report(final)
     return final
 
@@ -365,10 +395,11 @@ def build(spec: Spec, out: Path, work: Path | None = None, report: Report = _no_
     place for postVM, and everything is undone if a step, postVM or report (printing the path) fails.
     """
     check_vm_inputs(spec)
-    check_settings(spec)
+    check_environment(spec)
     with output_dir(out) as output:
         with scratch_dir(work) as scratch, raw_intermediate(spec, scratch, output) as raw:
-            prepare_image(spec, raw, scratch, root_filesystem)
+            plan = prepare_image(spec, raw, scratch, root_filesystem)
+            variables = pre_vm_variables(spec, plan, Path.cwd())
             if spec.needs_vm:
                 with step("finalize (VM)"):
                     from .vm.runner import run_finalize
@@ -382,6 +413,6 @@ def build(spec: Spec, out: Path, work: Path | None = None, report: Report = _no_
         # After the scratch directory and the raw intermediate are gone: postVM needs neither, and what it
         # leaves running is killed at its end (builder/signals.py), which must not reach their janitor.
         with step("postVM"):
-            run_post_vm(spec, final)
+            run_post_vm(spec, final, variables)
         report(final)
     return final

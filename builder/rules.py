@@ -6,6 +6,7 @@ nix/args reads the same file, so the Nix function and the builder refuse and acc
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 
@@ -99,6 +100,18 @@ def limit(name: str) -> int:
 def content_keys() -> tuple[str, ...]:
     """The attributes of a contents entry."""
     return tuple(json_file("rules.json")["contentKeys"])
+
+
+def vm_stage(rule: str, facts: Mapping[str, bool]) -> bool:
+    """Whether the vmStage rule holds for a spec's facts: one of its alternatives has all its facts ("!": not)."""
+    alternatives: list[list[str]] = json_file("rules.json")["vmStage"][rule]
+
+    def holds(term: str) -> bool:
+        name = term.removeprefix("!")
+        value = facts[name] if name in facts else vm_stage(name, facts)
+        return value != term.startswith("!")
+
+    return any(all(holds(term) for term in alternative) for alternative in alternatives)
 
 
 def ext_family() -> tuple[str, ...]:

@@ -56,7 +56,8 @@ class Content:
     @property
     def numeric_owner(self) -> tuple[int, int] | None:
         """(uid, gid) when both are numbers, applied in prepare; names wait for the VM."""
-        if self.user is not None and self.group is not None and self.user.isdigit() and self.group.isdigit():
+        if (self.user is not None and self.group is not None and rules.matches("numericOwner", self.user)
+                and rules.matches("numericOwner", self.group)):
             return int(self.user), int(self.group)
         return None
 
@@ -79,7 +80,7 @@ class Spec:
     label: str
     disk_size: int | None  # bytes; None means "auto"
     additional_space: int  # bytes
-    boot_size: int  # bytes, the END offset of the boot partition: boot_end(bootSize), as nixpkgs rounds it
+    boot_partition_end: int  # bytes: where the boot partition ends, boot_end(bootSize), as nixpkgs rounds it
     contents: tuple[Content, ...]
     install_boot_loader: bool
     touch_efi_vars: bool
@@ -120,30 +121,25 @@ class Spec:
         return rules.fs_types()[self.fs_type].family == "ext"
 
     @property
+    def vm_facts(self) -> dict[str, bool]:
+        """The facts builder/rules.json's vmStage rules decide the VM on (nix/args reads the same rules)."""
+        return {"installBootLoader": self.install_boot_loader, "touchEFIVars": self.touch_efi_vars,
+                "onlyNixStore": self.only_nix_store, "systemdBoot": self.systemd_boot is not None,
+                "namedOwners": any(c.named_owner for c in self.contents)}
+
+    @property
     def installs_systemd_boot(self) -> bool:
         """Whether prepare installs systemd-boot from the bootspec (builder/boot/) instead of the VM.
 
         Only when nothing else needs the VM: with owners by name or EFI variables the VM runs anyway, and
-        there the system's own installer does it, as in nixpkgs.
+        there the system's own installer does it, as in nixpkgs (rules.json vmStage.systemdBootOnHost).
         """
-        return (
-            self.install_boot_loader
-            and self.systemd_boot is not None
-            and not self.only_nix_store
-            and not self.touch_efi_vars
-            and not any(c.named_owner for c in self.contents)
-        )
+        return rules.vm_stage("systemdBootOnHost", self.vm_facts)
 
     @property
     def needs_vm(self) -> bool:
-        """Whether finalize must run as root in a VM: bootloader install, owners by name, EFI vars."""
-        if self.only_nix_store:
-            return False
-        return (
-            (self.install_boot_loader and not self.installs_systemd_boot)
-            or self.touch_efi_vars
-            or any(c.named_owner for c in self.contents)
-        )
+        """Whether finalize must run as root in a VM: bootloader install, owners by name, EFI vars (vmStage.needsVM)."""
+        return rules.vm_stage("needsVM", self.vm_facts)
 
     @property
     def image_file_name(self) -> str:
@@ -532,7 +528,6 @@ def load_spec_document(doc: Any) -> Spec:
         problems = _cross_field_problems(doc)
     if problems:
         raise SpecError(problems)
-    boot_size = boot_end(doc["bootSize"])
     return Spec(
         raw=doc,
         name=doc["name"],
@@ -543,7 +538,7 @@ def load_spec_document(doc: Any) -> Spec:
         label=truncated_label(doc["fsType"], doc["label"]),
         disk_size=None if doc["diskSize"] == "auto" else int(doc["diskSize"]) * MiB,
         additional_space=parse_iec(doc["additionalSpace"]),
-        boot_size=boot_size,
+        boot_partition_end=boot_end(doc["bootSize"]),
         contents=tuple(
             Content(
                 source=c["source"],

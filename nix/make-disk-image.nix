@@ -42,8 +42,9 @@ let
     closureInfo = "${closureInfo}";
     storeDir = builtins.storeDir;
     grubDevices = if grub.enable or false then grub.devices or [ ] else [ ];
+    # NixOS' default biosDevice is "nodev" (nixos/modules/system/boot/loader/limine/limine.nix).
     limineBiosDevice =
-      if (limine.enable or false) && (limine.biosSupport or false) then limine.biosDevice or null else null;
+      if (limine.enable or false) && (limine.biosSupport or false) then limine.biosDevice or "nodev" else null;
     systemdBoot = systemdBoot.section;
   };
   # A file in the store: the derivation depends on every store path the spec names.
@@ -59,7 +60,7 @@ let
   placeRoot = lib.optionalString a.shareRootFilesystem " --root-filesystem ${rootFilesystem}";
 
   fileName = argsLib.fileName a;
-  needsVM = argsLib.needsVM a { systemdBootOnHost = systemdBoot.section != null; };
+  needsVM = argsLib.needsVM spec;
 
   # Why the VM runs, for the refusal of a cross build that needs it.
   vmReasons =
@@ -95,9 +96,13 @@ let
     ++ lib.optional (config.system.build ? nixos-install) config.system.build.nixos-install
     ++ pkgs.stdenv.initialPath
   );
+  # nixpkgs' preVM also leaves root, bootSize, bootSizeMiB and the root partition's START and SECTORS set for
+  # postVM; prepare writes them (builder/pipeline.py pre_vm_variables) to this file in the build directory.
+  preVMVariables = "pre-vm-variables.sh";
   userPostVM = ''
     export PATH=${postVMPath}
     source ${../templates/post-vm-env.sh}
+    source ./${preVMVariables}
     diskImage=$out/${fileName}
   ''
   + lib.optionalString a.touchEFIVars ''
@@ -115,19 +120,15 @@ let
   # image goes where it costs no extra write: into $out for raw, else memory when it fits
   # (builder/disk/intermediate.py).
   plain = pkgs.runCommand a.name { inherit passthru; } ''
-    ${run} prepare ${specFile} --out "$out"${placeRoot}
+    ${run} prepare ${specFile} --out "$out"${placeRoot} --pre-vm-variables ${preVMVariables}
     ${userPostVM}
   '';
 
-  # nixpkgs passes secure-boot options to qemu when the firmware (OVMF) needs system management mode.
-  # pkgs.OVMF is only looked at when its files are used (touchEFIVars without efiFirmware/efiVariables).
-  smmRequired =
-    if args.OVMF or null != null then
-      args.OVMF.systemManagementModeRequired or false
-    else if a.touchEFIVars && (args.efiFirmware or null == null || args.efiVariables or null == null) then
-      pkgs.OVMF.fd.systemManagementModeRequired or false
-    else
-      false;
+  # nixpkgs' nixos/lib/make-disk-image.nix gives the build VM `-machine q35,smm=on -global
+  # driver=cfi.pflash01,property=secure,value=on` whenever `OVMF.systemManagementModeRequired or false`, OVMF
+  # being the argument or its default pkgs.OVMF.fd, with or without touchEFIVars. Only the VM derivation
+  # reads it, as there: an image without a VM does not look at pkgs.OVMF.
+  smmRequired = (if args.OVMF or null != null then args.OVMF else pkgs.OVMF.fd).systemManagementModeRequired or false;
 
   # prepare on the host, finalize as root in the VM (the image is /dev/vda), then on the host the
   # after-VM step (check, settle) and convert.
@@ -143,7 +144,7 @@ let
       # writes differently then, so a deterministic image gets one.
       enableParallelBuilding = !a.deterministic;
       preVM = ''
-        ${run} prepare ${specFile} --image nixos.raw${placeRoot}
+        ${run} prepare ${specFile} --image nixos.raw${placeRoot} --pre-vm-variables ${preVMVariables}
         diskImage=nixos.raw
       ''
       + lib.optionalString a.touchEFIVars ''

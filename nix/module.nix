@@ -38,14 +38,16 @@ in
     partitionTableType = opt (types.enum argsLib.tableTypes) d.partitionTableType "Partition layout.";
     installBootLoader = opt types.bool d.installBootLoader "Run switch-to-configuration boot in the image.";
     touchEFIVars = opt types.bool d.touchEFIVars "Give the VM UEFI pflash and copy the variables to $out/efi-vars.fd.";
-    OVMF = nullable types.package "OVMF output providing firmware and variables (default pkgs.OVMF.fd).";
+    # Any attribute set, as the function takes (it reads firmware, variables and systemManagementModeRequired).
+    OVMF = nullable types.attrs "OVMF output providing firmware and variables (default pkgs.OVMF.fd).";
     efiFirmware = nullable types.path "UEFI firmware code image (default OVMF.firmware).";
     efiVariables = nullable types.path "UEFI variables template (default OVMF.variables).";
     fsType = opt (types.enum argsLib.fsTypes) d.fsType "Root filesystem type.";
     label = nullable types.str "Root filesystem label (default \"nixos\", \"nix-store\" with onlyNixStore).";
     configFile = nullable types.path "File copied to /etc/nixos/configuration.nix.";
     postVM = opt types.lines d.postVM "Shell run after the image is in $out; $diskImage names it.";
-    memSize = opt types.ints.positive d.memSize "VM memory in MiB.";
+    memSize = opt (types.either types.ints.positive (types.strMatching "[0-9]+")) d.memSize
+      "VM memory in MiB (a string of digits too, as nixpkgs reads it through toString).";
     onlyNixStore = opt types.bool d.onlyNixStore "The image holds only the Nix store.";
     name = opt types.str d.name "Derivation name.";
     baseName = opt types.str d.baseName "Output file base name.";

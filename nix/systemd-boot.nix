@@ -33,9 +33,19 @@ let
       or (if targetSystem == null then null else efiArchs.${targetSystem} or null);
 
   nonEmpty = name: value: if value != { } && value != "" && value != null then [ name ] else [ ];
+  # Each specialisation's own evaluated configuration (nixpkgs' specialisation.nix reads
+  # childConfig.configuration.system.build.toplevel the same way): systemd-boot-builder.py runs the
+  # append-initrd-secrets of every specialisation's bootspec too.
+  specialisations = config.specialisation or { };
   vmReasons =
     nonEmpty "boot.loader.systemd-boot.extraInstallCommands" (cfg.extraInstallCommands or "")
     ++ nonEmpty "boot.initrd.secrets" (config.boot.initrd.secrets or { })
+    ++ builtins.concatMap (
+      name:
+      nonEmpty "specialisation.${name}.configuration.boot.initrd.secrets" (
+        specialisations.${name}.configuration.boot.initrd.secrets or { }
+      )
+    ) (builtins.attrNames specialisations)
     ++ nonEmpty "boot.loader.systemd-boot.extraEfiDrivers" (cfg.extraEfiDrivers or { })
     ++ (if efiArch == null then [ "no EFI architecture is known for ${toString targetSystem}" ] else [ ]);
 

@@ -17,6 +17,8 @@
   # config.boot.loader.timeout when not null-or-absent ("absent": NixOS's default, 5), boot.initrd.secrets.
   loaderTimeout ? "absent",
   initrdSecrets ? { },
+  # config.specialisation: name -> that specialisation's boot.initrd.secrets (its evaluated configuration).
+  specialisations ? { },
   # pkgs.stdenv.hostPlatform.system and config.nixpkgs.hostPlatform.system (null: attribute absent).
   buildSystem ? null,
   targetSystem ? "x86_64-linux",
@@ -93,6 +95,10 @@ let
     }
     // (if loaderTimeout == "absent" then { } else { timeout = loaderTimeout; });
     boot.initrd.secrets = initrdSecrets;
+    specialisation = builtins.mapAttrs (_: secrets: {
+      inheritParentConfig = true;
+      configuration.boot.initrd.secrets = secrets;
+    }) specialisations;
     systemd.package = drv "systemd-258.2" { };
   }
   // (if targetSystem == null then { } else { nixpkgs.hostPlatform.system = targetSystem; });

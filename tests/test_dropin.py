@@ -155,10 +155,43 @@ def test_secure_boot_firmware_gets_system_management_mode() -> None:
     assert not any(o in plain["env"]["QEMU_OPTS"] for o in SMM)
 
 
+@pytest.mark.parametrize("args", ["{ }", '{ partitionTableType = "efi"; }',
+                                  '{ partitionTableType = "efi"; touchEFIVars = true; }'])
+def test_default_firmware_needing_smm_gets_it_with_or_without_efi_vars(args: str) -> None:
+    # nixpkgs' make-disk-image.nix: `lib.optionals (OVMF.systemManagementModeRequired or false)`, OVMF being
+    # its argument's default pkgs.OVMF.fd, whatever touchEFIVars is (issue 21).
+    result, _ = call(args, "{ smm = true; }")
+    assert result["inVM"] is True
+    opts = result["env"]["QEMU_OPTS"]
+    assert all(o in opts for o in SMM), opts
+    assert ("if=pflash" in opts) == ("touchEFIVars" in args)
+    given = ('OVMF = { firmware = "/fw/code.fd"; variables = "/fw/vars.fd"; systemManagementModeRequired = true; };')
+    with_ovmf, _ = call(args.replace("{", "{ " + given, 1))
+    assert all(o in with_ovmf["env"]["QEMU_OPTS"] for o in SMM)
+    without, _ = call(args)
+    assert not any(o in without["env"]["QEMU_OPTS"] for o in SMM)
+
+
+def test_mem_size_as_digits_reaches_the_vm() -> None:
+    # nixpkgs passes memSize to vmTools, which reads it through toString: "2048" and 2048 are one value.
+    as_string, _ = call('{ memSize = "2048"; }')
+    as_int, _ = call("{ memSize = 2048; }")
+    assert as_string["env"]["memSize"] == as_int["env"]["memSize"] == 2048
+    assert as_string["spec"] == as_int["spec"]
+
+
 def test_limine_bios_device_reaches_the_spec() -> None:
     limine = '{ limine = { enable = true; biosSupport = true; biosDevice = "/dev/disk/by-id/virtio-root"; }; }'
     result, _ = call('{ partitionTableType = "legacy+boot"; }', limine)
     assert result["spec"]["bootLoader"]["limineBiosDevice"] == "/dev/disk/by-id/virtio-root"
+    # NixOS' default "nodev": built as nixpkgs builds it; finalize links nothing, limine-install.py installs
+    # Limine's stage 2 only.
+    nodev, _ = call('{ partitionTableType = "legacy+boot"; }', "{ limine = { enable = true; biosSupport = true; }; }")
+    assert nodev["spec"]["bootLoader"]["limineBiosDevice"] == "nodev"
+    from builder.vm.finalize import render
+
+    script = render(load_spec_document(nodev["spec"]), "/dev/vda")
+    assert "ln -sfn /dev/vda nodev" not in script and "NIXOS_INSTALL_BOOTLOADER=1" in script
     efi_only = '{ limine = { enable = true; biosSupport = false; biosDevice = "/dev/sda"; }; }'
     assert call("{ }", efi_only)[0]["spec"]["bootLoader"]["limineBiosDevice"] is None
     assert call("{ }")[0]["spec"]["bootLoader"]["limineBiosDevice"] is None
@@ -177,6 +210,11 @@ def test_post_vm_runs_after_the_checks_with_nixpkgs_path_and_functions(args: str
     for tool in POST_VM_TOOLS:
         assert any(p.endswith(f"-{tool}/bin") for p in path), (tool, path)
     assert "post-vm-env.sh" in user_part.split("\n", 2)[1]
+    # nixpkgs' preVM variables (root, bootSize, bootSizeMiB, START, SECTORS), written by prepare, are sourced
+    # before the user's part.
+    assert "source ./pre-vm-variables.sh" in user_part.split("\n", 3)[2]
+    prepare = script if not result["inVM"] else result["env"]["preVM"]
+    assert "--pre-vm-variables pre-vm-variables.sh" in prepare
     if result["inVM"]:
         # Checked after the VM whether or not the build is deterministic; then converted.
         assert script.index("make-disk-image after-vm") < script.index("make-disk-image convert")
@@ -294,3 +332,30 @@ def test_post_vm_sees_nixpkgs_functions_and_out(make_spec: SpecFactory, tmp_path
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "functions").read_text() == f"1048576 1024 8192 {1024 * 1024}\n7\n"
+
+
+TABLES = ["legacy", "legacy+boot", "legacy+gpt", "efi", "efixbootldr", "hybrid", "none"]
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_post_vm_sees_nixpkgs_pre_vm_variables(table: str, make_spec: SpecFactory, tmp_path: Path) -> None:
+    # nixpkgs' preVM: root="$PWD/root"; bootSize=$(round_to_nearest $(numfmt --from=iec bootSize) $mebibyte);
+    # bootSizeMiB=$((bootSize / 1024 / 1024))MiB; `eval $(partx $diskImage -o START,SECTORS --nr N --pairs)`
+    # with a table. The same shell runs postVM, so it sees them; compared with partx on the image itself.
+    post = 'echo "$root|$bootSize|$bootSizeMiB|${START-unset}|${SECTORS-unset}" > "$out/vars"'
+    fs = {"fsType": "erofs", "onlyNixStore": True, "contents": [], "label": "nix-store"} if table == "none" else {}
+    spec = make_spec(installBootLoader=False, partitionTableType=table, bootSize="200M", postVM=post, **fs)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "builder", "build", str(spec), "--out", str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    root, boot, boot_mib, start, sectors = (out / "vars").read_text().rstrip("\n").split("|")
+    assert (root, boot, boot_mib) == (f"{tmp_path}/root", str(201 * 1024 * 1024), "201MiB")
+    if table == "none":
+        assert (start, sectors) == ("unset", "unset")
+        return
+    number = {"legacy": 1, "legacy+boot": 2, "legacy+gpt": 2, "efi": 2, "efixbootldr": 3, "hybrid": 3}[table]
+    image = next(out.glob("*.img"))
+    real = subprocess.run(["partx", str(image), "-o", "START,SECTORS", "--nr", str(number), "--pairs"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert real == f'START="{start}" SECTORS="{sectors}"'

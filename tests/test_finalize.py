@@ -87,6 +87,21 @@ def test_hostile_names_are_data_when_the_script_runs(tmp_path: Path) -> None:
     assert ["tune2fs", "-c", "0", "-i", "0", "-T", "20231114221320", "/dev/mdi-no-such-disk3"] in calls
 
 
+def test_not_deterministic_ends_with_nixpkgs_tune2fs(tmp_path: Path) -> None:
+    # nixpkgs' make-disk-image.nix ends an ext4 root with `tune2fs -T now -c 0 -i 0 $rootDisk` (and, only when
+    # deterministic, -U and a second `tune2fs -f -T 19700101`).
+    doc = {**spec_doc(tmp_path, tmp_path / "canary"), "deterministic": False, "rootFSUID": None}
+    script = render(load_spec_document(doc), "/dev/mdi-no-such-disk")
+    log = tmp_path / "argv.log"
+    write_stubs(tmp_path / "bin", log)
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    res = subprocess.run(["bash", "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [c for c in calls if c[0] == "tune2fs"] == [["tune2fs", "-T", "now", "-c", "0", "-i", "0",
+                                                      "/dev/mdi-no-such-disk3"]]
+
+
 def test_failure_unmounts_everything(tmp_path: Path) -> None:
     canary = tmp_path / "canary"
     script = render(load_spec_document(spec_doc(tmp_path, canary)), "/dev/mdi-no-such-disk")

@@ -26,7 +26,7 @@ ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 BIOS_GRUB = "21686148-6449-6E6F-744E-656564454649"
 XBOOTLDR = "BC13C2FF-59E6-4262-A352-B275FD6F7172"
 LINUX = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
-# nixpkgs' deterministic GUIDs. Its disk GUID lacks a digit; this is what sgdisk makes of it (builder/layout.py,
+# nixpkgs' deterministic GUIDs. Its disk GUID lacks a digit; this is what sgdisk makes of it (builder/disk/layout.py,
 # checked against sgdisk itself in tests/test_partition_tables.py).
 DISK_GUID = "97FD5997-F390-0B4A-A3F8-D106C1723AEA"
 PART1_GUID = "1C06F03B-704E-4657-B9CD-681A087A2FDC"

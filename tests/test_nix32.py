@@ -1,4 +1,4 @@
-"""Nix base-32 (builder/store.py) against the real `nix hash`, for every digest length Nix uses."""
+"""Nix base-32 (builder/staging/store.py) against the real `nix hash`, for every digest length Nix uses."""
 
 from __future__ import annotations
 

@@ -62,19 +62,21 @@ VALID: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
         {"inVM": True, "efiFrom": "OVMF-fd"},
     ),
     (
-        "efi-vars-explicit-ovmf-not-forced",
+        # The files given win; pkgs.OVMF.fd is still read for its systemManagementModeRequired, as nixpkgs does.
+        "efi-vars-explicit",
         '{ partitionTableType = "hybrid"; touchEFIVars = true; efiFirmware = "/fw/code.fd";'
         ' efiVariables = "/fw/vars.fd"; }',
-        "{ touchOVMF = false; }",
+        "{ }",
         {"efiFirmware": "/fw/code.fd", "efiVariables": "/fw/vars.fd"},
         {"inVM": True},
     ),
     (
-        "ovmf-untouched-without-efi-vars",
-        '{ partitionTableType = "efi"; }',
+        # Without a VM nothing reads pkgs.OVMF (a VM build reads it for the SMM flags, as nixpkgs does).
+        "ovmf-untouched-without-vm",
+        '{ partitionTableType = "efi"; installBootLoader = false; }',
         "{ touchOVMF = false; }",
         {"efiFirmware": None, "efiVariables": None, "touchEFIVars": False},
-        {},
+        {"inVM": False},
     ),
     (
         "efi-vars-from-ovmf-argument",
@@ -172,6 +174,29 @@ VALID: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = [
         "{ }",
         {"memSize": 2048, "postVM": "echo done > $out/done"},
         {"inVM": True, "memSize": 2048, "postVMTail": "echo done > $out/done"},
+    ),
+    (
+        # nixpkgs hands memSize to vmTools, which reads it with toString (issue 21).
+        "mem-size-digits-string",
+        '{ memSize = "2048"; }',
+        "{ }",
+        {"memSize": 2048},
+        {"inVM": True, "memSize": 2048},
+    ),
+    (
+        # NixOS' default biosDevice is "nodev": nixpkgs builds it, limine-install.py installs stage 2 only.
+        "limine-bios-nodev",
+        "{ }",
+        "{ grub = { enable = false; }; limine = { enable = true; biosSupport = true; }; }",
+        {"bootLoader": {"grubDevices": [], "limineBiosDevice": "nodev", "systemdBoot": None}},
+        {"inVM": True},
+    ),
+    (
+        "limine-bios-nodev-no-bootloader",
+        "{ installBootLoader = false; }",
+        '{ grub = { enable = false; }; limine = { enable = true; biosSupport = true; biosDevice = "nodev"; }; }',
+        {"bootLoader": {"grubDevices": [], "limineBiosDevice": "nodev", "systemdBoot": None}},
+        {"inVM": False},
     ),
     (
         "efixbootldr-boot-1G",
@@ -320,7 +345,9 @@ INVALID: list[tuple[str, str, list[str]]] = [
     ("fsuid-malformed", '{ rootFSUID = "1234"; }', ['rootFSUID = "1234"', "UUID"]),
     ("label-slash", '{ label = "a/b"; }', ['label = "a/b"', '"/"']),
     ("label-null", "{ label = null; }", ["label = null", "filesystem label"]),
-    ("mem-string", '{ memSize = "1024"; }', ['memSize = "1024"', "integer"]),
+    ("mem-string", '{ memSize = "1024M"; }', ['memSize = "1024M"', "integer", "string of such digits"]),
+    ("mem-string-zero", '{ memSize = "0"; }', ['memSize = "0"', "between 1 and"]),
+    ("mem-float", "{ memSize = 1024.5; }", ["memSize = 1024.5", "integer"]),
     ("name-space", '{ name = "my image"; }', ['name = "my image"', "derivation name"]),
     ("name-leading-dot", '{ name = ".image"; }', ['name = ".image"', 'not starting with "."']),
     ("basename-slash", '{ baseName = "../x"; }', ['baseName = "../x"', "file name"]),
@@ -382,6 +409,27 @@ def test_bad_grub_devices_from_config_are_named() -> None:
     done = nix_eval(image_expr("{ }", '{ grub = { enable = true; devices = [ "sda" ]; }; }'))
     assert done.returncode != 0
     assert 'config.boot.loader.grub.devices = [ "sda" ]' in done.stderr
+
+
+def test_bad_limine_bios_device_from_config_is_named() -> None:
+    done = nix_eval(image_expr("{ }", '{ limine = { enable = true; biosSupport = true; biosDevice = "sda"; }; }'))
+    assert done.returncode != 0
+    assert 'config.boot.loader.limine.biosDevice = "sda"' in done.stderr and '"nodev"' in done.stderr
+
+
+def test_module_takes_any_ovmf_set_the_function_takes() -> None:
+    # The function reads OVMF's firmware, variables and systemManagementModeRequired from any set.
+    ovmf = '{ firmware = "/fw/CODE.fd"; variables = "/fw/VARS.fd"; systemManagementModeRequired = true; }'
+    done = nix_eval(module_expr(f'{{ enable = true; partitionTableType = "efi"; touchEFIVars = true; OVMF = {ovmf};'
+                                ' memSize = "2048"; }'))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["optionTypes"]["OVMF"] == {"name": "nullOr", "a": "attrs"}
+    assert result["optionTypes"]["memSize"] == {"name": "either", "a": "positiveInt", "b": "strMatching"}
+    spec = result["spec"]
+    assert (spec["efiFirmware"], spec["efiVariables"], spec["memSize"]) == ("/fw/CODE.fd", "/fw/VARS.fd", 2048)
+    assert "-machine q35,smm=on" in result["qemuOpts"]
+    load_spec_document(spec)
 
 
 # Arguments nixpkgs' function does not have (each off by default, so nixpkgs' callers get nixpkgs' behaviour).
@@ -463,6 +511,10 @@ in {{
   condition = defined.condition;
   spec = image.spec;
   inVM = image.inVM or false;
+  qemuOpts = image.env.QEMU_OPTS or "";
+  optionTypes = builtins.mapAttrs (_: o: {{ inherit (o.type) name; }}
+    // (if o.type ? a then {{ a = o.type.a.name; }} else {{ }})
+    // (if o.type ? b then {{ b = o.type.b.name; }} else {{ }})) {{ inherit (options) OVMF memSize; }};
 }}"""
 
 

@@ -144,7 +144,9 @@ def test_lib_make_disk_image_is_the_function(glue: Glue) -> None:
 # postVM as real callers write it: nixpkgs' preVM put these tools on PATH and defined these functions.
 POST_VM = r"""
 mkdir -p $out/report
+echo "$START $SECTORS $bootSize $bootSizeMiB $root" > $out/report/pre-vm
 eval $(partx $diskImage -o START,SECTORS --nr 1 --pairs)
+echo "$START $SECTORS" > $out/report/partx
 sectorsToBytes $START > $out/report/root-offset
 sectorsToKilobytes $SECTORS > $out/report/root-kib
 parted -s $diskImage unit s print > $out/report/parted
@@ -225,6 +227,12 @@ def test_post_vm_has_nixpkgs_tools_and_functions(vm_builds: tuple[tuple[Path, Pa
     outs, _ = vm_builds[1]
     report = outs[variant] / "report"
     assert (report / "root-offset").read_text() == f"{1024 * 1024}\n"
+    # nixpkgs' preVM variables, as its postVM (the same shell) sees them: the root partition's START and
+    # SECTORS as partx reads them from the image, bootSize rounded as nixpkgs does, root under the build dir.
+    start, sectors, boot, boot_mib, root = (report / "pre-vm").read_text().split()  # five: each one set
+    assert f"{start} {sectors}\n" == (report / "partx").read_text()
+    assert (boot, boot_mib) == (str(257 * 1024 * 1024), "257MiB")
+    assert root.endswith("/root") and root != "/root"
     assert int((report / "root-kib").read_text()) > 16 * 1024
     assert "Partition Table: msdos" in (report / "parted").read_text()
     assert "nixos" in (report / "label").read_text()

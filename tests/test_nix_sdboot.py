@@ -78,11 +78,27 @@ def test_nixos_default_timeout_and_xbootldr() -> None:
     'systemdBoot = { enable = true; extraInstallCommands = "echo hi"; };',
     'systemdBoot = { enable = true; }; initrdSecrets = { "/etc/secret" = "/run/keys/secret"; };',
     'systemdBoot = { enable = true; extraEfiDrivers = { "ext4_x64.efi" = "/nix/store/x-refind/ext4_x64.efi"; }; };',
+    # systemd-boot-builder.py runs every specialisation's append-initrd-secrets too (issue 21).
+    'systemdBoot = { enable = true; }; specialisations = { rescue = { "/etc/secret" = "/run/keys/secret"; }; };',
 ])
 def test_what_only_the_systems_installer_does_keeps_the_vm(settings: str) -> None:
     result = evaluate('{ partitionTableType = "efi"; }', "{ " + NO_GRUB + " " + settings + " }")
     assert result["spec"]["bootLoader"]["systemdBoot"] is None
     assert result["inVM"] is True
+
+
+def test_specialisations_without_initrd_secrets_need_no_vm() -> None:
+    result = evaluate('{ partitionTableType = "efi"; }', fake("specialisations = { rescue = { }; };"))
+    assert result["spec"]["bootLoader"]["systemdBoot"] is not None and result["inVM"] is False
+
+
+@pytest.mark.parametrize(("timeout", "written"), [("-1", -1), ("0", 0), ("null", "menu-force")])
+def test_any_loader_timeout_nixpkgs_allows_is_taken(timeout: str, written: int | str) -> None:
+    # nixpkgs: boot.loader.timeout is types.nullOr types.int; systemd-boot-builder.py writes "timeout <it>".
+    spec = evaluate('{ partitionTableType = "efi"; }', fake(f"loaderTimeout = {timeout};"))["spec"]
+    assert spec["bootLoader"]["systemdBoot"]["timeout"] == written
+    jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text())).validate(spec)
+    assert load_spec_document(spec).systemd_boot.timeout == written  # type: ignore[union-attr]
 
 
 def test_touch_efi_vars_and_named_owners_keep_the_vm() -> None:

@@ -3,9 +3,9 @@
 Every layout, several bootSize strings and disk sizes (on both sides of parted's ~200 MiB turn in how
 "100%" ends a GPT partition) are partitioned twice: by our code (`python -m builder prepare`, and
 `layout.plan` + `table.write_table` for the wider matrix) and by nixpkgs' script on an empty file of the
-same size (tests/nixpkgs_tables.py). `sfdisk --json` of both must agree on the label, every partition's
+same size (tests/support/nixpkgs_tables.py). `sfdisk --json` of both must agree on the label, every partition's
 start, size, type, name, boot flag and GPT attributes, and, when deterministic, on the disk and partition
-GUIDs sgdisk writes, less two deliberate differences (tests/nixpkgs_tables.py assert_same_table).
+GUIDs sgdisk writes, less two deliberate differences (tests/support/nixpkgs_tables.py assert_same_table).
 """
 
 from __future__ import annotations

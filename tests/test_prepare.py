@@ -74,7 +74,7 @@ def layout_images(specs: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
 @pytest.mark.parametrize("layout", [x for x in LAYOUTS if x != "none"])
 def test_table_matches_nixpkgs_parted(layout: str, layout_images: dict[str, Path], specs: dict[str, Path],
                                       tmp_path: Path) -> None:
-    """The table is what nixpkgs' own parted + sgdisk commands make on a 320 MiB file (tests/nixpkgs_tables.py)."""
+    """The table nixpkgs' own parted + sgdisk commands make on a 320 MiB file (tests/support/nixpkgs_tables.py)."""
     spec = load_spec(specs[layout])
     nixpkgs_partition(tmp_path / "nixpkgs.img", 320 * MiB, layout, "128M", True, spec.root_gpuid)
     assert_same_table(layout_images[layout], tmp_path / "nixpkgs.img", spec, ids=True)

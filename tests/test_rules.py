@@ -167,3 +167,39 @@ def test_nix_and_python_give_one_verdict(nix_args: str, changes: dict[str, Any],
     except SpecError:
         python_accepts = False
     assert python_accepts == accepted, "the spec loader's verdict differs from Nix's"
+
+
+FACTS = ("installBootLoader", "touchEFIVars", "onlyNixStore", "systemdBoot", "namedOwners")
+
+
+def test_the_vm_is_decided_by_one_rule_both_sides_read() -> None:
+    # rules.json vmStage is the only place the VM decision lives: nix/args and builder.rules evaluate it alike
+    # on every combination of the facts.
+    combos = [dict(zip(FACTS, (bool(n >> i & 1) for i in range(len(FACTS))), strict=True)) for n in range(32)]
+    expr = ("let A = import {}/nix/args; in"
+            " map (f: [ (A.vmStage \"needsVM\" f) (A.vmStage \"systemdBootOnHost\" f) ]) {}")
+    done = nix_eval(expr.format(REPO, "(builtins.fromJSON " + json.dumps(json.dumps(combos)) + ")"))
+    assert done.returncode == 0, done.stderr
+    python = [[rules.vm_stage("needsVM", f), rules.vm_stage("systemdBootOnHost", f)] for f in combos]
+    assert json.loads(done.stdout) == python
+    # The cases DESIGN §4 names: a store-only image never runs the VM; systemd-boot alone needs none;
+    # touchEFIVars or owners by name always do (and then the system's own installer runs there).
+    plain = dict.fromkeys(FACTS, False)
+    assert not rules.vm_stage("needsVM", {**plain, "onlyNixStore": True, "touchEFIVars": True})
+    assert not rules.vm_stage("needsVM", {**plain, "installBootLoader": True, "systemdBoot": True})
+    assert rules.vm_stage("needsVM", {**plain, "installBootLoader": True})
+    for fact in ("touchEFIVars", "namedOwners"):
+        both = {**plain, "installBootLoader": True, "systemdBoot": True, fact: True}
+        assert rules.vm_stage("needsVM", both) and not rules.vm_stage("systemdBootOnHost", both)
+
+
+@pytest.mark.parametrize(("user", "group", "named"), [("0", "0", False), ("1000", "100", False),
+                                                     ("root", "0", True), ("0", "wheel", True)])
+def test_named_owners_are_judged_alike(user: str, group: str, named: bool) -> None:
+    expr = (f"(import {REPO}/nix/args).namedOwners {{ contents = [ {{ user = {json.dumps(user)};"
+            f" group = {json.dumps(group)}; }} ]; }}")
+    done = nix_eval(expr)
+    assert done.returncode == 0, done.stderr
+    from builder.spec import Content
+
+    assert json.loads(done.stdout) is named is Content(ENTRY, "/x", None, user, group).named_owner

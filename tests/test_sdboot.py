@@ -95,6 +95,17 @@ def test_kernel_and_initrd_names_are_copy_from_files(tmp_path: Path) -> None:
     assert efi_file_name(str(store / "h3-toplevel" / "kernel"), str(store)) == "h1-linux-6.12-bzImage.efi"
 
 
+def test_an_empty_sort_key_is_written_as_systemd_boot_builder_writes_it() -> None:
+    # boot.loader.systemd-boot.sortKey is a types.str (nixpkgs' systemd-boot.nix): "" is allowed, and
+    # systemd-boot-builder.py's BOOT_ENTRY writes "sort-key {sort_key}" as it is.
+    doc = bootspec_doc()
+    doc["org.nixos.systemd-boot"] = {"sortKey": ""}
+    boot = parse_bootspec(doc, "boot.json", STORE)
+    assert boot.sort_key == ""
+    text = entry_text(sd_config(), boot, None, "k", "i", None, "2023-11-14")
+    assert "\nsort-key \n" in text
+
+
 def sd_config(**options: Any) -> SystemdBootConfig:
     """systemd-boot options as the spec carries them, overridden."""
     values: dict[str, Any] = {
@@ -110,6 +121,7 @@ def test_loader_conf_is_write_loader_confs() -> None:
     assert loader_conf(sd_config(timeout="menu-force", editor=False, reboot_for_bitlocker=True,
                                  console_mode="max")) == (
         "timeout menu-force\ndefault nixos-generation-1.conf\neditor 0\nreboot-for-bitlocker yes\nconsole-mode max\n")
+    assert loader_conf(sd_config(timeout=-1)).startswith("timeout -1\n")
 
 
 def test_entry_is_write_entrys() -> None:

@@ -82,7 +82,9 @@ def parse_bootspec(doc: Any, where: str, store_dir: str) -> BootSpec:
     if not isinstance(extension, dict):
         raise UserError(f"{where}.{SYSTEMD_BOOT_EXTENSION} is not an object")
     sort_key = extension.get("sortKey", DEFAULT_SORT_KEY)
-    if not isinstance(sort_key, str) or not sort_key:
+    # boot.loader.systemd-boot.sortKey is a types.str: "" is allowed, and systemd-boot-builder.py writes
+    # "sort-key " then, as entry_text does.
+    if not isinstance(sort_key, str):
         raise UserError(f"{where}.{SYSTEMD_BOOT_EXTENSION}.sortKey is {json.dumps(sort_key)[:80]}, not a string")
     devicetree = _field(extension, "devicetree", f"{where}.{SYSTEMD_BOOT_EXTENSION}", optional=True)
     children = doc.get(SPECIALISATION_V1) or {}

@@ -6,7 +6,7 @@ nixos/modules/system/boot/loader/systemd-boot/systemd-boot-builder.py (read at N
 one entry per generation from the generation's bootspec and the loader.conf, then copies extraFiles and
 extraEntries. On the fresh image there is exactly one generation (system-1-link), no profiles, no
 machine-id and no older files, so the result is fixed by the bootspec and the options, and this module
-writes it directly into the FAT partitions (builder/fatcopy.py):
+writes it directly into the FAT partitions (builder/fs/fatcopy.py):
 
 - `bootctl install` (systemd src/bootctl/bootctl-install.c, verb_install): the directories EFI,
   EFI/systemd, EFI/BOOT, loader, loader/keys on the ESP and loader, loader/entries, EFI, EFI/Linux on
@@ -23,7 +23,7 @@ writes it directly into the FAT partitions (builder/fatcopy.py):
   $BOOT/loader/entries/<name>, each with an empty marker under EFI/nixos/.extra-files/ so that the next
   install removes what it placed.
 
-The profile links (`/nix/var/nix/profiles/system-1-link`) are on the root already (builder/store.py).
+The profile links (`/nix/var/nix/profiles/system-1-link`) are on the root already (builder/staging/store.py).
 """
 
 from __future__ import annotations

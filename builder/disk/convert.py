@@ -18,12 +18,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
 from pathlib import Path
 
 from ..errors import BuildError, UserError
 from ..log import step
 from ..output import PRODUCTS, Output, output_dir
+from ..process import run
 from ..spec import Spec
 from .image_ids import fix_identifiers
 from .qcow2 import write_compressed_qcow2
@@ -40,14 +40,8 @@ def qemu_img_args(spec: Spec) -> list[str]:
 
 
 def _run_qemu_img(args: list[str]) -> str:
-    """Run qemu-img; a failure becomes a BuildError carrying its stderr."""
-    try:
-        done = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
-    except FileNotFoundError:
-        raise BuildError("qemu-img is not on PATH (needed to write formats other than raw)") from None
-    if done.returncode != 0:
-        raise BuildError(f"qemu-img {' '.join(args)} failed (exit {done.returncode}): {done.stderr.strip()}")
-    return done.stdout
+    """Run qemu-img (builder/process.py); its stdout."""
+    return run(["qemu-img", *args], missing="needed to write formats other than raw").stdout
 
 
 def virtual_size(path: Path, fmt: str) -> int:
@@ -63,9 +57,7 @@ def _move_raw(raw: Path, dest: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise BuildError(f"cannot move {raw} to {dest}: {exc}") from None
-    done = subprocess.run(["cp", "--sparse=always", "--", str(raw), str(dest)], stderr=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise BuildError(f"cannot copy {raw} to {dest}: {done.stderr.strip()}")
+    run(["cp", "--sparse=always", "--", str(raw), str(dest)], f"cannot copy {raw} to {dest}")
     raw.unlink()
 
 

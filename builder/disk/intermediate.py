@@ -68,7 +68,7 @@ def estimated_bytes(spec: Spec) -> int | None:
                     contents += sum(_size(os.path.join(dirpath, f)) for f in files)
             else:
                 contents += _size(source)
-    return int((nar + contents) * 1.3) + 64 * MiB + spec.boot_size
+    return int((nar + contents) * 1.3) + 64 * MiB + spec.boot_partition_end
 
 
 def _size(path: str) -> int:

@@ -13,6 +13,10 @@ GPT_BACKUP = 33 * SECTOR  # backup partition entries + header at the end of a GP
 GPT_FIRST_USABLE = 34  # LBA: protective MBR, header and 32 sectors of entries come first
 ALIGN = MiB  # parted's optimal alignment on an image file (no I/O topology): 1 MiB
 FS_BLOCK = 4096  # every root filesystem is a whole number of these
+# nixpkgs' parted scripts: efixbootldr's ESP `8MiB 100MiB` and legacy+gpt's bios_grub `1MB 2MB` start here; the
+# other starts and ends are the tables' bootStartMiB and rootStartMiB in builder/rules.json.
+ESP_START = 8 * MiB
+BIOS_GRUB_START = MiB
 
 # The GUIDs nixos/lib/make-disk-image.nix (nixpkgs) gives sgdisk when deterministic. Its disk GUID,
 # "97FD5997-D90B-4AA3-8D16-C1723AEA73C", has only 11 hex digits in the last group. sgdisk (gptfdisk's
@@ -89,7 +93,7 @@ def table_kind(table_type: str) -> str | None:
 def root_start(spec: Spec) -> int:
     """Byte offset where the root filesystem begins: fixed for the table, or where the boot partition ends."""
     start = rules.tables()[spec.partition_table_type].root_start
-    return spec.boot_size if start is None else start
+    return spec.boot_partition_end if start is None else start
 
 
 def tail_reserve(spec: Spec) -> int:
@@ -153,7 +157,9 @@ def _boot_partitions(spec: Spec) -> list[Partition]:
     """The partitions other than the root, as nixpkgs' parted script makes them for the table type."""
     t = spec.partition_table_type
     gpt = table_kind(t) == "gpt"
-    boot = spec.boot_size
+    boot = spec.boot_partition_end
+    # Where the partition ending at bootSize starts, and where a fixed root starts (builder/rules.json).
+    boot_start, root_fixed = rules.tables()[t].boot_start, rules.tables()[t].root_start
 
     def part(number: int, role: str, s: int, e: int, name: str, flags: tuple[str, ...], fs: str | None,
              label: str | None, mnt: str | None) -> Partition:
@@ -161,20 +167,25 @@ def _boot_partitions(spec: Spec) -> list[Partition]:
         return Partition(number, role, s, e, name if gpt else "", flags, fs, label, mnt, guid)
 
     if t == "legacy+boot":
-        return [part(1, "boot", MiB, boot, "", ("boot",), "vfat", "BOOT", "/boot")]
+        assert boot_start is not None
+        return [part(1, "boot", boot_start, boot, "", ("boot",), "vfat", "BOOT", "/boot")]
     if t == "legacy+gpt":
-        return [part(1, "bios_grub", MiB, 2 * MiB, "no-fs", ("bios_grub",), None, None, None)]
+        assert root_fixed is not None
+        return [part(1, "bios_grub", BIOS_GRUB_START, root_fixed, "no-fs", ("bios_grub",), None, None, None)]
     if t == "efi":
-        return [part(1, "esp", 8 * MiB, boot, "ESP", ("boot", "esp"), "vfat", "ESP", "/boot")]
-    if t == "efixbootldr":
-        return [part(1, "esp", 8 * MiB, 100 * MiB, "ESP", ("boot", "esp"), "vfat", "ESP", "/efi"),
-                part(2, "xbootldr", 100 * MiB, boot, "BOOT", ("bls_boot",), "vfat", "BOOT", "/boot")]
+        assert boot_start is not None
+        return [part(1, "esp", boot_start, boot, "ESP", ("boot", "esp"), "vfat", "ESP", "/boot")]
+    if t == "efixbootldr":  # the ESP ends where XBOOTLDR, the partition ending at bootSize, starts
+        assert boot_start is not None
+        return [part(1, "esp", ESP_START, boot_start, "ESP", ("boot", "esp"), "vfat", "ESP", "/efi"),
+                part(2, "xbootldr", boot_start, boot, "BOOT", ("bls_boot",), "vfat", "BOOT", "/boot")]
     if t == "hybrid":
+        assert boot_start is not None
         # nixpkgs' `mkpart no-fs 0 1024KiB`: "0" is in parted's default unit (MB, fuzz ±0.5 MB), so the start
         # falls to the first usable sector, 34; and "1024KiB" keeps its last sector, 2048, because parted
         # takes one sector off an IEC end only for "[kMGTPEZY]iB" (parted.c _string_ends_with_iec_unit):
         # "KiB", with a capital K, is not one of them. So it ends 1 MiB + 1 sector in, not at 1 MiB.
-        return [part(1, "esp", 8 * MiB, boot, "ESP", ("boot", "esp"), "vfat", "ESP", "/boot"),
+        return [part(1, "esp", boot_start, boot, "ESP", ("boot", "esp"), "vfat", "ESP", "/boot"),
                 part(2, "bios_grub", GPT_FIRST_USABLE * SECTOR, MiB + SECTOR, "no-fs", ("bios_grub",),
                      None, None, None)]
     return []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
 import uuid
 import zlib
 from pathlib import Path
@@ -18,6 +17,7 @@ import _ped
 import parted
 
 from ..errors import BuildError
+from ..process import run
 from ..units import SECTOR
 from .layout import Layout
 
@@ -103,14 +103,12 @@ def check(image: Path, layout: Layout) -> None:
     """sfdisk must read the table without a complaint and find exactly the planned partitions (start and size)."""
     if layout.table is None:
         return
-    verify = subprocess.run(["sfdisk", "--verify", str(image)], capture_output=True, text=True)
+    verify = run(["sfdisk", "--verify", str(image)], ok=None)
     complaints = [ln for ln in verify.stderr.splitlines() if ln.strip()]
     if verify.returncode != 0 or complaints:
         raise BuildError(f"sfdisk --verify found problems in the {layout.table} partition table: "
                          + "; ".join(complaints[:5] or [verify.stdout.strip()[-500:]]))
-    listed = subprocess.run(["sfdisk", "--json", str(image)], capture_output=True, text=True)
-    if listed.returncode != 0:
-        raise BuildError(f"sfdisk cannot read the partition table: {listed.stderr.strip()}")
+    listed = run(["sfdisk", "--json", str(image)], "sfdisk cannot read the partition table")
     found = sorted(
         (int(p["node"][len(str(image)):].lstrip("p")), int(p["start"]) * SECTOR, int(p["size"]) * SECTOR)
         for p in json.loads(listed.stdout)["partitiontable"].get("partitions", [])

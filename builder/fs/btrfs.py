@@ -3,7 +3,7 @@
 btrfs-progs has no owner or time options and no offset: the tool runs in a user namespace with the
 store bound in, under fakeroot (every file reads as root:root, contents' numeric owners come from a
 fakeroot state file) and, when deterministic, with libfaketime freezing the clock and seeding the
-randomness libuuid draws its chunk-tree and device UUIDs from (builder/pinned.py). What it cannot
+randomness libuuid draws its chunk-tree and device UUIDs from (builder/sandbox/fakeroot.py). What it cannot
 keep: btrfs-progs 6.2 writes device nodes with device number 0:0 (refused, see reject_devices);
 hard links are kept.
 """
@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 import re
 import stat
-import subprocess
 from pathlib import Path
 
 from .. import rules
 from ..errors import BuildError, UserError
+from ..process import run
 from ..sandbox.fakeroot import fakeroot_state, run_tool
 from ..sandbox.namespace import userns_available
 from ..units import MiB, align_up
@@ -77,7 +77,7 @@ def _argv(build: RootBuild, fs_file: Path, size: int, source: Path) -> list[str]
 
 def free_bytes(fs_file: Path) -> int:
     """Unused bytes of the btrfs (total_bytes - bytes_used of its superblock)."""
-    res = subprocess.run(["btrfs", "inspect-internal", "dump-super", str(fs_file)], capture_output=True, text=True)
+    res = run(["btrfs", "inspect-internal", "dump-super", str(fs_file)], ok=None)
     total = re.search(r"^total_bytes\s+(\d+)", res.stdout, re.M)
     used = re.search(r"^bytes_used\s+(\d+)", res.stdout, re.M)
     if res.returncode != 0 or not total or not used:
@@ -87,7 +87,4 @@ def free_bytes(fs_file: Path) -> int:
 
 def check(fs_file: Path) -> None:
     """btrfs check (read-only) must find the filesystem clean."""
-    res = subprocess.run(["btrfs", "check", "--readonly", str(fs_file)], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise BuildError("btrfs check found problems in the root filesystem:\n"
-                         f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
+    run(["btrfs", "check", "--readonly", str(fs_file)], "btrfs check found problems in the root filesystem")

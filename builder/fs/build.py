@@ -16,7 +16,7 @@ class RootBuild:
     root: Path
     binds: tuple[tuple[str, str], ...]  # (store path, placeholder under root)
     owner_fixes: tuple[OwnerFix, ...]
-    mode_fixes: tuple[ModeFix, ...]  # contents whose image mode is not their staged copy's (builder/contents.py)
+    mode_fixes: tuple[ModeFix, ...]  # contents whose image mode differs from the staged copy's (staging/contents.py)
     label: str
     uuid: str | None
     epoch: int | None

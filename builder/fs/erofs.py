@@ -1,6 +1,6 @@
 """The read-only erofs root (onlyNixStore): mkfs.erofs --all-root -T into its own file, label patched in.
 
-mkfs.erofs builds from a directory (the store bound in, builder/pinned.py) with every owner root and
+mkfs.erofs builds from a directory (the store bound in, builder/sandbox/fakeroot.py) with every owner root and
 one fixed timestamp (-T: compact inodes carry no own time, so every file shows it); hard links and
 symlinks are kept. erofs-utils 1.5 has no label option: the volume name is written into the superblock
 here and its CRC32C recomputed, as newer mkfs.erofs -L does.
@@ -9,11 +9,11 @@ here and its CRC32C recomputed, as newer mkfs.erofs -L does.
 from __future__ import annotations
 
 import struct
-import subprocess
 from pathlib import Path
 
 from ..crc32c import crc32c_raw
 from ..errors import BuildError
+from ..process import run
 from ..sandbox.fakeroot import run_tool
 from .build import RootBuild
 
@@ -54,6 +54,4 @@ def make(build: RootBuild, fs_file: Path) -> None:
 
 def check(fs_file: Path) -> None:
     """fsck.erofs must read every inode and the superblock checksum clean."""
-    res = subprocess.run(["fsck.erofs", str(fs_file)], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise BuildError(f"fsck.erofs found problems in the root filesystem:\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
+    run(["fsck.erofs", str(fs_file)], "fsck.erofs found problems in the root filesystem")

@@ -1,7 +1,7 @@
 """The root ext4: created and populated at its partition offset with mkfs.ext4 -d, in one pass over the tree.
 
 No root and no mount: mkfs.ext4 writes the tree at `-E offset`. mkfs copies owners and times from the
-build's files, so it runs with the stat shim (builder/statshim.c, LD_PRELOAD) that shows it every file as
+build's files, so it runs with the stat shim (builder/sandbox/statshim.c, LD_PRELOAD) that shows it every file as
 owned by root with atime/ctime at the epoch, and E2FSPROGS_FAKE_TIME pins what it stamps itself (crtime;
 with deterministic also the superblock's times; e2fsprogs 1.47.0 ignores SOURCE_DATE_EPOCH). The numeric
 owners contents asked for are then set with debugfs. Without the shim (not built, or MDI_STAT_SHIM=none)

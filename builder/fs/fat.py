@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import tempfile
 from pathlib import Path
 
 from ..disk.layout import Partition
 from ..disk.sparse import extract
 from ..errors import BuildError
+from ..process import run
 from ..units import SECTOR
 
 
@@ -30,11 +30,8 @@ def fat_bits(size: int) -> str:
         probe = Path(tmp) / "probe.fat"
         with open(probe, "wb") as f:
             f.truncate(size)
-        res = subprocess.run(["mkfs.vfat", str(probe)], capture_output=True, text=True)
-        if res.returncode != 0:
-            raise BuildError(f"mkfs.vfat cannot make a FAT filesystem of {size} bytes: {res.stderr.strip()}")
-        version = subprocess.run(["blkid", "-p", "-o", "value", "-s", "VERSION", str(probe)],
-                                 capture_output=True, text=True).stdout.strip()
+        run(["mkfs.vfat", str(probe)], f"mkfs.vfat cannot make a FAT filesystem of {size} bytes")
+        version = run(["blkid", "-p", "-o", "value", "-s", "VERSION", str(probe)], ok=None).stdout.strip()
     if version not in ("FAT12", "FAT16", "FAT32"):
         raise BuildError(f"cannot tell which FAT type mkfs.vfat picks for {size} bytes (blkid: {version!r})")
     return version[3:]
@@ -48,9 +45,7 @@ def make(image: Path, partition: Partition, deterministic: bool) -> None:
     if deterministic:
         argv += ["--invariant", "-i", volume_id(partition)]
     argv += [str(image), str(partition.size // 1024)]
-    res = subprocess.run(argv, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise BuildError(f"mkfs.vfat for {partition.label} failed: {res.stderr.strip() or res.stdout.strip()}")
+    run(argv, f"mkfs.vfat for {partition.label} failed")
 
 
 def check(image: Path, partition: Partition) -> None:
@@ -61,8 +56,5 @@ def check(image: Path, partition: Partition) -> None:
             extract(image, partition.start, partition.size, copy)
         except OSError as exc:
             raise BuildError(f"cannot read the {partition.label} FAT partition for checking: {exc}") from None
-        res = subprocess.run(["fsck.vfat", "-n", str(copy)], capture_output=True, text=True)
-    if res.returncode != 0:
-        out = (res.stdout + res.stderr).strip()
-        raise BuildError(f"fsck.vfat found problems in the {partition.label} FAT filesystem "
-                         f"(partition {partition.number}):\n{out[-2000:]}")
+        run(["fsck.vfat", "-n", str(copy)],
+            f"fsck.vfat found problems in the {partition.label} FAT filesystem (partition {partition.number})")

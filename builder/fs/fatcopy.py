@@ -10,12 +10,12 @@ mtools 4.0.32 wraps to 2098.)
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 
 from ..disk.layout import Partition
 from ..errors import BuildError
+from ..process import output_tail, run
 
 
 def mtools_env(epoch: int) -> dict[str, str]:
@@ -25,18 +25,17 @@ def mtools_env(epoch: int) -> dict[str, str]:
 
 def _mtools(argv: list[str], epoch: int, what: str) -> None:
     """Run one mtools command; BuildError naming `what`, with a hint when the partition is full."""
-    res = subprocess.run(argv, capture_output=True, text=True, env=mtools_env(epoch))
+    res = run(argv, ok=None, env=mtools_env(epoch))
     if res.returncode != 0:
-        message = (res.stderr or res.stdout).strip()[-1500:]
+        message = output_tail(res)
         if "full" in message.lower():
             message += " (the partition is too small for these files: give a larger bootSize)"
-        raise BuildError(f"{what} failed: {message}")
+        raise BuildError(f"{what} failed (exit {res.returncode}): {message}")
 
 
 def free_bytes(image: Path, partition: Partition) -> int:
     """Free bytes of the FAT filesystem, as `mdir` counts them."""
-    res = subprocess.run(["mdir", "-i", f"{image}@@{partition.start}", "::/"], capture_output=True, text=True,
-                         env=mtools_env(0))
+    res = run(["mdir", "-i", f"{image}@@{partition.start}", "::/"], ok=None, env=mtools_env(0))
     for line in res.stdout.splitlines():
         if line.strip().endswith("bytes free"):
             return int("".join(c for c in line if c.isdigit()))

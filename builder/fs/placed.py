@@ -1,6 +1,6 @@
 """Root filesystems other than ext4: build each as its own file, size it, place it into its partition, check it.
 
-ext4 is made in place at its offset (builder/ext4.py, the pipeline's own path). Every other fsType goes
+ext4 is made in place at its offset (builder/fs/ext.py, the pipeline's own path). Every other fsType goes
 through here: btrfs and xfs (writable; sized from the measured tree + additionalSpace, grown and rebuilt
 if mkfs runs out of space or leaves too little free), erofs and squashfs (read-only; onlyNixStore only,
 their size is what mkfs wrote). The finished file is copied into the partition sparse-aware.

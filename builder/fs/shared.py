@@ -10,13 +10,13 @@ the root filesystem is made from (nix/args rootFilesystemSpec), so equal keys ar
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 from .. import rules
 from ..disk import layout
-from ..errors import BuildError, UserError
+from ..errors import UserError
 from ..log import info
+from ..process import run
 from ..spec import Spec
 from ..units import MiB, human
 from .placed import lay_out_around
@@ -24,11 +24,9 @@ from .placed import lay_out_around
 
 def probe(path: Path) -> dict[str, str]:
     """What blkid reads from a filesystem image: TYPE, UUID, ... (empty when it finds none)."""
-    res = subprocess.run(["blkid", "-p", "-o", "export", str(path)], capture_output=True, text=True)
+    res = run(["blkid", "-p", "-o", "export", str(path)], ok=(0, 2))
     if res.returncode == 2:  # nothing found
         return {}
-    if res.returncode != 0:
-        raise BuildError(f"blkid -p {path} failed: {res.stderr.strip()}")
     return dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
 
 

@@ -7,10 +7,10 @@ squashfs has no label and no UUID field: the label is not stored (mount it by pa
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 from ..errors import BuildError
+from ..process import run
 from ..sandbox.fakeroot import run_tool
 from .build import RootBuild
 
@@ -28,6 +28,4 @@ def make(build: RootBuild, fs_file: Path) -> None:
 def check(fs_file: Path) -> None:
     """unsquashfs must read the superblock and list every inode (-lls walks all directories and inodes)."""
     for argv in (["unsquashfs", "-s", str(fs_file)], ["unsquashfs", "-lls", "-d", "/", str(fs_file)]):
-        res = subprocess.run(argv, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise BuildError(f"{argv[0]} {argv[1]} found problems in the root filesystem: {res.stderr.strip()[-2000:]}")
+        run(argv, f"{argv[0]} {argv[1]} found problems in the root filesystem")

@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 import re
 import stat
-import subprocess
 from pathlib import Path
 
 from .. import rules
 from ..errors import BuildError, UserError
+from ..process import run
 from ..sandbox.fakeroot import run_tool
 from ..units import MiB, align_up
 from .build import NoSpace, RootBuild
@@ -117,23 +117,20 @@ def make(build: RootBuild, fs_file: Path, size: int) -> None:
 
 def _set_sticky(fs_file: Path, image_path: str) -> None:
     """Add the sticky bit to a directory's mode with xfs_db (the protofile cannot express it)."""
-    res = subprocess.run(["xfs_db", "-r", "-c", f"path {image_path}", "-c", "inode", "-c", "print core.mode",
-                          str(fs_file)], capture_output=True, text=True)
+    res = run(["xfs_db", "-r", "-c", f"path {image_path}", "-c", "inode", "-c", "print core.mode", str(fs_file)],
+              ok=None)
     m = re.search(r"core\.mode = (\d+)", res.stdout)
     if res.returncode != 0 or not m:
         # xfs_db `path` needs the directory walk; fall back to the inode number from `ls`.
         raise BuildError(f"xfs_db could not read {image_path}: {res.stderr.strip() or res.stdout.strip()}")
     mode = int(m.group(1), 8) | stat.S_ISVTX
-    res = subprocess.run(["xfs_db", "-x", "-c", f"path {image_path}", "-c", "inode", "-c",
-                          f"write core.mode 0{mode:o}", str(fs_file)], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise BuildError(f"xfs_db could not set the sticky bit of {image_path}: {res.stderr.strip()}")
+    run(["xfs_db", "-x", "-c", f"path {image_path}", "-c", "inode", "-c", f"write core.mode 0{mode:o}", str(fs_file)],
+        f"xfs_db could not set the sticky bit of {image_path}")
 
 
 def free_bytes(fs_file: Path) -> int:
     """Free bytes of the xfs (superblock fdblocks * blocksize)."""
-    res = subprocess.run(["xfs_db", "-r", "-c", "sb 0", "-c", "print fdblocks blocksize", str(fs_file)],
-                         capture_output=True, text=True)
+    res = run(["xfs_db", "-r", "-c", "sb 0", "-c", "print fdblocks blocksize", str(fs_file)], ok=None)
     fd = re.search(r"fdblocks = (\d+)", res.stdout)
     bs = re.search(r"blocksize = (\d+)", res.stdout)
     if res.returncode != 0 or not fd or not bs:
@@ -143,7 +140,4 @@ def free_bytes(fs_file: Path) -> int:
 
 def check(fs_file: Path) -> None:
     """xfs_repair -n must find the filesystem clean."""
-    res = subprocess.run(["xfs_repair", "-n", "-f", str(fs_file)], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise BuildError("xfs_repair -n found problems in the root filesystem:\n"
-                         f"{res.stdout[-2000:]}{res.stderr[-2000:]}")
+    run(["xfs_repair", "-n", "-f", str(fs_file)], "xfs_repair -n found problems in the root filesystem")

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import BuildError
+from ..process import run
 from ..staging.contents import ModeFix, OwnerFix
 from .namespace import userns_available
 
@@ -61,10 +62,7 @@ def fakeroot_state(fixes: Sequence[OwnerFix], root: Path, state: Path, modes: Se
     state.unlink(missing_ok=True)
     script = "\n".join([*(f"chown -h {f.uid}:{f.gid} -- {_sh(str(root) + f.image_path)}" for f in fixes),
                         *(f"chmod {m.mode & 0o7777:04o} -- {_sh(str(root) + m.image_path)}" for m in modes)])
-    res = subprocess.run(["fakeroot", "-s", str(state), "--", "sh", "-ec", script or "true"],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        raise BuildError(f"recording owners with fakeroot failed: {res.stderr.strip()}")
+    run(["fakeroot", "-s", str(state), "--", "sh", "-ec", script or "true"], "recording owners with fakeroot failed")
     return state
 
 
@@ -109,4 +107,4 @@ def run_tool(argv: Sequence[str], *, binds: Sequence[tuple[str, str]], scratch: 
                "--propagation", "private", *cmd]
     elif binds:
         raise BuildError("internal: store binds need user namespaces")
-    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return run(cmd, ok=None, env=env)

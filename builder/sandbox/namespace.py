@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
+from ..process import run
 from ..signals import die_with_parent
 
 MS_RDONLY = 1
@@ -34,7 +35,7 @@ def userns_available() -> bool:
     if os.environ.get("MDI_STAGE_STORE") == "copy":
         return False
     try:
-        return subprocess.run([*UNSHARE, "true"], capture_output=True).returncode == 0
+        return run([*UNSHARE, "true"], ok=None).returncode == 0
     except OSError:
         return False
 
@@ -55,7 +56,7 @@ def run_with_binds(
     full_env = dict(os.environ if env is None else env)
     full_env["PYTHONPATH"] = pythonpath + (":" + full_env["PYTHONPATH"] if full_env.get("PYTHONPATH") else "")
     # The helper (and mkfs it execs) gets SIGKILL if the builder dies, so a killed build leaves no writer behind.
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, preexec_fn=die_with_parent)
+    return run(cmd, ok=None, env=full_env, preexec_fn=die_with_parent)
 
 
 def mount_binds(binds: list[list[str]]) -> None:

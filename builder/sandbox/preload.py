@@ -11,7 +11,7 @@ from ..errors import UserError
 def built_library(setting: str, module: str, what: str) -> str | None:
     """The library the setting names (a file, or "none" for no library), else builder.sandbox.<module> if built.
 
-    A setting naming no file is the user's error (exit 2), found before any work (pipeline.check_settings).
+    A setting naming no file is the user's error (exit 2), found before any work (pipeline.check_environment).
     """
     chosen = os.environ.get(setting)
     if chosen == "none":

@@ -4,7 +4,7 @@ mkfs.btrfs 6.2 --rootdir takes inode numbers from the source files (st_ino) and 
 readdir order, so its output depends on the host filesystem. A tmpfs mounted in the private namespace
 numbers inodes in creation order; creating entries in sorted name order makes both the numbers and the
 walk the same on every machine. Hard links stay links, modes and mtimes are copied, and the contents'
-numeric owners (lchown) and the modes the staged copies could not have (ModeFix, builder/contents.py;
+numeric owners (lchown) and the modes the staged copies could not have (ModeFix, builder/staging/contents.py;
 chmod, after the owners: a chown clears set-id bits) are applied, recorded by fakeroot, which this runs
 under.
 """

@@ -1,4 +1,4 @@
-/* LD_PRELOAD library for `mkfs.ext4 -d` (builder/ext4.py): every file mkfs stats reads as owned by 0:0,
+/* LD_PRELOAD library for `mkfs.ext4 -d` (builder/fs/ext.py): every file mkfs stats reads as owned by 0:0,
    with atime and ctime at $MDI_SHIM_EPOCH, so the filesystem it writes has the image's owners and times
    and needs no second pass over every inode with debugfs. mtime, mode and size are left as they are. */
 #undef _FILE_OFFSET_BITS

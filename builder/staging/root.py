@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BuildError
 from ..log import info
+from ..process import run
 from ..sandbox.namespace import userns_available
 from ..spec import Spec
 from . import store
@@ -27,9 +26,9 @@ class StagedRoot:
     root: Path
     store_binds: tuple[tuple[str, str], ...]  # (store path, placeholder in root)
     owner_fixes: tuple[OwnerFix, ...]
-    mode_fixes: tuple[ModeFix, ...]  # contents whose image mode is not their staged copy's (builder/contents.py)
+    mode_fixes: tuple[ModeFix, ...]  # contents whose image mode differs from the staged copy's (staging/contents.py)
     # The staged store directory when its placeholders are made on a tmpfs inside mkfs's namespace
-    # (builder/namespace.py) rather than on disk; None when they are on disk.
+    # (builder/sandbox/namespace.py) rather than on disk; None when they are on disk.
     lazy_store: str | None = None
 
 
@@ -127,9 +126,7 @@ def closure_binds(staged: StagedRoot, epoch: int) -> list[tuple[str, str]]:
         by_parent.setdefault(os.path.dirname(dest), []).append(src)
     for parent, sources in by_parent.items():
         # One cp for all paths keeps hard links between store paths (auto-optimise-store) as links.
-        res = subprocess.run(["cp", "-a", "--reflink=auto", "-t", parent, *sources], capture_output=True, text=True)
-        if res.returncode != 0:
-            raise BuildError(f"copying the closure failed: {res.stderr.strip()}")
+        run(["cp", "-a", "--reflink=auto", "-t", parent, *sources], "copying the closure failed")
     for parent in {os.path.dirname(dest) for _, dest in staged.store_binds}:
         os.utime(parent, (epoch, epoch))
     return []

@@ -15,25 +15,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .. import rules
 from ..errors import BuildError, UserError
+from ..process import run
 
 LINUX_TYPES = {
     "0FC63DAF-8483-4772-8E79-3D69D8477DE4",  # Linux filesystem data
     "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",  # Linux root (x86-64)
     "83",
 }
-EXT_TYPES = ("ext2", "ext3", "ext4")
 
 
 def _run(cmd: list[str], ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
-    """Run a tool, returning the result when its exit status is in ok; otherwise raise BuildError."""
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise BuildError(f"{cmd[0]} is not on PATH (needed to inspect images)") from None
-    if done.returncode not in ok:
-        raise BuildError(f"{' '.join(cmd)} failed (exit {done.returncode}): {done.stderr.strip()}")
-    return done
+    """Run an inspecting tool (builder/process.py), returning the result when its exit status is in ok."""
+    return run(cmd, ok=ok, missing="needed to inspect images")
 
 
 def qemu_info(path: Path) -> dict[str, Any]:
@@ -132,7 +127,7 @@ def root_filesystem(raw: Path, offset: int, size: int) -> dict[str, Any]:
     for key in ("blockSize", "blockCount", "freeBlocks", "freeBytes", "reservedBlocks", "inodeCount",
                 "freeInodes", "features", "hashSeed"):
         root[key] = None
-    if fs["fsType"] in EXT_TYPES:
+    if fs["fsType"] in rules.ext_family():
         h = dumpe2fs_header(raw, offset)
         root.update(
             blockSize=int(h["Block size"]),

@@ -7,13 +7,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError, UserError
+from ..process import run
 from ..staging.store import NIX32_ALPHABET, nix32
 
 # Nix's base-32 alphabet (no e, o, u, t), as in `nix hash to-base32`.
@@ -51,9 +51,7 @@ def _prefetch_command() -> str:
 def prefetch(owner: str, repo: str, rev: str) -> dict[str, Any]:
     """Ask nix-prefetch-github for the commit and NAR hash of owner/repo at rev (a branch, tag or commit)."""
     cmd = [_prefetch_command(), "--json", "--rev", rev, owner, repo]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), check=False)
-    if proc.returncode != 0:
-        raise BuildError(f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    proc = run(cmd)
     try:
         answer = json.loads(proc.stdout)
     except json.JSONDecodeError:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import rules
 from ..log import info, step
+from ..process import run
 from ..spec import Spec, load_spec_document
 
 CHUNK = 1 << 20
@@ -54,7 +55,7 @@ def differing_blocks(a: Path, b: Path) -> list[int]:
 
 def regions(image: Path) -> list[Region]:
     """The partitions sfdisk reads from the image (or the whole disk as one filesystem), with blkid's type."""
-    res = subprocess.run(["sfdisk", "--json", str(image)], capture_output=True, text=True)
+    res = run(["sfdisk", "--json", str(image)], ok=None)
     size = image.stat().st_size
     if res.returncode != 0:
         return [Region(0, size, "disk (no partition table)", _fs_type(image, 0))]
@@ -69,14 +70,13 @@ def regions(image: Path) -> list[Region]:
 
 def _fs_type(image: Path, offset: int) -> str | None:
     """blkid's filesystem type at offset."""
-    res = subprocess.run(["blkid", "-p", "-O", str(offset), "-o", "value", "-s", "TYPE", str(image)],
-                         capture_output=True, text=True)
+    res = run(["blkid", "-p", "-O", str(offset), "-o", "value", "-s", "TYPE", str(image)], ok=None)
     return res.stdout.strip() or None
 
 
 def _ext4_layout(target: str) -> tuple[dict[str, int], list[tuple[int, int, int]], set[int]]:
     """Superblock numbers, inode tables as (first block, last block, group) and bitmap/descriptor blocks."""
-    out = subprocess.run(["dumpe2fs", target], capture_output=True, text=True).stdout
+    out = run(["dumpe2fs", target], ok=None).stdout
     sb = {k: int(v) for k, v in re.findall(r"^(Inodes per group|Inode size|Block size):\s+(\d+)", out, re.M)}
     tables = [(int(a), int(b), int(g)) for g, a, b in
               re.findall(r"^Group (\d+):.*?Inode table at (\d+)-(\d+)", out, re.M | re.S)]
@@ -88,7 +88,7 @@ def _ext4_layout(target: str) -> tuple[dict[str, int], list[tuple[int, int, int]
 
 def _debugfs(target: str, request: str) -> str:
     """One debugfs request's output."""
-    return subprocess.run(["debugfs", "-R", request, target], capture_output=True, text=True).stdout
+    return run(["debugfs", "-R", request, target], ok=None).stdout
 
 
 def explain_ext4(image: Path, region: Region, offsets: list[int], other: Path) -> list[str]:
@@ -158,8 +158,7 @@ def explain_fat(image: Path, region: Region, offsets: list[int], other: Path) ->
         lines.append(f"FAT byte {rel}: {where}")
     listings = []
     for img in (image, other):
-        res = subprocess.run(["mdir", "-/", "-a", "-i", f"{img}@@{region.start}", "::"], capture_output=True,
-                             text=True)
+        res = run(["mdir", "-/", "-a", "-i", f"{img}@@{region.start}", "::"], ok=None)
         listings.append(set(res.stdout.splitlines()))
     for line in sorted(listings[0] ^ listings[1])[:MAX_REPORTED]:
         if line.strip() and "Volume" not in line:
@@ -186,7 +185,7 @@ def explain(a: Path, b: Path) -> list[str]:
                f"{len(inside)} blocks differ"
         report.append(head)
         detail: list[str] = []
-        if region.fs in ("ext2", "ext3", "ext4"):
+        if region.fs in rules.ext_family():
             detail = explain_ext4(a, region, inside, b)
         elif region.fs == "vfat":
             detail = explain_fat(a, region, inside, b)

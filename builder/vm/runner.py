@@ -1,7 +1,7 @@
 """A stand-in for nixpkgs' vmTools.runInLinuxVM: run a command as root in a qemu (TCG) VM with the image as /dev/vda.
 
 The guest is as bare as vmTools' (pkgs/build-support/vm/default.nix, nixpkgs 25.11; see VM_INIT in
-builder/initramfs.py for its stage 1 and 2 step by step): a fresh tmpfs root with /dev, /proc, /sys,
+builder/vm/initramfs.py for its stage 1 and 2 step by step): a fresh tmpfs root with /dev, /proc, /sys,
 /tmp (the command's working directory and TMPDIR), /run, /var/run, a three-line /etc, the Nix store
 shared read-only, and /bin/sh -> bash. What a derivation would have on PATH from its inputs comes from
 the host here: the directories `host_paths` names (/usr, the Python environment running the builder),

@@ -276,8 +276,11 @@ rec {
     ) "null or a path (copied to /etc/nixos/configuration.nix)"
     ++ check "postVM" (isString a.postVM) "a string of shell commands (run after the image is in $out)"
     ++ check "memSize" (
-      isInt a.memSize && a.memSize >= rules.limits.memSizeMinMiB && a.memSize <= rules.limits.memSizeMaxMiB
-    ) "an integer number of MiB between ${toString rules.limits.memSizeMinMiB} and ${toString rules.limits.memSizeMaxMiB} (at least ${toString rules.limits.memSizeWarningMiB} for the build VM to boot)"
+      let
+        mib = if isDigitSize a.memSize then fromDecimal a.memSize else a.memSize;
+      in
+      isInt mib && mib >= rules.limits.memSizeMinMiB && mib <= rules.limits.memSizeMaxMiB
+    ) "an integer number of MiB between ${toString rules.limits.memSizeMinMiB} and ${toString rules.limits.memSizeMaxMiB}, or a string of such digits as nixpkgs' toString reads it (at least ${toString rules.limits.memSizeWarningMiB} for the build VM to boot)"
     ++ check "name" (nameOk "derivationName" a.name)
       "a derivation name of 1 to ${toString rules.limits.nameBytes} characters from A-Z a-z 0-9 + . _ ? = -, not starting with \".\""
     ++ check "baseName" (nameOk "fileName" a.baseName)

@@ -82,6 +82,8 @@ rec {
       };
       withDerived = base // {
         diskSize = checks.diskSizeMiB base.diskSize;
+        # nixpkgs hands memSize to vmTools, which reads it through toString: "2048" is 2048 MiB.
+        memSize = if builtins.isString base.memSize then checks.fromDecimal base.memSize else base.memSize;
         label = args.label or (if base.onlyNixStore then "nix-store" else "nixos");
         rootFSUID =
           if args ? rootFSUID then
@@ -126,23 +128,40 @@ rec {
     else
       foldl' (value: w: warn w value) (removeAttrs result [ "OVMF" ]) (checks.argWarnings args withDerived);
 
-  # Owners given by name resolve in the image, with its own tools: only in the VM.
-  namedOwners = a: any (e: e.user != null && !(matches "[0-9]+" e.user && matches "[0-9]+" (toString e.group))) a.contents;
-
-  # Whether the build VM runs finalize (mirrors builder.spec.Spec.needs_vm). systemdBootOnHost: prepare
-  # installs systemd-boot from the bootspec (nix/systemd-boot.nix gave a section), so the bootloader
-  # alone needs no VM.
-  needsVM =
+  # Owners given by name resolve in the image, with its own tools: only in the VM. A contents entry of
+  # normalized arguments or of the spec (user and group strings or null).
+  namedOwners =
     a:
-    {
-      systemdBootOnHost ? false,
-    }:
-    !a.onlyNixStore
-    && (
-      (a.installBootLoader && !systemdBootOnHost)
-      || a.touchEFIVars
-      || namedOwners a
-    );
+    any (
+      e: e.user != null && !(matches rules.patterns.numericOwner e.user && matches rules.patterns.numericOwner e.group)
+    ) a.contents;
+
+  # The facts builder/rules.json's vmStage rules decide the VM on, from a spec (builder.spec.Spec.vm_facts).
+  vmFacts = spec: {
+    inherit (spec) installBootLoader touchEFIVars onlyNixStore;
+    systemdBoot = spec.bootLoader.systemdBoot != null;
+    namedOwners = namedOwners spec;
+  };
+
+  # Whether a vmStage rule holds: one of its alternatives has all its facts ("!fact": not), as
+  # builder.rules.vm_stage reads the same rules.
+  vmStage =
+    rule: facts:
+    any (builtins.all (
+      term:
+      let
+        negated = builtins.substring 0 1 term == "!";
+        name = if negated then builtins.substring 1 (builtins.stringLength term) term else term;
+        value = if facts ? ${name} then facts.${name} else vmStage name facts;
+      in
+      value != negated
+    )) rules.vmStage.${rule};
+
+  # Whether the build VM runs finalize for this spec (builder.spec.Spec.needs_vm).
+  needsVM = spec: vmStage "needsVM" (vmFacts spec);
+
+  # Whether prepare installs systemd-boot itself from the bootspec (builder.spec.Spec.installs_systemd_boot).
+  systemdBootOnHost = spec: vmStage "systemdBootOnHost" (vmFacts spec);
 
   # additionalPaths without those already among the base roots, as nixpkgs' subtractLists does.
   extraPaths = basePaths: paths: filter (p: !elem p basePaths) paths;
@@ -185,12 +204,7 @@ rec {
     let
       table = rules.tables.${spec.partitionTableType};
       fixed = spec.diskSize != "auto";
-      mountPoints =
-        spec.installBootLoader
-        && spec.bootLoader.systemdBoot != null
-        && !spec.onlyNixStore
-        && !spec.touchEFIVars
-        && !namedOwners spec;
+      mountPoints = systemdBootOnHost spec;
       same =
         t:
         (!fixed || (t.label == table.label && t.rootStartMiB == table.rootStartMiB))
@@ -244,8 +258,10 @@ rec {
     in
     if badDevices != [ ] then
       throw (bad "config.boot.loader.grub.devices" grubDevices "device paths under /dev, or \"nodev\"")
-    else if limineBiosDevice != null && !matches "/dev/[^[:cntrl:]]+" limineBiosDevice then
-      throw (bad "config.boot.loader.limine.biosDevice" limineBiosDevice "a device path under /dev")
+    # "nodev" is NixOS' default biosDevice: nixpkgs' make-disk-image.nix builds it (its `ln -s /dev/vda nodev`
+    # links nothing that matters) and limine-install.py then installs Limine's stage 2 only, saying so.
+    else if limineBiosDevice != null && !matches "nodev|/dev/[^[:cntrl:]]+" limineBiosDevice then
+      throw (bad "config.boot.loader.limine.biosDevice" limineBiosDevice "a device path under /dev, or \"nodev\"")
     else if systemdBootProblem args systemdBoot != null then
       throw (err (systemdBootProblem args systemdBoot))
     else

@@ -64,6 +64,7 @@ rec {
       path = t "path" { };
       package = t "package" { };
       anything = t "anything" { };
+      attrs = t "attrs" { };
       ints.positive = t "positiveInt" { };
       enum = values: t "enum" { inherit values; };
       either = a: b: t "either" { inherit a b; };
