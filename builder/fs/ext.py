@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import tempfile
 import threading
@@ -187,9 +188,12 @@ def _quote(path: str) -> str:
 
 def normalize(
     image: Path, offset: int, fixes: Sequence[OwnerFix], epoch: int, scratch: Path, params: Ext4Params,
-    every_inode: bool = True, modes: Sequence[ModeFix] = (),
+    every_inode: bool = True, modes: Sequence[ModeFix] = (), xattrs: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Contents' numeric owners and modes, and with every_inode root and the epoch's times on all others: one debugfs.
+
+    modes and xattrs (image path, attribute name to remove) also carry the store files whose metadata is
+    not their NAR's (measure.StoreFix).
 
     It also zeroes the superblock's lifetime-writes counter, which counts what each pass wrote, so an image
     made with the stat shim and one made without it are the same bytes.
@@ -207,6 +211,7 @@ def normalize(
         for fix in fixes:
             out.write(f"sif {_quote(fix.image_path)} uid {fix.uid}\nsif {_quote(fix.image_path)} gid {fix.gid}\n")
         out.writelines(f"sif {_quote(m.image_path)} mode 0{m.mode:o}\n" for m in modes)
+        out.writelines(f"ea_rm {_quote(path)} {_quote(name)}\n" for path, name in xattrs)
         out.write("ssv kbytes_written 0\n")
     res = subprocess.run(["debugfs", "-w", "-f", str(cmd_file), target], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, errors="replace", env=_env(params))
@@ -328,14 +333,35 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
     # The staging tree is read; removing it (a syscall per entry) overlaps debugfs on the other core.
     remover = threading.Thread(target=remove_tree_quietly, args=(staged.root,), name="remove staging", daemon=True)
     remover.start()
+    store_modes, store_xattrs = store_fixes(spec, size.usage.store_fixes)
     try:
         with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
             normalize(image, root.start, staged.owner_fixes, epoch, scratch, params, every_inode=not stamped,
-                      modes=staged.mode_fixes)
+                      modes=[*staged.mode_fixes, *store_modes], xattrs=store_xattrs)
     finally:
         remover.join()
     run_side_by_side(_checks(spec, image, plan))
     return plan
+
+
+def store_fixes(spec: Spec, fixes: Sequence[measure.StoreFix]) -> tuple[list[ModeFix], list[tuple[str, str]]]:
+    """The modes to set and extended attributes to remove, by image path, that give store files their NAR's metadata.
+
+    mkfs.ext4 -d copies the mode and every extended attribute (llistxattr) of what it reads; Nix's store
+    has 0444/0555 and none (measure.nar_mode).
+    """
+    modes: list[ModeFix] = []
+    xattrs: list[tuple[str, str]] = []
+    for fix in fixes:
+        image_path = fix.path[len(spec.store_dir):] if spec.only_nix_store else fix.path
+        if "\n" in image_path:
+            raise UserError(f"system.closureInfo: store file {fix.path!r} holds a newline in its name and needs its "
+                            "metadata canonicalised, which cannot be done on it in the image")
+        info(f"store file {fix.path!r}: not as Nix would have it; given mode {stat.S_IMODE(fix.mode):04o}"
+             + (f", extended attributes {', '.join(fix.xattrs)} dropped" if fix.xattrs else ""))
+        modes.append(ModeFix(image_path, fix.mode))
+        xattrs += [(image_path, name) for name in fix.xattrs]
+    return modes, xattrs
 
 
 def _make_boot_filesystems(spec: Spec, image: Path, plan: layout.Layout) -> None:

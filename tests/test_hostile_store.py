@@ -1,0 +1,218 @@
+"""A store that no Nix could have made: the image gets what each path's NAR describes, or the build is refused.
+
+A Nix store path is what its NAR can express (Nix's src/libutil/archive.cc): regular files, executable or
+not, directories and symlinks. Nix's canonicalisePathMetaData (src/libstore/posix-fs-canonicalise.cc)
+gives every non-symlink mode 0444, or 0555 when owner-executable or a directory, and removes extended
+attributes (ACLs, capabilities, user.*). Store paths with every kind of odd metadata are made here as root
+under the real /nix/store and registered through a closureInfo copy; the image is read with debugfs
+(`stat`, `ea_list`). Store paths holding a FIFO, socket or device node are refused, naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from builder.staging.store import NIX32_ALPHABET, nix32
+from tests.support.imagecheck import debugfs, inode_facts, part_offset
+from tests.support.specs import SpecFactory, spec_doc
+
+REPO = Path(__file__).resolve().parent.parent
+STORE = Path("/nix/store")
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="setuid files, capabilities and device nodes need root")
+
+
+def store_path(name: str) -> Path:
+    """A store path name of this test's own (32 Nix base-32 digits from the name, then the name)."""
+    digest = nix32(hashlib.sha256(f"mdi-hostile-store-{name}".encode()).digest())[:32]
+    assert not digest.strip(NIX32_ALPHABET)
+    return STORE / f"{digest}-mdi-hostile-{name}"
+
+
+@pytest.fixture
+def odd_path() -> Iterator[Callable[[str], Path]]:
+    """Make store paths (removed afterwards): odd_path(name) returns a fresh path for the test to fill."""
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        path = store_path(name)
+        remove(path)
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        remove(path)
+
+
+def remove(path: Path) -> None:
+    """Remove a store path of this test's, whatever it is."""
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, dirnames, _ in os.walk(path):
+            for d in dirnames:
+                os.chmod(os.path.join(dirpath, d), 0o755)
+        os.chmod(path, 0o755)
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def spec_with(make_spec: SpecFactory, fixture_spec: Path, paths: list[Path], tmp_path: Path, **overrides: object) -> Path:
+    """A spec of the fixture with paths added to additionalPaths and to a copy of its closureInfo's registration."""
+    doc = spec_doc(fixture_spec)
+    info = tmp_path / "closure-info"
+    shutil.copytree(doc["system"]["closureInfo"], info)
+    fake_hash = "sha256:" + nix32(hashlib.sha256(b"not a NAR").digest())
+    with open(info / "registration", "a") as f:
+        for p in paths:
+            f.write(f"{p}\n{fake_hash}\n0\n\n0\n")
+    system = {**doc["system"], "closureInfo": str(info),
+              "additionalPaths": [*doc["system"]["additionalPaths"], *map(str, paths)]}
+    return make_spec(system=system, **overrides)
+
+
+def prepare(spec: Path, image: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m builder prepare SPEC --image IMAGE` as its own process."""
+    return subprocess.run([sys.executable, "-m", "builder", "prepare", str(spec), "--image", str(image)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def posix_acl(*entries: tuple[int, int, int]) -> bytes:
+    """A system.posix_acl_access value (version 2; (tag, perm, id) entries), as setfacl writes it."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+NO_ID = 0xFFFFFFFF
+# user::rw- user:1000:r-- group::r-- mask::r-- other::r--
+ACL = posix_acl((0x01, 6, NO_ID), (0x02, 4, 1000), (0x04, 4, NO_ID), (0x10, 4, NO_ID), (0x20, 4, NO_ID))
+
+# (name in the store path, how to make it, its mode in the image: what `nix-store --restore` of its NAR gives)
+ODD: list[tuple[str, Callable[[Path], None], int]] = [
+    ("setuid", lambda p: (p.write_text("x"), os.chmod(p, 0o4755)), 0o100555),
+    ("setgid-plain", lambda p: (p.write_text("x"), os.chmod(p, 0o2644)), 0o100444),
+    ("everything", lambda p: (p.write_text("x"), os.chmod(p, 0o7777)), 0o100555),
+    ("private", lambda p: (p.write_text("x"), os.chmod(p, 0o600)), 0o100444),
+    ("group-exec-only", lambda p: (p.write_text("x"), os.chmod(p, 0o454)), 0o100444),
+    ("sticky-dir", lambda p: (p.mkdir(), os.chmod(p, 0o1777)), 0o040555),
+    ("writable-dir", lambda p: (p.mkdir(), os.chmod(p, 0o755)), 0o040555),
+    ("user-xattr", lambda p: (p.write_text("x"), os.chmod(p, 0o444), os.setxattr(p, "user.mdi", b"forged")),
+     0o100444),
+    ("acl", lambda p: (p.write_text("x"), os.setxattr(p, "system.posix_acl_access", ACL), os.chmod(p, 0o444)),
+     0o100444),
+    ("capability", lambda p: (p.write_text("x"), os.chmod(p, 0o555),
+                              subprocess.run(["setcap", "cap_net_raw+ep", str(p)], check=True)), 0o100555),
+]
+
+
+def test_store_files_get_the_metadata_of_their_nar(make_spec: SpecFactory, fixture_spec: Path,
+                                                   odd_path: Callable[[str], Path], tmp_path: Path) -> None:
+    """Without canonicalisation mkfs.ext4 -d copied every mode bit and extended attribute (exit 0)."""
+    top = odd_path("metadata")
+    top.mkdir()
+    (top / "ok").write_text("a canonical file")
+    os.chmod(top / "ok", 0o444)
+    for name, make, _ in ODD:
+        make(top / name)
+    assert os.listxattr(top / "capability") == ["security.capability"]
+    assert "system.posix_acl_access" in os.listxattr(top / "acl")
+    os.chmod(top, 0o2775)  # the top directory itself too
+    image = tmp_path / "odd.img"
+    done = prepare(spec_with(make_spec, fixture_spec, [top], tmp_path), image)
+    assert done.returncode == 0, done.stderr[-3000:]
+    offset = part_offset(image, 2)
+    assert inode_facts(image, offset, str(top))["mode"] == 0o040555
+    assert inode_facts(image, offset, f"{top}/ok")["mode"] == 0o100444
+    for name, _, mode in ODD:
+        path = f"{top}/{name}"
+        assert inode_facts(image, offset, path)["mode"] == mode, name
+        listed = debugfs(image, offset, f'ea_list "{path}"')
+        assert "=" not in listed, (name, listed)  # ea_list prints name = "value" for each attribute
+    assert "Extended attributes:" not in debugfs(image, offset, f'stat "{top}/capability"')
+    assert subprocess.run(["e2fsck", "-fn", f"{image}?offset={offset}"], capture_output=True).returncode == 0
+
+
+def test_an_only_nix_store_image_gets_them_too(make_spec: SpecFactory, fixture_spec: Path,
+                                               odd_path: Callable[[str], Path], tmp_path: Path) -> None:
+    """onlyNixStore: the store is the image's root, so image paths drop the store directory."""
+    top = odd_path("only-store")
+    top.write_text("x")
+    os.chmod(top, 0o6755)
+    os.setxattr(top, "user.mdi", b"forged")
+    image = tmp_path / "store.img"
+    spec = spec_with(make_spec, fixture_spec, [top], tmp_path, onlyNixStore=True, contents=[], label="nix-store",
+                     partitionTableType="none")
+    done = prepare(spec, image)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert inode_facts(image, 0, f"/{top.name}")["mode"] == 0o100555
+    assert "=" not in debugfs(image, 0, f'ea_list "/{top.name}"')
+
+
+def test_other_filesystems_refuse_what_they_cannot_canonicalise(make_spec: SpecFactory, fixture_spec: Path,
+                                                               odd_path: Callable[[str], Path], tmp_path: Path) -> None:
+    """mkfs.btrfs --rootdir copies modes and extended attributes as they are; the build is refused, naming the file."""
+    top = odd_path("btrfs")
+    top.mkdir()
+    (top / "tool").write_text("x")
+    os.chmod(top / "tool", 0o4755)
+    os.chmod(top, 0o555)
+    done = prepare(spec_with(make_spec, fixture_spec, [top], tmp_path, fsType="btrfs", additionalSpace="128M"),
+                   tmp_path / "x.img")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"store file '{top}/tool' has mode 4755 (Nix gives 0555)" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "x.img").exists()
+
+
+def make_special(path: Path, kind: str) -> list[socket.socket]:
+    """A FIFO, socket, or character/block device node at path; sockets returned to be closed."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+        return [sock]
+    else:
+        os.mknod(path, 0o600 | (stat.S_IFCHR if kind == "char-device" else stat.S_IFBLK), os.makedev(1, 5))
+    return []
+
+
+KINDS = {"fifo": "a FIFO", "socket": "a socket", "char-device": "a character device", "block-device": "a block device"}
+
+
+@pytest.mark.parametrize("where", ["inside", "top-level"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_store_path_holding_what_no_nar_can_is_refused(kind: str, where: str, make_spec: SpecFactory,
+                                                         fixture_spec: Path, odd_path: Callable[[str], Path],
+                                                         tmp_path: Path) -> None:
+    """Before, a FIFO, socket or device node in the store was copied into the image (exit 0)."""
+    top = odd_path(f"special-{kind}-{where}")
+    if where == "inside":
+        top.mkdir()
+        (top / "sub").mkdir()
+        special = top / "sub" / "node"
+    else:
+        special = top
+    sockets = make_special(special, kind)
+    try:
+        image = tmp_path / "x.img"
+        done = prepare(spec_with(make_spec, fixture_spec, [top], tmp_path), image)
+    finally:
+        for s in sockets:
+            s.close()
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert f"system.closureInfo: store file '{special}' is {KINDS[kind]}" in done.stderr, done.stderr[-3000:]
+    assert "only regular files, directories and symlinks" in done.stderr
+    assert not image.exists()
+
