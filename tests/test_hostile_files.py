@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import resource
+import stat
 import subprocess
 import sys
 import time
@@ -359,9 +360,12 @@ def test_unusable_image_and_work_paths_are_named(case: str, fragment: str, make_
 @pytest.mark.parametrize("kind", ["char-device", "fifo", "directory"])
 def test_a_config_file_that_is_no_regular_file_is_named(kind: str, make_spec: SpecFactory, tmp_path: Path) -> None:
     """configFile = "/dev/zero" was copied until the work directory's disk was full (exit 1)."""
-    source = {"char-device": Path("/dev/zero"), "fifo": tmp_path / "fifo", "directory": tmp_path}[kind]
+    # A node of /dev/zero's own outside /dev (a path under /dev is refused as such: test_hostile_confinement.py).
+    source = {"char-device": tmp_path / "zero", "fifo": tmp_path / "fifo", "directory": tmp_path}[kind]
     if kind == "fifo":
         os.mkfifo(source)
+    elif kind == "char-device":
+        os.mknod(source, 0o666 | stat.S_IFCHR, os.makedev(1, 5))
     res = build_into(make_spec(configFile=str(source)), tmp_path / "out", tmp_path / "tmp")
     assert res.returncode == 2, res.stderr
     assert f"error: configFile {str(source)!r}: not a regular file" in res.stderr, res.stderr
@@ -374,10 +378,12 @@ def test_a_systemd_boot_extra_file_that_is_no_regular_file_is_named(tmp_path: Pa
 
     spec = sdboot_system_spec(tmp_path / "spec")
     doc = json.loads(spec.read_text())
-    doc["bootLoader"]["systemdBoot"]["extraFiles"] = {"efi/zero.efi": "/dev/zero"}
+    zero = tmp_path / "zero"  # /dev/zero's device outside /dev (under /dev it is refused as such)
+    os.mknod(zero, 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+    doc["bootLoader"]["systemdBoot"]["extraFiles"] = {"efi/zero.efi": str(zero)}
     spec.write_text(json.dumps(doc))
     res = build_into(spec, tmp_path / "out", tmp_path / "tmp")
     assert res.returncode == 2, res.stderr
-    assert ("error: bootLoader.systemdBoot.extraFiles[\"efi/zero.efi\"] '/dev/zero': not a regular file"
+    assert (f"error: bootLoader.systemdBoot.extraFiles[\"efi/zero.efi\"] {str(zero)!r}: not a regular file"
             in res.stderr), res.stderr
     assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..chmod import ChmodRules
 from ..errors import UserError
+from ..inputfile import host_only_problem
 from ..spec import Content, Spec
 
 
@@ -78,6 +79,9 @@ def _copy(source: Path, dest: Path, index: int, target: str) -> None:
     if os.path.lexists(dest):
         raise UserError(f"contents[{index}].target {target!r}: {dest.name!r} already exists in the image "
                         "(duplicate target)")
+    why = host_only_problem(source)
+    if why:
+        raise UserError(f"contents[{index}].source: {why}")
     _check_source_tree(source, index)
     if source.is_symlink() or not source.is_dir():
         shutil.copy2(source, dest, follow_symlinks=False)
@@ -218,6 +222,9 @@ def place_config_file(spec: Spec, root: Path) -> None:
     if spec.config_file is None:
         return
     dest = parent / "configuration.nix"
+    why = host_only_problem(spec.config_file)
+    if why:
+        raise UserError(f"configFile: {why}")
     try:
         source_mode = os.stat(spec.config_file).st_mode
     except OSError as exc:
