@@ -6,6 +6,7 @@ User errors exit 2 without a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -159,6 +160,16 @@ def run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _limit_hint(exc: OSError) -> str:
+    """What a process limit failure means: the build needs more processes or descriptors than it may have."""
+    if exc.errno == errno.EAGAIN:
+        return (" (no process or thread could be started: the build runs mkfs, debugfs and other tools as child "
+                "processes; raise the process limit, ulimit -u, or the memory limit, ulimit -v)")
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return " (too many open files: the build needs a few dozen file descriptors; raise ulimit -n)"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors exit 2, build failures 1, a terminating signal 128+signal after cleanup."""
     args = _parser().parse_args(argv)
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"build failed: {exc}", file=sys.stderr)
         return exc.exit_status
     except OSError as exc:  # the host failed us (no space, file too large, I/O error): a message, not a traceback
-        print(f"build failed: {exc}", file=sys.stderr)
+        print(f"build failed: {exc}{_limit_hint(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # SIGINT before the handlers were installed
         print("interrupted", file=sys.stderr)

@@ -331,15 +331,20 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
             stamped = populate(image, root.start, size.fs_size, staged.root, params, binds, scratch, epoch,
                                staged.lazy_store)
     # The staging tree is read; removing it (a syscall per entry) overlaps debugfs on the other core.
-    remover = threading.Thread(target=remove_tree_quietly, args=(staged.root,), name="remove staging", daemon=True)
-    remover.start()
+    remover: threading.Thread | None = threading.Thread(target=remove_tree_quietly, args=(staged.root,),
+                                                        name="remove staging", daemon=True)
+    try:
+        remover.start()
+    except RuntimeError:  # no thread can be started (builder/concurrent.py): the pipeline removes it afterwards
+        remover = None
     store_modes, store_xattrs = store_fixes(spec, size.usage.store_fixes)
     try:
         with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
             normalize(image, root.start, staged.owner_fixes, epoch, scratch, params, every_inode=not stamped,
                       modes=[*staged.mode_fixes, *store_modes], xattrs=store_xattrs)
     finally:
-        remover.join()
+        if remover is not None:
+            remover.join()
     run_side_by_side(_checks(spec, image, plan))
     return plan
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import shutil
@@ -270,6 +271,8 @@ def stage_contents(spec: Spec, root: Path) -> StagedContents:
             for path in created:
                 mode_fixes += _apply_modes(path, root, entry.mode, index)
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):  # the build's limits, not the entry's fault
+                raise
             raise UserError(f"contents[{index}] ({entry.source!r} -> {entry.target!r}): {exc}") from None
         copies += created
         for path in created:
