@@ -30,6 +30,7 @@ import pytest
 
 from builder.staging.store import nix32
 from tests.fixtures.nixstore import write_closure_info
+from tests.support.forged_store import forged, spec_with
 from tests.support.imagecheck import part_offset
 from tests.support.leftovers import assert_nothing_left, processes_mentioning, tree_listing
 from tests.support.specs import SpecFactory, spec_doc
@@ -645,4 +646,37 @@ def test_too_few_file_descriptors_is_named_and_leaves_nothing(sandbox: Sandbox, 
     assert "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("build failed: [Errno 24] Too many open files") and "raise ulimit -n" in last, last
+    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
+
+
+@pytest.mark.parametrize("change", ["grown", "replaced"])
+def test_a_store_file_changing_during_the_build_is_named(change: str, sandbox: Sandbox, make_spec: SpecFactory,
+                                                         fixture_spec: Path) -> None:
+    """A store file grown or replaced while mkfs ran: "estimate too low; please report" (or mkfs out of space).
+    Now the build names the store path that changed."""
+    with forged(f"changing-{change}") as top:
+        top.mkdir()
+        (top / "data").write_bytes(b"x" * 4096)
+        os.chmod(top / "data", 0o444)
+        spec = spec_with(make_spec, fixture_spec, [top], sandbox.private)
+        sandbox.hold("mkfs.ext4", " -d ")
+        grown = {"grown": 24 << 20, "replaced": 12 << 20}[change]
+
+        def on_line(line: str, proc: subprocess.Popen[str]) -> None:
+            if line.strip() == "[makeDiskImage] root filesystem (mkfs.ext4 -d) ...":
+                wait_for(sandbox.held, "mkfs.ext4 -d to start")
+                os.chmod(top, 0o755)
+                if change == "grown":
+                    with open(top / "data", "ab") as f:
+                        f.write(os.urandom(grown))
+                else:
+                    (top / "new").write_bytes(os.urandom(grown))
+                    os.replace(top / "new", top / "data")
+                sandbox.release()
+
+        res = run_build(sandbox, spec, on_line)
+    assert res.status == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "please report" not in res.stderr, res.stderr[-3000:]
+    assert (f"build failed: the store changed while the image was being built: '{top}' is not as when measured"
+            in res.stderr), res.stderr[-3000:]
     assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)

@@ -10,76 +10,32 @@ under the real /nix/store and registered through a closureInfo copy; the image i
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import socket
 import stat
 import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from builder.staging.store import NIX32_ALPHABET, nix32
+from tests.support.forged_store import forged, spec_with
 from tests.support.imagecheck import debugfs, inode_facts, part_offset
-from tests.support.specs import SpecFactory, spec_doc
+from tests.support.specs import SpecFactory
 
 REPO = Path(__file__).resolve().parent.parent
-STORE = Path("/nix/store")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="setuid files, capabilities and device nodes need root")
 
 
-def store_path(name: str) -> Path:
-    """A store path name of this test's own (32 Nix base-32 digits from the name, then the name)."""
-    digest = nix32(hashlib.sha256(f"mdi-hostile-store-{name}".encode()).digest())[:32]
-    assert not digest.strip(NIX32_ALPHABET)
-    return STORE / f"{digest}-mdi-hostile-{name}"
-
-
 @pytest.fixture
 def odd_path() -> Iterator[Callable[[str], Path]]:
-    """Make store paths (removed afterwards): odd_path(name) returns a fresh path for the test to fill."""
-    made: list[Path] = []
-
-    def make(name: str) -> Path:
-        path = store_path(name)
-        remove(path)
-        made.append(path)
-        return path
-
-    yield make
-    for path in made:
-        remove(path)
-
-
-def remove(path: Path) -> None:
-    """Remove a store path of this test's, whatever it is."""
-    if path.is_dir() and not path.is_symlink():
-        for dirpath, dirnames, _ in os.walk(path):
-            for d in dirnames:
-                os.chmod(os.path.join(dirpath, d), 0o755)
-        os.chmod(path, 0o755)
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        path.unlink()
-
-
-def spec_with(make_spec: SpecFactory, fixture_spec: Path, paths: list[Path], tmp_path: Path, **overrides: object) -> Path:
-    """A spec of the fixture with paths added to additionalPaths and to a copy of its closureInfo's registration."""
-    doc = spec_doc(fixture_spec)
-    info = tmp_path / "closure-info"
-    shutil.copytree(doc["system"]["closureInfo"], info)
-    fake_hash = "sha256:" + nix32(hashlib.sha256(b"not a NAR").digest())
-    with open(info / "registration", "a") as f:
-        for p in paths:
-            f.write(f"{p}\n{fake_hash}\n0\n\n0\n")
-    system = {**doc["system"], "closureInfo": str(info),
-              "additionalPaths": [*doc["system"]["additionalPaths"], *map(str, paths)]}
-    return make_spec(system=system, **overrides)
+    """Make forged store paths (removed afterwards): odd_path(name) returns a fresh path for the test to fill."""
+    with ExitStack() as stack:
+        yield lambda name: stack.enter_context(forged(name))
 
 
 def prepare(spec: Path, image: Path) -> subprocess.CompletedProcess[str]:

@@ -38,6 +38,7 @@ from ..staging.measure import BLOCK
 from ..staging.root import StagedRoot, closure_binds, remove_tree_quietly, stage_root
 from ..units import MiB, align_up, human
 from . import fat
+from .build import NoSpace
 
 # The first inode mkfs -d creates from the tree (after the reserved ones and lost+found).
 FIRST_TREE_INODE = 12
@@ -152,7 +153,7 @@ def populate(
             raise OutOfHostSpace(f"the directory the image is written in, {str(image.parent)!r}, ran out of space "
                              f"({host.f_bavail * host.f_frsize} bytes free) while writing the image: {msg}")
         if "Could not allocate" in msg or "No space left" in msg:
-            raise BuildError(f"the root filesystem ({size_bytes} bytes) is too small for its contents: {msg}")
+            raise NoSpace(f"the root filesystem ({size_bytes} bytes) is too small for its contents: {msg}")
         raise BuildError(f"mkfs.ext4 -d failed: {msg}")
     if not shim:
         return False
@@ -328,8 +329,12 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
     with alongside("boot filesystems", partial(_make_boot_filesystems, spec, image, plan)):
         with step("root filesystem (mkfs.ext4 -d)"):
             binds = closure_binds(staged, epoch)
-            stamped = populate(image, root.start, size.fs_size, staged.root, params, binds, scratch, epoch,
-                               staged.lazy_store)
+            try:
+                stamped = populate(image, root.start, size.fs_size, staged.root, params, binds, scratch, epoch,
+                                   staged.lazy_store)
+            except NoSpace as exc:  # measured to fit: unless the store grew meanwhile
+                refuse_changed_store(size.usage, str(exc))
+                raise
     # The staging tree is read; removing it (a syscall per entry) overlaps debugfs on the other core.
     remover: threading.Thread | None = threading.Thread(target=remove_tree_quietly, args=(staged.root,),
                                                         name="remove staging", daemon=True)
@@ -345,7 +350,7 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
     finally:
         if remover is not None:
             remover.join()
-    run_side_by_side(_checks(spec, image, plan))
+    run_side_by_side(_checks(spec, image, plan, size.usage))
     return plan
 
 
@@ -376,7 +381,17 @@ def _make_boot_filesystems(spec: Spec, image: Path, plan: layout.Layout) -> None
             fat.make(image, p, spec.deterministic)
 
 
-def _checks(spec: Spec, image: Path, plan: layout.Layout) -> list[tuple[str, Callable[[], None]]]:
+def refuse_changed_store(usage: measure.Usage, what: str) -> None:
+    """Raise a BuildError naming the store paths that changed since they were measured, if any did."""
+    changed = measure.changed_store_paths(usage.store_prints)
+    if changed:
+        shown = ", ".join(repr(p) for p in changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise BuildError(f"the store changed while the image was being built: {shown} "
+                         f"{'is' if len(changed) == 1 else 'are'} not as when measured for sizing (files grown, "
+                         f"replaced, added or removed), so {what}; build again once the store is left alone")
+
+
+def _checks(spec: Spec, image: Path, plan: layout.Layout, usage: measure.Usage) -> list[tuple[str, Callable[[], None]]]:
     """The root ext4 clean (e2fsck -fn), auto sizing's free space reached, and each FAT partition clean."""
     root = plan.root
 
@@ -385,6 +400,8 @@ def _checks(spec: Spec, image: Path, plan: layout.Layout) -> list[tuple[str, Cal
         free = int(sb["Free blocks"]) * measure.BLOCK
         info(f"root filesystem free: {human(free)}")
         if spec.disk_size is None and free < spec.additional_space:
+            refuse_changed_store(usage, f"auto sizing left {human(free)} free, less than additionalSpace "
+                                 f"{human(spec.additional_space)}")
             raise BuildError(f"auto sizing left {human(free)} free, less than additionalSpace "
                              f"{human(spec.additional_space)} (estimate too low; please report)")
 

@@ -34,6 +34,11 @@ FAST_SYMLINK_MAX = 59
 MAX_WORKERS = 4
 
 
+# A store path's files as measured: (entries, bytes, latest mtime, latest ctime in ns); a change in any means
+# the store changed under the build.
+Fingerprint = tuple[int, int, int, int]
+
+
 @dataclass(frozen=True)
 class StoreFix:
     """A store file whose metadata is not what its NAR gives: the mode to set, the extended attributes to drop."""
@@ -95,6 +100,7 @@ class Usage:
     blocks: int
     file_bytes: int  # apparent bytes of unique regular files (the "closure size" of reports)
     store_fixes: tuple[StoreFix, ...] = ()  # store files whose metadata the image must canonicalise
+    store_prints: Mapping[str, Fingerprint] = field(default_factory=dict)  # to tell a store that changed meanwhile
 
 
 def _dir_blocks(names: list[str]) -> int:
@@ -135,6 +141,7 @@ class _Partial:
     file_bytes: int = 0
     links: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # (dev, ino) -> (blocks, bytes)
     odd: list[StoreFix] = field(default_factory=list)  # store files only (_walk with check)
+    prints: dict[str, Fingerprint] = field(default_factory=dict)  # store path -> its fingerprint (_walk with check)
 
     def add(self, st: os.stat_result) -> None:
         """Count one non-directory inode."""
@@ -156,14 +163,37 @@ def _walk(tops: Sequence[str], placeholders: Mapping[str, list[str]] | None = No
     count only as names in their directory: what is bound over them is measured apart.
 
     One scandir per directory: entry types come from the directory itself, so only non-directories are
-    stat'ed, once each. check (store paths): every entry, directories too, is checked against its NAR.
+    stat'ed, once each. check (store paths): every entry, directories too, is checked against its NAR,
+    and each top's fingerprint kept (changed_store_paths).
     """
     part = _Partial()
+    if not check:
+        _walk_into(part, tops, placeholders, None)
+        return part
+    for top in tops:
+        fingerprint = [0, 0, 0, 0]
+        _walk_into(part, [top], None, fingerprint)
+        part.prints[top] = (fingerprint[0], fingerprint[1], fingerprint[2], fingerprint[3])
+    return part
+
+
+def _walk_into(part: _Partial, tops: Sequence[str], placeholders: Mapping[str, list[str]] | None,
+               fingerprint: list[int] | None) -> None:
+    """_walk's loop, adding to part; with a fingerprint (store paths) each entry is checked and counted into it."""
     dirs: list[str] = []
+
+    def checked(path: str, st: os.stat_result) -> None:
+        assert fingerprint is not None
+        _check_store_file(path, st, part.odd)
+        fingerprint[0] += 1
+        fingerprint[1] += st.st_size
+        fingerprint[2] = max(fingerprint[2], st.st_mtime_ns)
+        fingerprint[3] = max(fingerprint[3], st.st_ctime_ns)
+
     for top in tops:
         st = os.lstat(top)
-        if check:
-            _check_store_file(top, st, part.odd)
+        if fingerprint is not None:
+            checked(top, st)
         if stat.S_ISDIR(st.st_mode):
             dirs.append(top)
         else:
@@ -179,14 +209,26 @@ def _walk(tops: Sequence[str], placeholders: Mapping[str, list[str]] | None = No
                     continue
                 names.append(entry.name)
                 is_dir = entry.is_dir(follow_symlinks=False)
-                if check:
-                    _check_store_file(entry.path, entry.stat(follow_symlinks=False), part.odd)
+                if fingerprint is not None:
+                    checked(entry.path, entry.stat(follow_symlinks=False))
                 if is_dir:
                     dirs.append(entry.path)
                 else:
                     part.add(entry.stat(follow_symlinks=False))
         part.blocks += _dir_blocks(names)
-    return part
+
+
+def changed_store_paths(prints: Mapping[str, Fingerprint]) -> list[str]:
+    """The store paths whose files differ now (count, sizes, latest mtime or ctime) from when they were measured."""
+    changed = []
+    for top, before in sorted(prints.items()):
+        try:
+            now = _walk([top], check=True).prints[top]
+        except (OSError, StoreRefused):
+            now = None
+        if now != before:
+            changed.append(top)
+    return changed
 
 
 def _combine(parts: Sequence[_Partial]) -> Usage:
@@ -199,6 +241,7 @@ def _combine(parts: Sequence[_Partial]) -> Usage:
         blocks=sum(p.blocks for p in parts) + sum(b for b, _ in links.values()),
         file_bytes=sum(p.file_bytes for p in parts) + sum(n for _, n in links.values()),
         store_fixes=tuple(sorted((f for p in parts for f in p.odd), key=lambda f: f.path)),
+        store_prints={top: fp for p in parts for top, fp in p.prints.items()},
     )
 
 
