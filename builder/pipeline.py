@@ -302,8 +302,24 @@ def _convert(spec: Spec, raw: Path, output: Output) -> Path:
         return convert_into(spec, raw, output)
 
 
+def check_tmpdir() -> None:
+    """TMPDIR, when set, must be a directory the build can write: Python's tempfile would otherwise fall back to
+    /tmp, /var/tmp or the working directory without a word, putting the scratch files somewhere not chosen."""
+    value = os.environ.get("TMPDIR")
+    if not value:  # unset or empty: tempfile's documented default, /tmp
+        return
+    if not os.path.isdir(value):
+        why = "is not a directory" if os.path.lexists(value) else "does not exist"
+        raise UserError(f"TMPDIR {value!r} {why}: the build's scratch files go there; set TMPDIR to a writable "
+                        "directory (or unset it for /tmp)")
+    if not os.access(value, os.W_OK | os.X_OK):
+        raise UserError(f"TMPDIR {value!r} cannot be written by this build (read-only or no permission): the build's "
+                        "scratch files go there; set TMPDIR to a writable directory (or unset it for /tmp)")
+
+
 def check_settings(spec: Spec) -> None:
     """The environment's settings for this build, checked before any work (exit 2 for a bad value)."""
+    check_tmpdir()
     stat_shim()
     crc_library()
     if spec.format == "qcow2-compressed":

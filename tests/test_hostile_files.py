@@ -387,3 +387,27 @@ def test_a_systemd_boot_extra_file_that_is_no_regular_file_is_named(tmp_path: Pa
     assert (f"error: bootLoader.systemdBoot.extraFiles[\"efi/zero.efi\"] {str(zero)!r}: not a regular file"
             in res.stderr), res.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---- TMPDIR that cannot hold the scratch files --------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["missing", "file", "read-only"])
+def test_an_unusable_tmpdir_is_named_before_any_work(case: str, make_spec: SpecFactory, tmp_path: Path) -> None:
+    """Python's tempfile fell back to /tmp, /var/tmp or the working directory without a word."""
+    tmpdir = tmp_path / "tmpdir"
+    if case == "file":
+        tmpdir.write_text("")
+    elif case == "read-only":
+        tmpdir.mkdir()
+    spec = make_spec(contents=[])
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "builder", "build", str(spec), "--out", str(out)]
+    if case == "read-only":  # a read-only filesystem there, in a mount namespace of the build's own
+        argv = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                'mount -t tmpfs -o ro none "$0" && exec "$@"', str(tmpdir), *argv]
+    res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, TMPDIR=str(tmpdir), PYTHONPATH=str(REPO)))
+    assert res.returncode == 2, res.stderr
+    why = {"missing": "does not exist", "file": "is not a directory", "read-only": "cannot be written"}[case]
+    assert f"error: TMPDIR {str(tmpdir)!r} {why}" in res.stderr, res.stderr
+    assert not out.exists()
