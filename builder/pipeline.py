@@ -34,7 +34,7 @@ from .disk import layout, sparse, table
 from .disk.intermediate import raw_intermediate
 from .errors import BuildError, UserError
 from .fs import ext, fat, placed
-from .log import step
+from .log import info, step
 from .output import Output, output_dir
 from .resources import template_dir
 from .sandbox.e2fscrc import crc_library
@@ -247,8 +247,10 @@ def run_post_vm(spec: Spec, image: Path) -> None:
         # is stopped, and whatever left that group (setsid, a double fork) is re-parented to the builder and
         # killed then too (signals.reaping_descendants).
         with reaping_descendants():
+            # Its stdout goes to stderr, as a Nix build's log has it: the builder's stdout holds the image's path
+            # alone (img=$(python -m builder build ...)).
             proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", f". /dev/fd/{fd}"], env=env, cwd=out,
-                                    start_new_session=True, pass_fds=(fd,))
+                                    start_new_session=True, pass_fds=(fd,), stdout=2)
             try:
                 status = proc.wait()
             finally:
@@ -399,5 +401,7 @@ def build(spec: Spec, out: Path, work: Path | None = None, report: Report = _no_
         # leaves running is killed at its end (builder/signals.py), which must not reach their janitor.
         with step("postVM"):
             run_post_vm(spec, final)
+        if not os.path.lexists(final):  # nixpkgs' postVM may compress or rename it: not an error
+            info(f"postVM removed or moved {str(final)!r}; the path printed is the image as the build made it")
         report(final)
     return final

@@ -411,3 +411,57 @@ def test_an_unusable_tmpdir_is_named_before_any_work(case: str, make_spec: SpecF
     why = {"missing": "does not exist", "file": "is not a directory", "read-only": "cannot be written"}[case]
     assert f"error: TMPDIR {str(tmpdir)!r} {why}" in res.stderr, res.stderr
     assert not out.exists()
+
+
+# ---- the command line's standard streams ----------------------------------------------------------------------
+
+def run_redirected(args: list[str], redirect: str, tmpdir: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m builder ARGS` with a shell redirection of its own (`>&-`, `2>/dev/full`...), output captured."""
+    tmpdir.mkdir(exist_ok=True)
+    return subprocess.run(["bash", "-c", f'exec "$@" {redirect}', "bash", sys.executable, "-m", "builder", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TMPDIR=str(tmpdir), PYTHONPATH=str(REPO)))
+
+
+def test_a_closed_stdout_undoes_the_build(make_spec: SpecFactory, tmp_path: Path) -> None:
+    """`build ... >&-` exited 0 with the image installed and nothing printed; the README promises the build is
+    undone when its path cannot be printed."""
+    out = tmp_path / "out"
+    res = run_redirected(["build", str(make_spec()), "--out", str(out)], ">&-", tmp_path / "tmp")
+    assert res.returncode == 1, res.stderr
+    assert "cannot print the image's path" in res.stderr and "the build is undone" in res.stderr, res.stderr
+    assert not out.exists()
+    assert tree_listing(tmp_path / "tmp") == []
+
+
+@pytest.mark.parametrize("redirect", ["2>&-", "2>/dev/full"])
+def test_a_bad_spec_is_status_2_whatever_stderr_is(redirect: str, tmp_path: Path) -> None:
+    """stderr closed: the error went to stdout; stderr /dev/full: exit 1 (the failed print) where a bad spec is 2."""
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")
+    res = run_redirected(["build", str(spec), "--out", str(tmp_path / "out")], redirect, tmp_path / "tmp")
+    assert res.returncode == 2
+    assert res.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_build_with_stderr_on_a_full_device_succeeds(make_spec: SpecFactory, tmp_path: Path) -> None:
+    """The progress log is best effort: a stderr that cannot be written does not fail the build."""
+    out = tmp_path / "out"
+    res = run_redirected(["build", str(make_spec()), "--out", str(out)], "2>/dev/full", tmp_path / "tmp")
+    assert res.returncode == 0
+    assert res.stdout == f"{out / 'fixture.img'}\n"
+
+
+@pytest.mark.parametrize("post_vm", ["plain", "compressing"])
+def test_stdout_holds_the_image_path_alone(post_vm: str, make_spec: SpecFactory, tmp_path: Path) -> None:
+    """postVM's output went to stdout before the path, so `img=$(python -m builder build ...)` got its lines; it
+    goes to stderr now, as in a Nix build log. A postVM that compresses $diskImage away still succeeds."""
+    script = {"plain": 'echo "postVM says hello"; ls "$diskImage"\n',
+              "compressing": 'echo "postVM says hello"; gzip -1 "$diskImage"\n'}[post_vm]
+    out = tmp_path / "out"
+    res = build_into(make_spec(postVM=script), out, tmp_path / "tmp")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == f"{out / 'fixture.img'}\n"
+    assert "postVM says hello" in res.stderr
+    assert sorted(os.listdir(out)) == ["fixture.img" if post_vm == "plain" else "fixture.img.gz", "nix-support"]
