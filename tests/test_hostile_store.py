@@ -53,22 +53,31 @@ NO_ID = 0xFFFFFFFF
 # user::rw- user:1000:r-- group::r-- mask::r-- other::r--
 ACL = posix_acl((0x01, 6, NO_ID), (0x02, 4, 1000), (0x04, 4, NO_ID), (0x10, 4, NO_ID), (0x20, 4, NO_ID))
 
-# (name in the store path, how to make it, its mode in the image: what `nix-store --restore` of its NAR gives)
-ODD: list[tuple[str, Callable[[Path], None], int]] = [
-    ("setuid", lambda p: (p.write_text("x"), os.chmod(p, 0o4755)), 0o100555),
-    ("setgid-plain", lambda p: (p.write_text("x"), os.chmod(p, 0o2644)), 0o100444),
-    ("everything", lambda p: (p.write_text("x"), os.chmod(p, 0o7777)), 0o100555),
-    ("private", lambda p: (p.write_text("x"), os.chmod(p, 0o600)), 0o100444),
-    ("group-exec-only", lambda p: (p.write_text("x"), os.chmod(p, 0o454)), 0o100444),
-    ("sticky-dir", lambda p: (p.mkdir(), os.chmod(p, 0o1777)), 0o040555),
-    ("writable-dir", lambda p: (p.mkdir(), os.chmod(p, 0o755)), 0o040555),
-    ("user-xattr", lambda p: (p.write_text("x"), os.chmod(p, 0o444), os.setxattr(p, "user.mdi", b"forged")),
-     0o100444),
-    ("acl", lambda p: (p.write_text("x"), os.setxattr(p, "system.posix_acl_access", ACL), os.chmod(p, 0o444)),
-     0o100444),
-    ("capability", lambda p: (p.write_text("x"), os.chmod(p, 0o555),
-                              subprocess.run(["setcap", "cap_net_raw+ep", str(p)], check=True)), 0o100555),
+# (name in the store path, file or directory, its mode, extended attributes, its mode in the image: what
+# `nix-store --restore` of its NAR gives)
+ODD: list[tuple[str, str, int, dict[str, bytes], int]] = [
+    ("setuid", "file", 0o4755, {}, 0o100555),
+    ("setgid-plain", "file", 0o2644, {}, 0o100444),
+    ("everything", "file", 0o7777, {}, 0o100555),
+    ("private", "file", 0o600, {}, 0o100444),
+    ("group-exec-only", "file", 0o454, {}, 0o100444),
+    ("sticky-dir", "dir", 0o1777, {}, 0o040555),
+    ("writable-dir", "dir", 0o755, {}, 0o040555),
+    ("user-xattr", "file", 0o444, {"user.mdi": b"forged"}, 0o100444),
+    ("acl", "file", 0o444, {"system.posix_acl_access": ACL}, 0o100444),
+    ("capability", "file", 0o555, {}, 0o100555),  # security.capability set with setcap below
 ]
+
+
+def make_odd(path: Path, kind: str, mode: int, xattrs: dict[str, bytes]) -> None:
+    """A file or directory with these mode bits and extended attributes."""
+    if kind == "dir":
+        path.mkdir()
+    else:
+        path.write_text("x")
+    for name, value in xattrs.items():
+        os.setxattr(path, name, value)
+    os.chmod(path, mode)
 
 
 def test_store_files_get_the_metadata_of_their_nar(make_spec: SpecFactory, fixture_spec: Path,
@@ -78,8 +87,9 @@ def test_store_files_get_the_metadata_of_their_nar(make_spec: SpecFactory, fixtu
     top.mkdir()
     (top / "ok").write_text("a canonical file")
     os.chmod(top / "ok", 0o444)
-    for name, make, _ in ODD:
-        make(top / name)
+    for name, kind, mode, xattrs, _ in ODD:
+        make_odd(top / name, kind, mode, xattrs)
+    subprocess.run(["setcap", "cap_net_raw+ep", str(top / "capability")], check=True)
     assert os.listxattr(top / "capability") == ["security.capability"]
     assert "system.posix_acl_access" in os.listxattr(top / "acl")
     os.chmod(top, 0o2775)  # the top directory itself too
@@ -89,9 +99,9 @@ def test_store_files_get_the_metadata_of_their_nar(make_spec: SpecFactory, fixtu
     offset = part_offset(image, 2)
     assert inode_facts(image, offset, str(top))["mode"] == 0o040555
     assert inode_facts(image, offset, f"{top}/ok")["mode"] == 0o100444
-    for name, _, mode in ODD:
+    for name, _, _, _, image_mode in ODD:
         path = f"{top}/{name}"
-        assert inode_facts(image, offset, path)["mode"] == mode, name
+        assert inode_facts(image, offset, path)["mode"] == image_mode, name
         listed = debugfs(image, offset, f'ea_list "{path}"')
         assert "=" not in listed, (name, listed)  # ea_list prints name = "value" for each attribute
     assert "Extended attributes:" not in debugfs(image, offset, f'stat "{top}/capability"')

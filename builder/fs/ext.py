@@ -336,19 +336,19 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
                 refuse_changed_store(size.usage, str(exc))
                 raise
     # The staging tree is read; removing it (a syscall per entry) overlaps debugfs on the other core.
-    remover: threading.Thread | None = threading.Thread(target=remove_tree_quietly, args=(staged.root,),
-                                                        name="remove staging", daemon=True)
+    remover = threading.Thread(target=remove_tree_quietly, args=(staged.root,), name="remove staging", daemon=True)
     try:
         remover.start()
+        started = True
     except RuntimeError:  # no thread can be started (builder/concurrent.py): the pipeline removes it afterwards
-        remover = None
+        started = False
     store_modes, store_xattrs = store_fixes(spec, size.usage.store_fixes)
     try:
         with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
             normalize(image, root.start, staged.owner_fixes, epoch, scratch, params, every_inode=not stamped,
                       modes=[*staged.mode_fixes, *store_modes], xattrs=store_xattrs)
     finally:
-        if remover is not None:
+        if started:
             remover.join()
     run_side_by_side(_checks(spec, image, plan, size.usage))
     return plan
