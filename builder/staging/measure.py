@@ -34,9 +34,9 @@ FAST_SYMLINK_MAX = 59
 MAX_WORKERS = 4
 
 
-# A store path's files as measured: (entries, bytes, latest mtime, latest ctime in ns); a change in any means
-# the store changed under the build.
-Fingerprint = tuple[int, int, int, int]
+# A store path's files as measured: (entries, bytes, the sum of their ctimes in ns). Growing, writing, replacing,
+# adding or removing a file changes one of them (any change of a file sets its ctime to the present).
+Fingerprint = tuple[int, int, int]
 
 
 @dataclass(frozen=True)
@@ -77,19 +77,27 @@ def store_file_problem(path: str, mode: int) -> str | None:
             "(what a NAR can express; Nix's archive.cc refuses other types), so this store is damaged or forged")
 
 
-def _check_store_file(path: str, st: os.stat_result, odd: list[StoreFix]) -> None:
-    """Refuse a file no NAR holds; record one whose mode or extended attributes are not what Nix gives it."""
-    why = store_file_problem(path, st.st_mode)
-    if why:
-        raise StoreRefused(why)
+# The st_mode of every file Nix's store can hold (Linux symlinks are always 0777): all else is checked further.
+_CANONICAL = frozenset({stat.S_IFREG | 0o444, stat.S_IFREG | 0o555, stat.S_IFDIR | 0o555, stat.S_IFLNK | 0o777})
+
+
+def _xattrs(path: str) -> list[str]:
+    """The extended attributes' names of a file itself (not a symlink's target); none where the filesystem has none."""
     try:
-        names = tuple(os.listxattr(path, follow_symlinks=False))
-    except OSError as exc:  # a filesystem without extended attributes has none to copy
+        return os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
         if exc.errno not in (errno.ENOTSUP, errno.ENODATA):
             raise
-        names = ()
-    if names or nar_mode(st.st_mode) != st.st_mode:
-        odd.append(StoreFix(path, nar_mode(st.st_mode), names))
+        return []
+
+
+def _check_odd(path: str, mode: int, names: list[str], odd: list[StoreFix]) -> None:
+    """Refuse a file no NAR holds; record one whose mode or extended attributes are not what Nix gives it."""
+    why = store_file_problem(path, mode)
+    if why:
+        raise StoreRefused(why)
+    if names or nar_mode(mode) != mode:
+        odd.append(StoreFix(path, nar_mode(mode), tuple(names)))
 
 
 @dataclass(frozen=True)
@@ -163,37 +171,17 @@ def _walk(tops: Sequence[str], placeholders: Mapping[str, list[str]] | None = No
     count only as names in their directory: what is bound over them is measured apart.
 
     One scandir per directory: entry types come from the directory itself, so only non-directories are
-    stat'ed, once each. check (store paths): every entry, directories too, is checked against its NAR,
-    and each top's fingerprint kept (changed_store_paths).
+    stat'ed, once each. check (store paths): every entry, directories too, is stat'ed and checked against
+    its NAR, and each top's fingerprint kept (changed_store_paths).
     """
     part = _Partial()
-    if not check:
-        _walk_into(part, tops, placeholders, None)
+    if check:
+        for top in tops:
+            part.prints[top] = _walk_store(part, top)
         return part
-    for top in tops:
-        fingerprint = [0, 0, 0, 0]
-        _walk_into(part, [top], None, fingerprint)
-        part.prints[top] = (fingerprint[0], fingerprint[1], fingerprint[2], fingerprint[3])
-    return part
-
-
-def _walk_into(part: _Partial, tops: Sequence[str], placeholders: Mapping[str, list[str]] | None,
-               fingerprint: list[int] | None) -> None:
-    """_walk's loop, adding to part; with a fingerprint (store paths) each entry is checked and counted into it."""
     dirs: list[str] = []
-
-    def checked(path: str, st: os.stat_result) -> None:
-        assert fingerprint is not None
-        _check_store_file(path, st, part.odd)
-        fingerprint[0] += 1
-        fingerprint[1] += st.st_size
-        fingerprint[2] = max(fingerprint[2], st.st_mtime_ns)
-        fingerprint[3] = max(fingerprint[3], st.st_ctime_ns)
-
     for top in tops:
         st = os.lstat(top)
-        if fingerprint is not None:
-            checked(top, st)
         if stat.S_ISDIR(st.st_mode):
             dirs.append(top)
         else:
@@ -208,18 +196,56 @@ def _walk_into(part: _Partial, tops: Sequence[str], placeholders: Mapping[str, l
                 if entry.name in listed:
                     continue
                 names.append(entry.name)
-                is_dir = entry.is_dir(follow_symlinks=False)
-                if fingerprint is not None:
-                    checked(entry.path, entry.stat(follow_symlinks=False))
-                if is_dir:
+                if entry.is_dir(follow_symlinks=False):
                     dirs.append(entry.path)
                 else:
                     part.add(entry.stat(follow_symlinks=False))
         part.blocks += _dir_blocks(names)
+    return part
+
+
+def _walk_store(part: _Partial, top: str) -> Fingerprint:
+    """_walk of one store path, each entry checked against its NAR (_check_odd); its fingerprint.
+
+    The sizing walk is on the build's critical path: the common case (a canonical mode, no attribute) costs
+    an lstat, a listxattr and a set lookup per entry.
+    """
+    odd = part.odd
+    count = size = ctimes = 0
+    st = os.lstat(top)
+    xattrs = _xattrs(top)
+    if xattrs or st.st_mode not in _CANONICAL:
+        _check_odd(top, st.st_mode, xattrs, odd)
+    count, size, ctimes = 1, st.st_size, st.st_ctime_ns
+    if not stat.S_ISDIR(st.st_mode):
+        part.add(st)
+        return count, size, ctimes
+    dirs = [top]
+    while dirs:
+        directory = dirs.pop()
+        part.inodes += 1
+        names = []
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                names.append(entry.name)
+                path = entry.path
+                st = entry.stat(follow_symlinks=False)
+                xattrs = _xattrs(path)
+                if xattrs or st.st_mode not in _CANONICAL:
+                    _check_odd(path, st.st_mode, xattrs, odd)
+                count += 1
+                size += st.st_size
+                ctimes += st.st_ctime_ns
+                if entry.is_dir(follow_symlinks=False):
+                    dirs.append(path)
+                else:
+                    part.add(st)
+        part.blocks += _dir_blocks(names)
+    return count, size, ctimes
 
 
 def changed_store_paths(prints: Mapping[str, Fingerprint]) -> list[str]:
-    """The store paths whose files differ now (count, sizes, latest mtime or ctime) from when they were measured."""
+    """The store paths whose files differ now (count, sizes, ctimes) from when they were measured."""
     changed = []
     for top, before in sorted(prints.items()):
         try:
