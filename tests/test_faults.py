@@ -194,6 +194,8 @@ ORDER = [s for s, _ in STEPS]
 # while mkfs.ext4 fills the root; the checks run side by side. A signal may end them together.
 ALONGSIDE = {
     "boot filesystems": {"root filesystem (mkfs.ext4 -d)"},
+    # mkfs.vfat's gate shim is a Python start-up: on a loaded machine the FAT step still runs when mkfs.ext4 is held.
+    "root filesystem (mkfs.ext4 -d)": {"boot filesystems"},
     "check root filesystem (e2fsck)": {"root filesystem free space", "check ESP (fsck.vfat)"},
 }
 
