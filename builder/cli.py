@@ -6,6 +6,7 @@ User errors exit 2 without a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -87,6 +88,9 @@ def print_path(path: Path) -> None:
     at exit); through print() where stdout has no descriptor (tests capturing it).
     """
     data = f"{path}\n".encode("utf-8", "surrogateescape")
+    if _stdout_closed:
+        raise BuildError("cannot print the image's path: the builder was started with stdout closed; the build is "
+                         "undone")
     try:
         sys.stdout.flush()
         fd = sys.stdout.fileno()
@@ -165,24 +169,74 @@ def run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _limit_hint(exc: OSError) -> str:
+    """What a process limit failure means: the build needs more processes or descriptors than it may have."""
+    if exc.errno == errno.EAGAIN:
+        return (" (no process or thread could be started: the build runs mkfs, debugfs and other tools as child "
+                "processes; raise the process limit, ulimit -u, or the memory limit, ulimit -v)")
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return " (too many open files: the build needs a few dozen file descriptors; raise ulimit -n)"
+    return ""
+
+
+# Whether the builder was started with fd 1 closed: print_path then fails, so the build is undone.
+_stdout_closed = False
+
+
+def reserve_standard_fds() -> None:
+    """Put /dev/null on fds 0-2 the builder was started without, so that no file it opens becomes one of them.
+
+    A closed fd 2 made Python print errors to stdout (print(file=None)); a file opened as fd 1 or 2 would
+    receive the output of every tool the build runs. A closed stdout is remembered: the path cannot be printed.
+    """
+    global _stdout_closed
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+    if not closed:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in closed:
+        if fd != null:
+            os.dup2(null, fd, inheritable=True)
+    if null not in closed:
+        os.close(null)
+    if 1 in closed:
+        _stdout_closed = True
+    if 2 in closed:
+        sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+
+
+def _error(message: str) -> None:
+    """Print the final error line to stderr; a stderr that cannot be written must not change the exit status."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors exit 2, build failures 1, a terminating signal 128+signal after cleanup."""
+    reserve_standard_fds()
     args = _parser().parse_args(argv)
     try:
         with handle_termination():
             return run(args)
     except Interrupted as exc:
-        print(f"{exc}: stopped, temporary files removed", file=sys.stderr)
+        _error(f"{exc}: stopped, temporary files removed")
         return exc.exit_status
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(f"error: {exc}")
         return exc.exit_status
     except BuildError as exc:
-        print(f"build failed: {exc}", file=sys.stderr)
+        _error(f"build failed: {exc}")
         return exc.exit_status
     except OSError as exc:  # the host failed us (no space, file too large, I/O error): a message, not a traceback
-        print(f"build failed: {exc}", file=sys.stderr)
+        _error(f"build failed: {exc}{_limit_hint(exc)}")
         return 1
     except KeyboardInterrupt:  # SIGINT before the handlers were installed
-        print("interrupted", file=sys.stderr)
+        _error("interrupted")
         return 130

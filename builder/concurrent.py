@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
-from .log import step
+from .log import info, step
 from .signals import descendants
 
 Step = tuple[str, Callable[[], None]]
@@ -38,35 +38,93 @@ def _kill_tools() -> None:
                 pass
 
 
+def _no_thread(exc: RuntimeError) -> bool:
+    """Whether exc is Python's refusal to start a thread (RLIMIT_NPROC, or no address space for its stack)."""
+    return "can't start new thread" in str(exc)
+
+
+class _Thread:
+    """One step on its own thread, its failure kept for the caller to raise."""
+
+    def __init__(self, name: str, fn: Callable[[], None]) -> None:
+        self.name, self.fn = name, fn
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"step {name}", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            _logged(self.name, self.fn)
+        except BaseException as exc:  # raised in the caller's thread by result()
+            self.failure = exc
+
+    def start(self) -> bool:
+        """Start the thread; False when none can be started (the caller then runs the step itself)."""
+        try:
+            self.thread.start()
+        except RuntimeError as exc:
+            if not _no_thread(exc):
+                raise
+            info(f"cannot start a thread for {self.name} ({exc}); running the steps one after another")
+            return False
+        return True
+
+    def result(self) -> None:
+        """Raise the step's failure, if any (after wait)."""
+        if self.failure is not None:
+            raise self.failure
+
+
 @contextmanager
-def _stopping_on_failure(pool: ThreadPoolExecutor) -> Iterator[None]:
-    """Shut pool down when the block ends; if the block raised, kill the tools its threads run first."""
+def _stopping_on_failure(started: list[_Thread]) -> Iterator[None]:
+    """Wait for the started threads when the block ends; if the block raised, kill the tools they run first."""
     try:
         yield
     except BaseException:
         _kill_tools()
-        pool.shutdown(wait=True)
+        for t in started:
+            t.thread.join()
         raise
-    pool.shutdown(wait=True)
+    for t in started:
+        t.thread.join()
 
 
 @contextmanager
 def alongside(name: str, fn: Callable[[], None]) -> Iterator[None]:
-    """Run fn as the step `name` on a second thread while the block runs; raise its failure after the block."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
-    future: Future[None] = pool.submit(_logged, name, fn)
-    with _stopping_on_failure(pool):
+    """Run fn as the step `name` on a second thread while the block runs; raise its failure after the block.
+
+    When no thread can be started, fn runs first, then the block.
+    """
+    side = _Thread(name, fn)
+    if not side.start():
+        _logged(name, fn)
         yield
-        future.exception()  # wait for it while an interrupt can still arrive here
-    future.result()
+        return
+    with _stopping_on_failure([side]):
+        yield
+        side.thread.join()  # inside: a signal arriving while it waits still kills the tools first
+    side.result()
 
 
 def run_side_by_side(steps: Sequence[Step], workers: int = 4) -> None:
-    """Run every (name, step) on its own thread, each logged; when all are done, raise the first failure."""
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="step")
-    futures = [pool.submit(_logged, name, fn) for name, fn in steps]
-    with _stopping_on_failure(pool):
-        for future in futures:
-            future.exception()
-    for future in futures:
-        future.result()
+    """Run every (name, step) on its own thread (workers at a time), each logged; when all are done, raise the
+    first failure. Steps no thread can be started for run in this thread, one after another."""
+    failures: list[BaseException | None] = []  # in the steps' order
+    for first in range(0, len(steps), workers):
+        threads = [_Thread(name, fn) for name, fn in steps[first:first + workers]]
+        started: list[_Thread] = []
+        for side in threads:
+            if not side.start():
+                break
+            started.append(side)
+        with _stopping_on_failure(started):
+            for side in threads[len(started):]:  # no thread for them: here, one after another
+                try:
+                    _logged(side.name, side.fn)
+                except Exception as exc:  # raised once every step has ended, as a thread's failure is
+                    side.failure = exc
+            for side in started:
+                side.thread.join()  # inside: a signal arriving while it waits still kills the tools first
+        failures += [side.failure for side in threads]
+    for failure in failures:
+        if failure is not None:
+            raise failure

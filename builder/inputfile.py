@@ -1,7 +1,10 @@
-"""Reading input files the user names (the spec, closureInfo's registration) with a bound on their size."""
+"""Reading input files the user names (the spec, closureInfo's registration) with a bound on their size, and
+which host files a spec may name at all (docs/trust.md)."""
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import BinaryIO
 
 CHUNK = 1 << 20
@@ -21,3 +24,45 @@ def read_at_most(f: BinaryIO, limit: int) -> bytearray:
             break
         data += chunk
     return data
+
+
+def open_regular(path: str | os.PathLike[str], allow_pipe: bool = False) -> BinaryIO:
+    """Open a file the user names for reading, refusing (OSError, "not a regular file") anything else first.
+
+    Opened without blocking, so a FIFO nobody writes is refused (or with allow_pipe, read as empty: a pipe
+    whose writer is there, `<(...)`, reads as usual) rather than waited on, and checked before a byte is read,
+    so /dev/zero or a device is not read up to the size bound.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or (allow_pipe and stat.S_ISFIFO(mode))):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+            raise OSError(f"{kind}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# The kernel's and devices' views of the build host: never a file to put in an image (/proc/self/environ
+# holds the builder's own environment). Checked after resolving symlinks.
+HOST_ONLY = ("/proc", "/sys", "/dev")
+
+
+def host_only_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why a host file named by the spec is refused (it resolves under /proc, /sys or /dev), or None.
+
+    A symlink source is resolved up to its parent only: it is copied as the link itself, not followed.
+    """
+    path = os.fspath(path)
+    resolved = (os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
+                if os.path.islink(path) else os.path.realpath(path))
+    for top in HOST_ONLY:
+        if resolved == top or resolved.startswith(top + "/"):
+            shown = "" if resolved == path else f" (it resolves to {resolved!r})"
+            return (f"{path!r} is under {top}{shown}: files of {', '.join(HOST_ONLY)} describe the build host, "
+                    "not an image, and are refused (docs/trust.md)")
+    return None

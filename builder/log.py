@@ -14,13 +14,19 @@ _LINES = threading.RLock()
 
 
 def _line(text: str) -> None:
-    """Write one whole line to stderr and flush it (nothing when the builder was started with fd 2 closed)."""
+    """Write one whole line to stderr and flush it (nothing when the builder was started with fd 2 closed).
+
+    The log is best effort: a stderr that cannot be written (a full disk, /dev/full) does not fail the build.
+    """
     stream = sys.stderr
     if stream is None:
         return
     with _LINES:
-        stream.write(text + "\n")
-        stream.flush()
+        try:
+            stream.write(text + "\n")
+            stream.flush()
+        except OSError:
+            pass
 
 
 def info(message: str) -> None:

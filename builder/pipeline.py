@@ -34,7 +34,7 @@ from .disk import layout, sparse, table
 from .disk.intermediate import raw_intermediate
 from .errors import BuildError, UserError
 from .fs import ext, fat, placed
-from .log import step
+from .log import info, step
 from .output import Output, output_dir
 from .resources import template_dir
 from .sandbox.e2fscrc import crc_library
@@ -272,8 +272,10 @@ def run_post_vm(spec: Spec, image: Path, variables: dict[str, str] | None = None
         # is stopped, and whatever left that group (setsid, a double fork) is re-parented to the builder and
         # killed then too (signals.reaping_descendants).
         with reaping_descendants():
+            # Its stdout goes to stderr, as a Nix build's log has it: the builder's stdout holds the image's path
+            # alone (img=$(python -m builder build ...)).
             proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", f". /dev/fd/{fd}"], env=env, cwd=out,
-                                    start_new_session=True, pass_fds=(fd,))
+                                    start_new_session=True, pass_fds=(fd,), stdout=2)
             try:
                 status = proc.wait()
             finally:
@@ -327,9 +329,25 @@ def _convert(spec: Spec, raw: Path, output: Output) -> Path:
         return convert_into(spec, raw, output)
 
 
+def check_tmpdir() -> None:
+    """TMPDIR, when set, must be a directory the build can write: Python's tempfile would otherwise fall back to
+    /tmp, /var/tmp or the working directory without a word, putting the scratch files somewhere not chosen."""
+    value = os.environ.get("TMPDIR")
+    if not value:  # unset or empty: tempfile's documented default, /tmp
+        return
+    if not os.path.isdir(value):
+        why = "is not a directory" if os.path.lexists(value) else "does not exist"
+        raise UserError(f"TMPDIR {value!r} {why}: the build's scratch files go there; set TMPDIR to a writable "
+                        "directory (or unset it for /tmp)")
+    if not os.access(value, os.W_OK | os.X_OK):
+        raise UserError(f"TMPDIR {value!r} cannot be written by this build (read-only or no permission): the build's "
+                        "scratch files go there; set TMPDIR to a writable directory (or unset it for /tmp)")
+
+
 def check_environment(spec: Spec) -> None:
-    """The environment variables this build reads (stat shim, checksum library, qcow2 writer), checked before any
+    """The environment this build reads (TMPDIR, stat shim, checksum library, qcow2 writer), checked before any
     work: a bad value is the user's error (exit 2)."""
+    check_tmpdir()
     stat_shim()
     crc_library()
     if spec.format == "qcow2-compressed":
@@ -414,5 +432,7 @@ def build(spec: Spec, out: Path, work: Path | None = None, report: Report = _no_
         # leaves running is killed at its end (builder/signals.py), which must not reach their janitor.
         with step("postVM"):
             run_post_vm(spec, final, variables)
+        if not os.path.lexists(final):  # nixpkgs' postVM may compress or rename it: not an error
+            info(f"postVM removed or moved {str(final)!r}; the path printed is the image as the build made it")
         report(final)
     return final

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from . import chmod, rules
 from .boot.systemd_boot_config import SystemdBootConfig, parse_systemd_boot, systemd_boot_problems
 from .errors import SpecError
-from .inputfile import read_at_most
+from .inputfile import open_regular, read_at_most
 from .log import warn
 from .resources import data_file
 from .schema_fast import surely_valid
@@ -28,6 +28,8 @@ SCHEMA_PATH = data_file("spec.schema.json")
 # /dev/zero` must not read forever), objects and arrays nested at most 32 deep (a real spec: 5), numbers of
 # at most 20 digits (the largest allowed value, 1 EiB in MiB, has 13).
 MAX_SPEC_BYTES = 16 * MiB
+# The largest uid or gid: ids are 32-bit and (uid_t) -1 means "no change" to chown(2) (and so to debugfs' sif).
+MAX_ID = 4294967294
 MAX_DEPTH = 32
 MAX_DIGITS = 20
 # Largest disk, boot end or additional space: 1 EiB, the largest ext4 (4 KiB blocks); beyond it sizes overflow.
@@ -437,6 +439,11 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
         if (entry["user"] is None) != (entry["group"] is None):
             problems.append(f"$.contents[{i}]: user and group must both be set or both be null "
                             f"(user = {json.dumps(entry['user'])}, group = {json.dumps(entry['group'])})")
+        for key in ("user", "group"):
+            value = entry[key]
+            if isinstance(value, str) and value.isascii() and value.isdigit() and int(value) > MAX_ID:
+                problems.append(f"$.contents[{i}].{key}: {json.dumps(value)} is not allowed: a numeric id is 0 to "
+                                f"{MAX_ID} ({MAX_ID + 1} is (uid_t) -1, which chown(2) reads as \"leave unchanged\")")
         why = _target_problem(entry["target"])
         norm = image_target(entry["target"])
         store = store_dir
@@ -591,7 +598,7 @@ def parse_spec_text(text: str, where: str) -> Any:
 def load_spec(path: Path) -> Spec:
     """Read and validate a spec file; unreadable, oversized or non-JSON files are user errors too."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, allow_pipe=True) as f:
             data = read_at_most(f, MAX_SPEC_BYTES)
         if len(data) > MAX_SPEC_BYTES:
             raise SpecError([f"$: spec file {str(path)!r} is larger than {MAX_SPEC_BYTES} bytes (not a spec)"])

@@ -10,6 +10,7 @@ changes no behaviour; it only makes "the signal arrives while mkfs runs" determi
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import shutil
@@ -27,7 +28,10 @@ from typing import Any
 
 import pytest
 
+from builder.staging.store import nix32
 from tests.fixtures.nixstore import write_closure_info
+from tests.support.forged_store import forged, spec_with
+from tests.support.imagecheck import part_offset
 from tests.support.leftovers import assert_nothing_left, processes_mentioning, tree_listing
 from tests.support.specs import SpecFactory, spec_doc
 
@@ -148,13 +152,15 @@ def send(proc: subprocess.Popen[str], sig: signal.Signals) -> None:
         os.kill(proc.pid, sig)
 
 
-def fifo_closure_info(source: Path, dest: Path) -> Path:
-    """A copy of a closureInfo directory whose registration is a FIFO nobody writes: reading it blocks."""
-    dest.mkdir()
-    for name in os.listdir(source):
-        if name != "registration":
-            shutil.copy(source / name, dest / name)
-    os.mkfifo(dest / "registration")
+def long_closure_info(source: Path, dest: Path, entries: int = 200_000) -> Path:
+    """A copy of a closureInfo directory whose registration has entries more (unreferenced) store paths: reading
+    and checking it takes seconds. (A FIFO registration held the step before; it is refused now.)"""
+    shutil.copytree(source, dest)
+    digest = "sha256:" + nix32(hashlib.sha256(b"filler").digest())
+    with open(dest / "registration", "a") as f:
+        for i in range(entries):
+            name = nix32(hashlib.sha256(str(i).encode()).digest())[:32]
+            f.write(f"/nix/store/{name}-filler-{i}\n{digest}\n0\n\n0\n")
     return dest
 
 
@@ -188,6 +194,8 @@ ORDER = [s for s, _ in STEPS]
 # while mkfs.ext4 fills the root; the checks run side by side. A signal may end them together.
 ALONGSIDE = {
     "boot filesystems": {"root filesystem (mkfs.ext4 -d)"},
+    # mkfs.vfat's gate shim is a Python start-up: on a loaded machine the FAT step still runs when mkfs.ext4 is held.
+    "root filesystem (mkfs.ext4 -d)": {"boot filesystems"},
     "check root filesystem (e2fsck)": {"root filesystem free space", "check ESP (fsck.vfat)"},
 }
 
@@ -200,7 +208,7 @@ def test_signal_at_each_step_cleans_up(step_name: str, held: tuple[str, str] | N
     overrides: dict[str, Any] = {"format": "qcow2"}
     doc = spec_doc(fixture_spec)
     if step_name == "read closure":
-        info = fifo_closure_info(Path(doc["system"]["closureInfo"]), sandbox.private / "closure-info")
+        info = long_closure_info(Path(doc["system"]["closureInfo"]), sandbox.private / "closure-info")
         overrides["system"] = {**doc["system"], "closureInfo": str(info)}
     if step_name == "stage root":
         tree = many_files(sandbox.private / "many", 600)
@@ -222,7 +230,7 @@ def test_signal_at_each_step_cleans_up(step_name: str, held: tuple[str, str] | N
         if step_name in IN_STEP:
             wait_for(sandbox.held, f"{held} to start")
         elif step_name == "read closure":
-            time.sleep(0.3)  # the builder is blocked opening the FIFO
+            time.sleep(0.3)  # the builder is reading and checking the long registration
         elif step_name == "postVM":
             wait_for(post_started.exists, "postVM to start")
         send(proc, sig)
@@ -586,3 +594,91 @@ def test_post_vm_processes_die_with_the_build_as_nobody(sandbox: Sandbox, make_s
         res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert res.returncode == 0, res.stderr
     assert processes_mentioning(str(sandbox.private)) == []
+
+
+# ---- the build under resource limits (ulimit in the builder's own process) -----------------------------------
+
+def run_limited(box: Sandbox, spec: Path, limits: str, user: str | None = None) -> Outcome:
+    """`python -m builder build` under the shell's `ulimit limits`, as user when given; no gate shims on PATH."""
+    env = dict(box.env, PATH=box.env["MDI_TEST_REAL_PATH"])
+    cmd = [sys.executable, "-m", "builder", "build", str(spec), "--out", str(box.out)]
+    if user is not None:
+        for d in (box.tmpdir, box.private, box.private / "memory"):
+            os.chmod(d, 0o777)
+        cmd = ["runuser", "-u", user, "--", "env", *(f"{k}={v}" for k, v in env.items()), *cmd]
+    res = subprocess.run(["bash", "-c", f'ulimit {limits} && exec "$@"', "bash", *cmd], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    return Outcome(res.returncode, res.stderr, res.stdout)
+
+
+def test_no_room_for_threads_runs_the_steps_one_after_another(sandbox: Sandbox, fixture_spec: Path) -> None:
+    """`ulimit -v 51200` left no room for a thread's stack: RuntimeError "can't start new thread" (a traceback)."""
+    res = run_limited(sandbox, fixture_spec, "-v 51200")
+    assert res.status == 0, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert "running the steps one after another" in res.stderr, res.stderr[-3000:]
+    assert res.stdout == f"{sandbox.out / 'fixture.img'}\n"
+    image = sandbox.out / "fixture.img"
+    check = subprocess.run(["e2fsck", "-fn", f"{image}?offset={part_offset(image, 2)}"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    assert tree_listing(sandbox.tmpdir) == []
+
+
+def test_a_process_limit_as_a_build_user_is_one_clear_line(sandbox: Sandbox, make_spec: SpecFactory,
+                                                           fixture_spec: Path) -> None:
+    """`ulimit -u 5` as nobody: a traceback from builder/concurrent.py. Now the steps run one after another where no
+    thread can start, and a tool that cannot be started is one line naming the limit (exit 1)."""
+    spec = sandbox.private / "spec.json"
+    shutil.copy(make_spec(contents=[]), spec)
+    with readable_by_others(spec, fixture_spec.parent / "closure-info" / "registration"):
+        res = run_limited(sandbox, spec, "-u 5", user="nobody")
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    if res.status != 0:  # the processes other builds of nobody's run count against the same limit
+        assert res.status == 1, res.stderr[-3000:]
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith("build failed: ") and "ulimit -u" in last, res.stderr[-3000:]
+    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out, image_allowed=res.status == 0)
+
+
+def test_too_few_file_descriptors_is_named_and_leaves_nothing(sandbox: Sandbox, fixture_spec: Path) -> None:
+    """`ulimit -n 8`: "Too many open files", and TMPDIR/mdi-*/mdi-*/root left behind (rmtree holds two
+    descriptors per level)."""
+    res = run_limited(sandbox, fixture_spec, "-n 8")
+    assert res.status == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("build failed: [Errno 24] Too many open files") and "raise ulimit -n" in last, last
+    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
+
+
+@pytest.mark.parametrize("change", ["grown", "replaced"])
+def test_a_store_file_changing_during_the_build_is_named(change: str, sandbox: Sandbox, make_spec: SpecFactory,
+                                                         fixture_spec: Path) -> None:
+    """A store file grown or replaced while mkfs ran: "estimate too low; please report" (or mkfs out of space).
+    Now the build names the store path that changed."""
+    with forged(f"changing-{change}") as top:
+        top.mkdir()
+        (top / "data").write_bytes(b"x" * 4096)
+        os.chmod(top / "data", 0o444)
+        spec = spec_with(make_spec, fixture_spec, [top], sandbox.private)
+        sandbox.hold("mkfs.ext4", " -d ")
+        grown = {"grown": 24 << 20, "replaced": 12 << 20}[change]
+
+        def on_line(line: str, proc: subprocess.Popen[str]) -> None:
+            if line.strip() == "[makeDiskImage] root filesystem (mkfs.ext4 -d) ...":
+                wait_for(sandbox.held, "mkfs.ext4 -d to start")
+                os.chmod(top, 0o755)
+                if change == "grown":
+                    with open(top / "data", "ab") as f:
+                        f.write(os.urandom(grown))
+                else:
+                    (top / "new").write_bytes(os.urandom(grown))
+                    os.replace(top / "new", top / "data")
+                sandbox.release()
+
+        res = run_build(sandbox, spec, on_line)
+    assert res.status == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "please report" not in res.stderr, res.stderr[-3000:]
+    assert (f"build failed: the store changed while the image was being built: '{top}' is not as when measured"
+            in res.stderr), res.stderr[-3000:]
+    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)

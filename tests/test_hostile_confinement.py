@@ -189,3 +189,53 @@ def test_special_files_in_sources_are_refused(kind: str, where: str, world: Worl
     assert res.returncode == 2, res.stderr
     assert f"contents[0].source: {str(special)!r} is a device node, socket or FIFO" in res.stderr
     assert not world.out.joinpath("fixture.img").exists()
+
+
+# ---- host files that describe the build host, not an image (docs/trust.md) ------------------------------------
+
+@pytest.mark.parametrize(("source", "shown"), [
+    ("/proc/self/environ", "/proc"),  # the builder's own environment
+    ("/sys/kernel/mm/transparent_hugepage/enabled", "/sys"),
+    ("/dev/null", "/dev"),
+    ("link-to-proc/self/environ", "/proc"),  # through a symlink to /proc
+    ("link-to-dev/zero", "/dev"),
+    ("glob-of-proc", "/proc"),  # a glob matching a file there
+])
+def test_sources_under_proc_sys_dev_are_refused(source: str, shown: str, world: World, make_spec: SpecFactory) -> None:
+    """As root, contents of /proc/self/environ landed in the image with the builder's environment (exit 0)."""
+    (world.src / "link-to-proc").symlink_to("/proc")
+    (world.src / "link-to-dev").symlink_to("/dev")
+    if source == "glob-of-proc":
+        path = "/proc/self/cmd*"
+        named = "/proc/self/cmdline"
+    else:
+        path = source if source.startswith("/") else str(world.src / source)
+        named = path
+    spec = make_spec(partitionTableType="legacy", contents=[entry(path, "/srv/x")])
+    res = world.build(spec)
+    assert res.returncode == 2, res.stderr
+    assert f"error: contents[0].source: {named!r} is under {shown}" in res.stderr, res.stderr
+    assert "docs/trust.md" in res.stderr
+    assert not world.out.exists()
+
+
+@pytest.mark.parametrize("source", ["/proc/self/environ", "link-to-proc/self/environ"])
+def test_a_config_file_under_proc_is_refused(source: str, world: World, make_spec: SpecFactory) -> None:
+    """configFile = /proc/self/environ (a regular file to stat) was copied to /etc/nixos/configuration.nix."""
+    (world.src / "link-to-proc").symlink_to("/proc")
+    path = source if source.startswith("/") else str(world.src / source)
+    res = world.build(make_spec(partitionTableType="legacy", configFile=path))
+    assert res.returncode == 2, res.stderr
+    assert f"error: configFile: {path!r} is under /proc" in res.stderr, res.stderr
+    assert not world.out.exists()
+
+
+def test_a_symlink_to_proc_is_copied_as_a_link(world: World, make_spec: SpecFactory) -> None:
+    """A source that is itself a symlink is placed as the link (not followed), so it may point anywhere."""
+    (world.src / "environ").symlink_to("/proc/self/environ")
+    res = world.build(make_spec(partitionTableType="legacy", contents=[entry(world.src / "environ", "/srv/env")]))
+    assert res.returncode == 0, res.stderr
+    image = world.out / "fixture.img"
+    listing = subprocess.run(["debugfs", "-R", "stat /srv/env", f"{image}?offset={part_offset(image, 1)}"],
+                             capture_output=True, text=True).stdout
+    assert "Type: symlink" in listing and 'Fast link dest: "/proc/self/environ"' in listing, listing

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import resource
+import stat
 import subprocess
 import sys
 import time
@@ -359,9 +360,12 @@ def test_unusable_image_and_work_paths_are_named(case: str, fragment: str, make_
 @pytest.mark.parametrize("kind", ["char-device", "fifo", "directory"])
 def test_a_config_file_that_is_no_regular_file_is_named(kind: str, make_spec: SpecFactory, tmp_path: Path) -> None:
     """configFile = "/dev/zero" was copied until the work directory's disk was full (exit 1)."""
-    source = {"char-device": Path("/dev/zero"), "fifo": tmp_path / "fifo", "directory": tmp_path}[kind]
+    # A node of /dev/zero's own outside /dev (a path under /dev is refused as such: test_hostile_confinement.py).
+    source = {"char-device": tmp_path / "zero", "fifo": tmp_path / "fifo", "directory": tmp_path}[kind]
     if kind == "fifo":
         os.mkfifo(source)
+    elif kind == "char-device":
+        os.mknod(source, 0o666 | stat.S_IFCHR, os.makedev(1, 5))
     res = build_into(make_spec(configFile=str(source)), tmp_path / "out", tmp_path / "tmp")
     assert res.returncode == 2, res.stderr
     assert f"error: configFile {str(source)!r}: not a regular file" in res.stderr, res.stderr
@@ -374,10 +378,90 @@ def test_a_systemd_boot_extra_file_that_is_no_regular_file_is_named(tmp_path: Pa
 
     spec = sdboot_system_spec(tmp_path / "spec")
     doc = json.loads(spec.read_text())
-    doc["bootLoader"]["systemdBoot"]["extraFiles"] = {"efi/zero.efi": "/dev/zero"}
+    zero = tmp_path / "zero"  # /dev/zero's device outside /dev (under /dev it is refused as such)
+    os.mknod(zero, 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+    doc["bootLoader"]["systemdBoot"]["extraFiles"] = {"efi/zero.efi": str(zero)}
     spec.write_text(json.dumps(doc))
     res = build_into(spec, tmp_path / "out", tmp_path / "tmp")
     assert res.returncode == 2, res.stderr
-    assert ("error: bootLoader.systemdBoot.extraFiles[\"efi/zero.efi\"] '/dev/zero': not a regular file"
+    assert (f"error: bootLoader.systemdBoot.extraFiles[\"efi/zero.efi\"] {str(zero)!r}: not a regular file"
             in res.stderr), res.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---- TMPDIR that cannot hold the scratch files --------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["missing", "file", "read-only"])
+def test_an_unusable_tmpdir_is_named_before_any_work(case: str, make_spec: SpecFactory, tmp_path: Path) -> None:
+    """Python's tempfile fell back to /tmp, /var/tmp or the working directory without a word."""
+    tmpdir = tmp_path / "tmpdir"
+    if case == "file":
+        tmpdir.write_text("")
+    elif case == "read-only":
+        tmpdir.mkdir()
+    spec = make_spec(contents=[])
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "builder", "build", str(spec), "--out", str(out)]
+    if case == "read-only":  # a read-only filesystem there, in a mount namespace of the build's own
+        argv = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                'mount -t tmpfs -o ro none "$0" && exec "$@"', str(tmpdir), *argv]
+    res = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, TMPDIR=str(tmpdir), PYTHONPATH=str(REPO)))
+    assert res.returncode == 2, res.stderr
+    why = {"missing": "does not exist", "file": "is not a directory", "read-only": "cannot be written"}[case]
+    assert f"error: TMPDIR {str(tmpdir)!r} {why}" in res.stderr, res.stderr
+    assert not out.exists()
+
+
+# ---- the command line's standard streams ----------------------------------------------------------------------
+
+def run_redirected(args: list[str], redirect: str, tmpdir: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m builder ARGS` with a shell redirection of its own (`>&-`, `2>/dev/full`...), output captured."""
+    tmpdir.mkdir(exist_ok=True)
+    return subprocess.run(["bash", "-c", f'exec "$@" {redirect}', "bash", sys.executable, "-m", "builder", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TMPDIR=str(tmpdir), PYTHONPATH=str(REPO)))
+
+
+def test_a_closed_stdout_undoes_the_build(make_spec: SpecFactory, tmp_path: Path) -> None:
+    """`build ... >&-` exited 0 with the image installed and nothing printed; the README promises the build is
+    undone when its path cannot be printed."""
+    out = tmp_path / "out"
+    res = run_redirected(["build", str(make_spec()), "--out", str(out)], ">&-", tmp_path / "tmp")
+    assert res.returncode == 1, res.stderr
+    assert "cannot print the image's path" in res.stderr and "the build is undone" in res.stderr, res.stderr
+    assert not out.exists()
+    assert tree_listing(tmp_path / "tmp") == []
+
+
+@pytest.mark.parametrize("redirect", ["2>&-", "2>/dev/full"])
+def test_a_bad_spec_is_status_2_whatever_stderr_is(redirect: str, tmp_path: Path) -> None:
+    """stderr closed: the error went to stdout; stderr /dev/full: exit 1 (the failed print) where a bad spec is 2."""
+    spec = tmp_path / "spec.json"
+    spec.write_text("{}")
+    res = run_redirected(["build", str(spec), "--out", str(tmp_path / "out")], redirect, tmp_path / "tmp")
+    assert res.returncode == 2
+    assert res.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_build_with_stderr_on_a_full_device_succeeds(make_spec: SpecFactory, tmp_path: Path) -> None:
+    """The progress log is best effort: a stderr that cannot be written does not fail the build."""
+    out = tmp_path / "out"
+    res = run_redirected(["build", str(make_spec()), "--out", str(out)], "2>/dev/full", tmp_path / "tmp")
+    assert res.returncode == 0
+    assert res.stdout == f"{out / 'fixture.img'}\n"
+
+
+@pytest.mark.parametrize("post_vm", ["plain", "compressing"])
+def test_stdout_holds_the_image_path_alone(post_vm: str, make_spec: SpecFactory, tmp_path: Path) -> None:
+    """postVM's output went to stdout before the path, so `img=$(python -m builder build ...)` got its lines; it
+    goes to stderr now, as in a Nix build log. A postVM that compresses $diskImage away still succeeds."""
+    script = {"plain": 'echo "postVM says hello"; ls "$diskImage"\n',
+              "compressing": 'echo "postVM says hello"; gzip -1 "$diskImage"\n'}[post_vm]
+    out = tmp_path / "out"
+    res = build_into(make_spec(postVM=script), out, tmp_path / "tmp")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == f"{out / 'fixture.img'}\n"
+    assert "postVM says hello" in res.stderr
+    assert sorted(os.listdir(out)) == ["fixture.img" if post_vm == "plain" else "fixture.img.gz", "nix-support"]

@@ -104,17 +104,34 @@ def test_duplicate_keys_are_refused(fixture_spec: Path, tmp_path: Path, capsys: 
     assert '$.system.storeDir: the key "storeDir" is given 2 times' in err, err
 
 
-def test_an_endless_spec_file_is_refused_without_reading_it_all() -> None:
-    """`validate /dev/zero` read until memory ran out: the spec's size is bounded."""
+@pytest.mark.parametrize("source", ["/dev/zero", "sparse-file"])
+def test_an_endless_spec_file_is_refused_without_reading_it_all(source: str, tmp_path: Path) -> None:
+    """`validate /dev/zero` read until memory ran out: a device is refused before reading, and the size of a
+    regular file is bounded."""
+    path = Path(source)
+    if source == "sparse-file":
+        path = tmp_path / "huge.json"
+        with open(path, "wb") as f:
+            f.truncate(64 << 20)
 
     def limit_memory() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (800 << 20, 800 << 20))
 
-    done = subprocess.run([sys.executable, "-m", "builder", "validate", "/dev/zero"], cwd=REPO, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "builder", "validate", str(path)], cwd=REPO, capture_output=True,
                           text=True, timeout=120, preexec_fn=limit_memory, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
-    assert "/dev/zero" in done.stderr and "larger than" in done.stderr, done.stderr
+    expected = "a device, not a regular file" if source == "/dev/zero" else "larger than"
+    assert str(path) in done.stderr and expected in done.stderr, done.stderr
+
+
+def test_a_spec_from_a_pipe_is_read(fixture_spec: Path) -> None:
+    """A spec through `<(...)` (a pipe) is still read: only devices, directories and sockets are refused."""
+    done = subprocess.run(["bash", "-c", f'"$0" -m builder validate <(cat {fixture_spec})', sys.executable],
+                          cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["baseName"] == spec_doc(fixture_spec)["baseName"]
 
 
 # ---- every string field -----------------------------------------------------------------------------------
@@ -367,12 +384,22 @@ def test_reading_the_registration_does_not_reserve_its_bound(fixture_spec: Path,
     assert int(done.stdout) > 0
 
 
-def test_an_endless_registration_is_refused_without_reading_it_all(fixture_spec: Path, tmp_path: Path) -> None:
-    """closureInfo's registration read until memory ran out when it was /dev/zero; it is bounded like the spec."""
+@pytest.mark.parametrize("kind", ["/dev/zero", "fifo", "sparse-file"])
+def test_an_endless_registration_is_refused_without_reading_it_all(kind: str, fixture_spec: Path,
+                                                                   tmp_path: Path) -> None:
+    """closureInfo's registration read until memory ran out when it was /dev/zero, and a FIFO nobody writes hung
+    the build: both are refused before reading; a regular file is bounded like the spec."""
     doc = spec_doc(fixture_spec)
     info = tmp_path / "closure-info"
     info.mkdir()
-    (info / "registration").symlink_to("/dev/zero")
+    registration = info / "registration"
+    if kind == "/dev/zero":
+        registration.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(registration)
+    else:
+        with open(registration, "wb") as f:
+            f.truncate((512 << 20) + 1)
     doc["system"]["closureInfo"] = str(info)
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(doc))
@@ -385,4 +412,26 @@ def test_an_endless_registration_is_refused_without_reading_it_all(fixture_spec:
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
-    assert "system.closureInfo:" in done.stderr and "larger than" in done.stderr, done.stderr[-2000:]
+    expected = {"/dev/zero": "a device, not a regular file", "fifo": "a FIFO, not a regular file",
+                "sparse-file": "larger than"}[kind]
+    assert "system.closureInfo:" in done.stderr and expected in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("key", "value"), [("user", "4294967295"), ("group", "4294967295"),
+                                            ("user", "99999999999999999999"), ("group", "04294967296")])
+def test_a_numeric_owner_beyond_the_id_range_is_refused(key: str, value: str, fixture_spec: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """4294967295 ((uid_t) -1) went into the image as 0xFFFFFFFF; 99999999999999999999 failed after all the work
+    with debugfs' "Couldn't parse" (exit 1)."""
+    doc = spec_doc(fixture_spec)
+    doc["contents"][0] = {**doc["contents"][0], "user": "0", "group": "0", key: value}
+    status, err = validate(doc, tmp_path, capsys)
+    assert status == 2, err
+    assert f'$.contents[0].{key}: "{value}" is not allowed: a numeric id is 0 to 4294967294' in err, err
+
+
+def test_the_largest_id_is_accepted(fixture_spec: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = spec_doc(fixture_spec)
+    doc["contents"][0] = {**doc["contents"][0], "user": "4294967294", "group": "0004294967294"}
+    status, err = validate(doc, tmp_path, capsys)
+    assert status == 0, err

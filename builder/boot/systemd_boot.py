@@ -39,6 +39,7 @@ from pathlib import Path
 from ..disk.layout import Layout
 from ..errors import BuildError, UserError
 from ..fs import fat, fatcopy
+from ..inputfile import host_only_problem
 from ..spec import Spec
 from .bootspec import BootSpec, read_bootspec
 from .systemd_boot_config import EFI_ARCH_MACHINES, SystemdBootConfig
@@ -222,7 +223,11 @@ def plan_install(spec: Spec, boot: BootSpec) -> InstallPlan:
 
 
 def _check_regular(path: str, field: str) -> None:
-    """A file to copy into the ESP must be a regular file (/dev/zero would fill it; a FIFO would block mcopy)."""
+    """A file to copy into the ESP must be a regular file (/dev/zero would fill it; a FIFO would block mcopy), and
+    not one of /proc, /sys or /dev's."""
+    why = host_only_problem(path)
+    if why:
+        raise UserError(f"{field}: {why}")
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import tempfile
 import threading
@@ -37,6 +38,7 @@ from ..staging.measure import BLOCK
 from ..staging.root import StagedRoot, closure_binds, remove_tree_quietly, stage_root
 from ..units import MiB, align_up, human
 from . import fat
+from .build import NoSpace
 
 # The first inode mkfs -d creates from the tree (after the reserved ones and lost+found).
 FIRST_TREE_INODE = 12
@@ -151,7 +153,7 @@ def populate(
             raise OutOfHostSpace(f"the directory the image is written in, {str(image.parent)!r}, ran out of space "
                              f"({host.f_bavail * host.f_frsize} bytes free) while writing the image: {msg}")
         if "Could not allocate" in msg or "No space left" in msg:
-            raise BuildError(f"the root filesystem ({size_bytes} bytes) is too small for its contents: {msg}")
+            raise NoSpace(f"the root filesystem ({size_bytes} bytes) is too small for its contents: {msg}")
         raise BuildError(f"mkfs.ext4 -d failed: {msg}")
     if not shim:
         return False
@@ -187,9 +189,12 @@ def _quote(path: str) -> str:
 
 def normalize(
     image: Path, offset: int, fixes: Sequence[OwnerFix], epoch: int, scratch: Path, params: Ext4Params,
-    every_inode: bool = True, modes: Sequence[ModeFix] = (),
+    every_inode: bool = True, modes: Sequence[ModeFix] = (), xattrs: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Contents' numeric owners and modes, and with every_inode root and the epoch's times on all others: one debugfs.
+
+    modes and xattrs (image path, attribute name to remove) also carry the store files whose metadata is
+    not their NAR's (measure.StoreFix).
 
     It also zeroes the superblock's lifetime-writes counter, which counts what each pass wrote, so an image
     made with the stat shim and one made without it are the same bytes.
@@ -207,6 +212,7 @@ def normalize(
         for fix in fixes:
             out.write(f"sif {_quote(fix.image_path)} uid {fix.uid}\nsif {_quote(fix.image_path)} gid {fix.gid}\n")
         out.writelines(f"sif {_quote(m.image_path)} mode 0{m.mode:o}\n" for m in modes)
+        out.writelines(f"ea_rm {_quote(path)} {_quote(name)}\n" for path, name in xattrs)
         out.write("ssv kbytes_written 0\n")
     res = subprocess.run(["debugfs", "-w", "-f", str(cmd_file), target], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, errors="replace", env=_env(params))
@@ -323,19 +329,49 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
     with alongside("boot filesystems", partial(_make_boot_filesystems, spec, image, plan)):
         with step("root filesystem (mkfs.ext4 -d)"):
             binds = closure_binds(staged, epoch)
-            stamped = populate(image, root.start, size.fs_size, staged.root, params, binds, scratch, epoch,
-                               staged.lazy_store)
+            try:
+                stamped = populate(image, root.start, size.fs_size, staged.root, params, binds, scratch, epoch,
+                                   staged.lazy_store)
+            except NoSpace as exc:  # measured to fit: unless the store grew meanwhile
+                refuse_changed_store(size.usage, str(exc))
+                raise
     # The staging tree is read; removing it (a syscall per entry) overlaps debugfs on the other core.
     remover = threading.Thread(target=remove_tree_quietly, args=(staged.root,), name="remove staging", daemon=True)
-    remover.start()
+    try:
+        remover.start()
+        started = True
+    except RuntimeError:  # no thread can be started (builder/concurrent.py): the pipeline removes it afterwards
+        started = False
+    store_modes, store_xattrs = store_fixes(spec, size.usage.store_fixes)
     try:
         with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
             normalize(image, root.start, staged.owner_fixes, epoch, scratch, params, every_inode=not stamped,
-                      modes=staged.mode_fixes)
+                      modes=[*staged.mode_fixes, *store_modes], xattrs=store_xattrs)
     finally:
-        remover.join()
-    run_side_by_side(_checks(spec, image, plan))
+        if started:
+            remover.join()
+    run_side_by_side(_checks(spec, image, plan, size.usage))
     return plan
+
+
+def store_fixes(spec: Spec, fixes: Sequence[measure.StoreFix]) -> tuple[list[ModeFix], list[tuple[str, str]]]:
+    """The modes to set and extended attributes to remove, by image path, that give store files their NAR's metadata.
+
+    mkfs.ext4 -d copies the mode and every extended attribute (llistxattr) of what it reads; Nix's store
+    has 0444/0555 and none (measure.nar_mode).
+    """
+    modes: list[ModeFix] = []
+    xattrs: list[tuple[str, str]] = []
+    for fix in fixes:
+        image_path = fix.path[len(spec.store_dir):] if spec.only_nix_store else fix.path
+        if "\n" in image_path:
+            raise UserError(f"system.closureInfo: store file {fix.path!r} holds a newline in its name and needs its "
+                            "metadata canonicalised, which cannot be done on it in the image")
+        info(f"store file {fix.path!r}: not as Nix would have it; given mode {stat.S_IMODE(fix.mode):04o}"
+             + (f", extended attributes {', '.join(fix.xattrs)} dropped" if fix.xattrs else ""))
+        modes.append(ModeFix(image_path, fix.mode))
+        xattrs += [(image_path, name) for name in fix.xattrs]
+    return modes, xattrs
 
 
 def _make_boot_filesystems(spec: Spec, image: Path, plan: layout.Layout) -> None:
@@ -345,7 +381,17 @@ def _make_boot_filesystems(spec: Spec, image: Path, plan: layout.Layout) -> None
             fat.make(image, p, spec.deterministic)
 
 
-def _checks(spec: Spec, image: Path, plan: layout.Layout) -> list[tuple[str, Callable[[], None]]]:
+def refuse_changed_store(usage: measure.Usage, what: str) -> None:
+    """Raise a BuildError naming the store paths that changed since they were measured, if any did."""
+    changed = measure.changed_store_paths(usage.store_prints)
+    if changed:
+        shown = ", ".join(repr(p) for p in changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise BuildError(f"the store changed while the image was being built: {shown} "
+                         f"{'is' if len(changed) == 1 else 'are'} not as when measured for sizing (files grown, "
+                         f"replaced, added or removed), so {what}; build again once the store is left alone")
+
+
+def _checks(spec: Spec, image: Path, plan: layout.Layout, usage: measure.Usage) -> list[tuple[str, Callable[[], None]]]:
     """The root ext4 clean (e2fsck -fn), auto sizing's free space reached, and each FAT partition clean."""
     root = plan.root
 
@@ -354,6 +400,8 @@ def _checks(spec: Spec, image: Path, plan: layout.Layout) -> list[tuple[str, Cal
         free = int(sb["Free blocks"]) * measure.BLOCK
         info(f"root filesystem free: {human(free)}")
         if spec.disk_size is None and free < spec.additional_space:
+            refuse_changed_store(usage, f"auto sizing left {human(free)} free, less than additionalSpace "
+                                 f"{human(spec.additional_space)}")
             raise BuildError(f"auto sizing left {human(free)} free, less than additionalSpace "
                              f"{human(spec.additional_space)} (estimate too low; please report)")
 

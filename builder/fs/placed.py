@@ -8,6 +8,8 @@ their size is what mkfs wrote). The finished file is copied into the partition s
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,10 +55,20 @@ def _binds(staged: StagedRoot, epoch: int) -> tuple[tuple[str, str], ...]:
     return tuple(closure_binds(staged, epoch))
 
 
-def _build_writable(spec: Spec, build: RootBuild, fs_file: Path) -> tuple[int, int]:
+def refuse_store_fixes(spec: Spec, usage: measure.Usage) -> None:
+    """Refuse store files whose metadata is not their NAR's (measure.StoreFix): only the ext writer sets it right."""
+    for fix in usage.store_fixes[:1]:
+        what = ([f"mode {stat.S_IMODE(os.lstat(fix.path).st_mode):04o} (Nix gives {stat.S_IMODE(fix.mode):04o})"]
+                if os.lstat(fix.path).st_mode != fix.mode else [])
+        what += [f"extended attributes {', '.join(fix.xattrs)} (a Nix store has none)"] if fix.xattrs else []
+        raise UserError(f"system.closureInfo: store file {fix.path!r} has {' and '.join(what)}: not what Nix's store "
+                        f"holds, so the store is damaged or forged; fsType = \"{spec.fs_type}\" cannot canonicalise it "
+                        "(ext4 does)")
+
+
+def _build_writable(spec: Spec, build: RootBuild, fs_file: Path, usage: measure.Usage) -> tuple[int, int]:
     """Make a btrfs/xfs that fits (fixed diskSize) or leaves additionalSpace free (auto); return (disk, free)."""
     needed, make, free_of, _, tool = WRITABLE[spec.fs_type]
-    usage = measure.measure(build.root, {dest: src for src, dest in build.binds})
     data = usage.blocks * measure.BLOCK
     if spec.fs_type == "xfs":
         data = max(data, xfs.protofile(build)[2])  # hard links become copies in xfs
@@ -129,6 +141,9 @@ def prepare_root(spec: Spec, staged: StagedRoot, image: Path, scratch: Path, roo
     root_only: image is the root filesystem alone (shareRootFilesystem), a whole number of 4 KiB blocks.
     """
     epoch = spec.source_date_epoch
+    # Measured from the store itself (before a copy of it is made when namespaces are unavailable).
+    usage = measure.measure(staged.root, {dest: src for src, dest in staged.store_binds})
+    refuse_store_fixes(spec, usage)
     build = RootBuild(
         root=staged.root, binds=_binds(staged, epoch), owner_fixes=staged.owner_fixes, mode_fixes=staged.mode_fixes,
         label=spec.label, uuid=spec.root_fsuid, epoch=epoch if spec.deterministic else None, source_date_epoch=epoch,
@@ -140,7 +155,7 @@ def prepare_root(spec: Spec, staged: StagedRoot, image: Path, scratch: Path, roo
             disk = _build_read_only(spec, build, fs_file)
             check = READ_ONLY_MAKERS[spec.fs_type][1]
         else:
-            disk, free = _build_writable(spec, build, fs_file)
+            disk, free = _build_writable(spec, build, fs_file, usage)
             check = WRITABLE[spec.fs_type][3]
             info(f"root filesystem free: {human(free)}")
         with step(f"check root filesystem ({spec.fs_type})"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from ..chmod import ChmodRules
 from ..errors import UserError
+from ..inputfile import host_only_problem
 from ..spec import Content, Spec
 
 
@@ -78,6 +80,9 @@ def _copy(source: Path, dest: Path, index: int, target: str) -> None:
     if os.path.lexists(dest):
         raise UserError(f"contents[{index}].target {target!r}: {dest.name!r} already exists in the image "
                         "(duplicate target)")
+    why = host_only_problem(source)
+    if why:
+        raise UserError(f"contents[{index}].source: {why}")
     _check_source_tree(source, index)
     if source.is_symlink() or not source.is_dir():
         shutil.copy2(source, dest, follow_symlinks=False)
@@ -218,6 +223,9 @@ def place_config_file(spec: Spec, root: Path) -> None:
     if spec.config_file is None:
         return
     dest = parent / "configuration.nix"
+    why = host_only_problem(spec.config_file)
+    if why:
+        raise UserError(f"configFile: {why}")
     try:
         source_mode = os.stat(spec.config_file).st_mode
     except OSError as exc:
@@ -263,6 +271,8 @@ def stage_contents(spec: Spec, root: Path) -> StagedContents:
             for path in created:
                 mode_fixes += _apply_modes(path, root, entry.mode, index)
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):  # the build's limits, not the entry's fault
+                raise
             raise UserError(f"contents[{index}] ({entry.source!r} -> {entry.target!r}): {exc}") from None
         copies += created
         for path in created:

@@ -5,10 +5,16 @@ its placeholders, counting each inode once (hard links shared), 4 KiB blocks for
 blocks from their entries, long symlinks and extent blocks. The filesystem's own overhead (inode
 tables, bitmaps, journal, reserved GDT) is measured by running mkfs on an empty sparse file of the
 candidate size.
+
+The store walk also checks each store file against what its NAR can express (nar_mode, store_file_problem):
+Nix's store holds only regular files, directories and symlinks, with modes 0444/0555 and no extended
+attributes; what differs is recorded (StoreFix) for the filesystem writer to canonicalise, what no NAR
+can hold (FIFOs, sockets, devices) refuses the build.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import signal
@@ -17,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BuildError
+from ..errors import BuildError, UserError
 from ..signals import TERMINATING, die_with_parent
 
 BLOCK = 4096
@@ -28,6 +34,72 @@ FAST_SYMLINK_MAX = 59
 MAX_WORKERS = 4
 
 
+# A store path's files as measured: (entries, bytes, the sum of their ctimes in ns). Growing, writing, replacing,
+# adding or removing a file changes one of them (any change of a file sets its ctime to the present).
+Fingerprint = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class StoreFix:
+    """A store file whose metadata is not what its NAR gives: the mode to set, the extended attributes to drop."""
+
+    path: str  # the real path under the store directory
+    mode: int  # st_mode as the NAR gives it (nar_mode)
+    xattrs: tuple[str, ...]
+
+
+class StoreRefused(Exception):
+    """A store path holds a file no NAR can express (raised in a sizing worker, a UserError in the builder)."""
+
+
+def nar_mode(mode: int) -> int:
+    """st_mode as Nix gives a store file: dirs 0555, files 0555 when owner-executable else 0444, symlinks as they are.
+
+    The NAR records only "executable" for a regular file (src/libutil/archive.cc); Nix's
+    canonicalisePathMetaData (src/libstore/posix-fs-canonicalise.cc) chmods every non-symlink to
+    0444 | (S_IXUSR or directory ? 0111 : 0), dropping setuid, setgid and sticky bits.
+    """
+    if stat.S_ISLNK(mode):
+        return mode
+    if stat.S_ISDIR(mode):
+        return stat.S_IFDIR | 0o555
+    return stat.S_IFMT(mode) | (0o555 if mode & stat.S_IXUSR else 0o444)
+
+
+def store_file_problem(path: str, mode: int) -> str | None:
+    """Why a store file cannot be in a Nix store (its type is none a NAR holds), or None."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+        return None
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a file of unknown type")
+    return (f"store file {path!r} is {kind}: a Nix store path holds only regular files, directories and symlinks "
+            "(what a NAR can express; Nix's archive.cc refuses other types), so this store is damaged or forged")
+
+
+# The st_mode of every file Nix's store can hold (Linux symlinks are always 0777): all else is checked further.
+_CANONICAL = frozenset({stat.S_IFREG | 0o444, stat.S_IFREG | 0o555, stat.S_IFDIR | 0o555, stat.S_IFLNK | 0o777})
+
+
+def _xattrs(path: str) -> list[str]:
+    """The extended attributes' names of a file itself (not a symlink's target); none where the filesystem has none."""
+    try:
+        return os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.ENODATA):
+            raise
+        return []
+
+
+def _check_odd(path: str, mode: int, names: list[str], odd: list[StoreFix]) -> None:
+    """Refuse a file no NAR holds; record one whose mode or extended attributes are not what Nix gives it."""
+    why = store_file_problem(path, mode)
+    if why:
+        raise StoreRefused(why)
+    if names or nar_mode(mode) != mode:
+        odd.append(StoreFix(path, nar_mode(mode), tuple(names)))
+
+
 @dataclass(frozen=True)
 class Usage:
     """What a tree costs in an ext4 with 4 KiB blocks, metadata of the empty filesystem excluded."""
@@ -35,6 +107,8 @@ class Usage:
     inodes: int
     blocks: int
     file_bytes: int  # apparent bytes of unique regular files (the "closure size" of reports)
+    store_fixes: tuple[StoreFix, ...] = ()  # store files whose metadata the image must canonicalise
+    store_prints: Mapping[str, Fingerprint] = field(default_factory=dict)  # to tell a store that changed meanwhile
 
 
 def _dir_blocks(names: list[str]) -> int:
@@ -74,6 +148,8 @@ class _Partial:
     blocks: int = 0
     file_bytes: int = 0
     links: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # (dev, ino) -> (blocks, bytes)
+    odd: list[StoreFix] = field(default_factory=list)  # store files only (_walk with check)
+    prints: dict[str, Fingerprint] = field(default_factory=dict)  # store path -> its fingerprint (_walk with check)
 
     def add(self, st: os.stat_result) -> None:
         """Count one non-directory inode."""
@@ -90,14 +166,19 @@ class _Partial:
             self.file_bytes += data
 
 
-def _walk(tops: Sequence[str], placeholders: Mapping[str, list[str]] | None = None) -> _Partial:
+def _walk(tops: Sequence[str], placeholders: Mapping[str, list[str]] | None = None, check: bool = False) -> _Partial:
     """Measure each top (a tree or a single file); placeholders (names by directory, on disk or not yet)
     count only as names in their directory: what is bound over them is measured apart.
 
     One scandir per directory: entry types come from the directory itself, so only non-directories are
-    stat'ed, once each.
+    stat'ed, once each. check (store paths): every entry, directories too, is stat'ed and checked against
+    its NAR, and each top's fingerprint kept (changed_store_paths).
     """
     part = _Partial()
+    if check:
+        for top in tops:
+            part.prints[top] = _walk_store(part, top)
+        return part
     dirs: list[str] = []
     for top in tops:
         st = os.lstat(top)
@@ -123,6 +204,59 @@ def _walk(tops: Sequence[str], placeholders: Mapping[str, list[str]] | None = No
     return part
 
 
+def _walk_store(part: _Partial, top: str) -> Fingerprint:
+    """_walk of one store path, each entry checked against its NAR (_check_odd); its fingerprint.
+
+    The sizing walk is on the build's critical path: the common case (a canonical mode, no attribute) costs
+    an lstat, a listxattr and a set lookup per entry.
+    """
+    odd = part.odd
+    count = size = ctimes = 0
+    st = os.lstat(top)
+    xattrs = _xattrs(top)
+    if xattrs or st.st_mode not in _CANONICAL:
+        _check_odd(top, st.st_mode, xattrs, odd)
+    count, size, ctimes = 1, st.st_size, st.st_ctime_ns
+    if not stat.S_ISDIR(st.st_mode):
+        part.add(st)
+        return count, size, ctimes
+    dirs = [top]
+    while dirs:
+        directory = dirs.pop()
+        part.inodes += 1
+        names = []
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                names.append(entry.name)
+                path = entry.path
+                st = entry.stat(follow_symlinks=False)
+                xattrs = _xattrs(path)
+                if xattrs or st.st_mode not in _CANONICAL:
+                    _check_odd(path, st.st_mode, xattrs, odd)
+                count += 1
+                size += st.st_size
+                ctimes += st.st_ctime_ns
+                if entry.is_dir(follow_symlinks=False):
+                    dirs.append(path)
+                else:
+                    part.add(st)
+        part.blocks += _dir_blocks(names)
+    return count, size, ctimes
+
+
+def changed_store_paths(prints: Mapping[str, Fingerprint]) -> list[str]:
+    """The store paths whose files differ now (count, sizes, ctimes) from when they were measured."""
+    changed = []
+    for top, before in sorted(prints.items()):
+        try:
+            now = _walk([top], check=True).prints[top]
+        except (OSError, StoreRefused):
+            now = None
+        if now != before:
+            changed.append(top)
+    return changed
+
+
 def _combine(parts: Sequence[_Partial]) -> Usage:
     """Add partial usages up, each hard-linked inode once however many parts met it."""
     links: dict[tuple[int, int], tuple[int, int]] = {}
@@ -132,6 +266,8 @@ def _combine(parts: Sequence[_Partial]) -> Usage:
         inodes=sum(p.inodes for p in parts) + len(links),
         blocks=sum(p.blocks for p in parts) + sum(b for b, _ in links.values()),
         file_bytes=sum(p.file_bytes for p in parts) + sum(n for _, n in links.values()),
+        store_fixes=tuple(sorted((f for p in parts for f in p.odd), key=lambda f: f.path)),
+        store_prints={top: fp for p in parts for top, fp in p.prints.items()},
     )
 
 
@@ -156,7 +292,8 @@ class StoreMeasure:
             raise
 
     def result(self) -> list[_Partial]:
-        """Wait for every worker; a worker's failure (a vanished path, no permission) is a BuildError."""
+        """Wait for every worker; a worker's failure (a vanished path, no permission) is a BuildError, a store
+        file no NAR holds a UserError."""
         parts = []
         while self._workers:
             pid, fd = self._workers.pop()
@@ -164,6 +301,9 @@ class StoreMeasure:
                 data = f.read()
             os.waitpid(pid, 0)
             kind, value = pickle.loads(data) if data else ("error", "a sizing worker died")
+            if kind == "refuse":
+                self.close()
+                raise UserError(f"system.closureInfo: {value}")
             if kind != "ok" or not isinstance(value, _Partial):
                 self.close()
                 raise BuildError(f"measuring the closure failed: {value}")
@@ -207,7 +347,9 @@ def _fork_worker(tops: list[str]) -> tuple[int, int]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         die_with_parent()
         try:
-            payload: tuple[str, object] = ("ok", _walk(tops))
+            payload: tuple[str, object] = ("ok", _walk(tops, check=True))
+        except StoreRefused as exc:
+            payload = ("refuse", str(exc))
         except OSError as exc:
             payload = ("error", str(exc))
         with os.fdopen(write_end, "wb") as f:

@@ -6,8 +6,10 @@ tree (builder/sandbox/namespace.py), or copied in when user namespaces are not a
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +144,23 @@ def remove_tree(path: Path) -> None:
             if not os.path.islink(p):
                 os.chmod(p, 0o755)
     os.chmod(path, 0o755)
-    shutil.rmtree(path)
+    try:
+        shutil.rmtree(path)
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        _remove_by_path(str(path))  # rmtree holds two descriptors per level: a low ulimit -n runs out
+
+
+def _remove_by_path(path: str) -> None:
+    """Remove a tree holding at most one descriptor at a time (each directory listed, then closed, then entered)."""
+    for name in os.listdir(path):
+        child = os.path.join(path, name)
+        if stat.S_ISDIR(os.lstat(child).st_mode):
+            _remove_by_path(child)
+        else:
+            os.unlink(child)
+    os.rmdir(path)
 
 
 def remove_tree_quietly(path: Path) -> None:

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..inputfile import read_at_most
+from ..inputfile import open_regular, read_at_most
 from ..spec import Spec
+from .measure import store_file_problem
 
 NIX32_ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
 HASH_BYTES = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}
@@ -165,7 +166,7 @@ def read_closure(spec: Spec) -> list[Registration]:
     info = Path(spec.closure_info)
     reg_file = info / "registration"
     try:
-        with open(reg_file, "rb") as f:
+        with open_regular(reg_file) as f:
             data = read_at_most(f, MAX_REGISTRATION_BYTES)
         if len(data) > MAX_REGISTRATION_BYTES:
             raise UserError(f"system.closureInfo: {str(reg_file)!r} is larger than {MAX_REGISTRATION_BYTES} bytes "
@@ -191,8 +192,15 @@ def read_closure(spec: Spec) -> list[Registration]:
                         "cannot be read from it (a host that has never run a Nix build has no /nix/store): build "
                         "where the closure is, or give the storeDir that holds it")
     for r in regs:
-        if not os.path.lexists(r.path):
-            raise UserError(f"system.closureInfo: store path {r.path!r} does not exist on this machine")
+        try:
+            mode = os.lstat(r.path).st_mode
+        except FileNotFoundError:
+            raise UserError(f"system.closureInfo: store path {r.path!r} does not exist on this machine") from None
+        except OSError as exc:
+            raise UserError(f"system.closureInfo: store path {r.path!r}: {exc.strerror}") from None
+        why = store_file_problem(r.path, mode)  # the rest of each path is checked as it is measured
+        if why:
+            raise UserError(f"system.closureInfo: {why}")
     return sorted(regs, key=lambda r: r.path)
 
 

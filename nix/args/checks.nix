@@ -143,13 +143,26 @@ rec {
         let
           v = e.${k} or null;
         in
-        if v == null || isInt v || (matches pattern.owner v && stringLength v <= rules.limits.ownerBytes) then
+        if isInt v && (v < 0 || v > maxId) || isString v && matches "[0-9]+" v && !idInRange v then
+          [
+            (bad "${at}.${k}" v "a numeric id from 0 to ${toString maxId} (${toString (maxId + 1)} is (uid_t) -1, which chown reads as \"leave unchanged\")")
+          ]
+        else if v == null || isInt v || (matches pattern.owner v && stringLength v <= rules.limits.ownerBytes) then
           [ ]
         else
           [
             (bad "${at}.${k}" v "a user/group name (letters, digits, _ . -; at most ${toString rules.limits.ownerBytes} characters) or a numeric id")
           ];
       storeDir = builtins.storeDir;
+      # uids and gids are 32-bit and (uid_t) -1 means "no change" (as builder/spec.py's MAX_ID); compared as
+      # digit strings, since a longer number is no Nix integer.
+      maxId = 4294967294;
+      idInRange =
+        s:
+        let
+          digits = builtins.head (builtins.match "0*([0-9]*)" s);
+        in
+        stringLength digits < 10 || (stringLength digits == 10 && digits <= "4294967294");
     in
     if !isAttrs e then
       [ (bad at e "each entry is an attribute set { source, target, mode?, user?, group? }") ]
