@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import pytest
@@ -55,17 +56,21 @@ def write_stubs(bindir: Path, log: Path) -> None:
         stub.chmod(0o755)
 
 
-def test_hostile_names_are_data_when_the_script_runs(tmp_path: Path) -> None:
-    canary = tmp_path / "canary"
-    doc = spec_doc(tmp_path, canary)
+def run_with_stubs(doc: dict[str, Any], tmp_path: Path) -> list[list[str]]:
+    """Render the finalize script for doc and run it with every tool stubbed; the argv of each call, in order."""
     script = render(load_spec_document(doc), "/dev/mdi-no-such-disk")
     log = tmp_path / "argv.log"
     write_stubs(tmp_path / "bin", log)
     env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "TMPDIR": str(tmp_path)}
     res = subprocess.run(["bash", "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_hostile_names_are_data_when_the_script_runs(tmp_path: Path) -> None:
+    canary = tmp_path / "canary"
+    calls = run_with_stubs(spec_doc(tmp_path, canary), tmp_path)
     assert not canary.exists()
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
     chroot_calls = [c for c in calls if c[0] == "chroot"]
     # activation, then the bootloader, activation again, then chown with the exact target as one argument
     assert chroot_calls[-1] == ["chroot", "/mnt", "chown", "-R", "fixtureuser:fixturegroup", hostile(canary)]
@@ -90,14 +95,8 @@ def test_hostile_names_are_data_when_the_script_runs(tmp_path: Path) -> None:
 def test_not_deterministic_ends_with_nixpkgs_tune2fs(tmp_path: Path) -> None:
     # nixpkgs' make-disk-image.nix ends an ext4 root with `tune2fs -T now -c 0 -i 0 $rootDisk` (and, only when
     # deterministic, -U and a second `tune2fs -f -T 19700101`).
-    doc = {**spec_doc(tmp_path, tmp_path / "canary"), "deterministic": False, "rootFSUID": None}
-    script = render(load_spec_document(doc), "/dev/mdi-no-such-disk")
-    log = tmp_path / "argv.log"
-    write_stubs(tmp_path / "bin", log)
-    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "TMPDIR": str(tmp_path)}
-    res = subprocess.run(["bash", "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    calls = run_with_stubs({**spec_doc(tmp_path, tmp_path / "canary"), "deterministic": False, "rootFSUID": None},
+                           tmp_path)
     assert [c for c in calls if c[0] == "tune2fs"] == [["tune2fs", "-T", "now", "-c", "0", "-i", "0",
                                                       "/dev/mdi-no-such-disk3"]]
 
