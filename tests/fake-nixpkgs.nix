@@ -17,6 +17,8 @@
   # config.boot.loader.timeout when not null-or-absent ("absent": NixOS's default, 5), boot.initrd.secrets.
   loaderTimeout ? "absent",
   initrdSecrets ? { },
+  # config.specialisation.
+  specialisations ? { },
   # pkgs.stdenv.hostPlatform.system and config.nixpkgs.hostPlatform.system (null: attribute absent).
   buildSystem ? null,
   targetSystem ? "x86_64-linux",
@@ -75,6 +77,8 @@ let
     parted = drv "parted" { };
     gptfdisk = drv "gptfdisk" { };
     systemdMinimal = drv "systemd-minimal" { };
+    # The build platform's GRUB, whose grub-mkimage makes a cross image's GRUB (nix/grub.nix).
+    grub2 = drv "grub-2.12-build" { };
     stdenv = (if buildSystem == null then { } else { hostPlatform.system = buildSystem; }) // {
       initialPath = map (n: drv n { }) [ "coreutils" "findutils" "diffutils" "gnused" "gnugrep" "gawk" "gnutar" "gzip" "bzip2" "gnumake" "bash" "patch" "xz" "file" ];
     };
@@ -94,6 +98,7 @@ let
     // (if loaderTimeout == "absent" then { } else { timeout = loaderTimeout; });
     boot.initrd.secrets = initrdSecrets;
     systemd.package = drv "systemd-258.2" { };
+    specialisation = specialisations;
   }
   // (if targetSystem == null then { } else { nixpkgs.hostPlatform.system = targetSystem; });
 in

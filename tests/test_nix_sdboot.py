@@ -122,7 +122,7 @@ def test_aarch64_configuration_with_x86_64_pkgs_needs_no_vm() -> None:
 
 
 @pytest.mark.parametrize(("args", "fake_args", "reason"), [
-    ('{ partitionTableType = "efi"; }', "{ " + CROSS + " }", "a bootloader other than systemd-boot (GRUB"),
+    ('{ partitionTableType = "efi"; }', "{ " + CROSS + " }", "GRUB with boot.loader.grub.package"),
     ('{ partitionTableType = "efi"; touchEFIVars = true; }', fake(CROSS), "touchEFIVars = true"),
     ('{ partitionTableType = "efi"; contents = [ { source = "/etc/hostname"; target = "/x"; user = "a"; '
      'group = "b"; } ]; }', fake(CROSS), "contents owned by user or group names"),

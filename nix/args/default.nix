@@ -136,10 +136,12 @@ rec {
     a:
     {
       systemdBootOnHost ? false,
+      # grubOnHost: prepare installs GRUB (nix/grub.nix gave a section).
+      grubOnHost ? false,
     }:
     !a.onlyNixStore
     && (
-      (a.installBootLoader && !systemdBootOnHost)
+      (a.installBootLoader && !systemdBootOnHost && !grubOnHost)
       || a.touchEFIVars
       || namedOwners a
     );
@@ -238,6 +240,8 @@ rec {
       limineBiosDevice ? null,
       # nix/systemd-boot.nix's section: systemd-boot installed by prepare, without the VM.
       systemdBoot ? null,
+      # nix/grub.nix's section: GRUB installed by prepare, without the VM.
+      grub ? null,
     }:
     let
       badDevices = filter (d: !matches "nodev|/dev/[^[:cntrl:]]+" d) grubDevices;
@@ -286,7 +290,9 @@ rec {
         };
         bootLoader = {
           inherit grubDevices limineBiosDevice systemdBoot;
-        };
+        }
+        # Only when set: the spec of an image without it stays what it was.
+        // (if grub == null then { } else { inherit grub; });
         sourceDateEpoch = 1;
         enterCommand = "nixos-enter";
       }
