@@ -46,6 +46,7 @@ let
     ++ given "boot.initrd.secrets" (config.boot.initrd.secrets or { })
     ++ given "specialisation" (config.specialisation or { })
     ++ (if length (cfg.mirroredBoots or [ ]) > 1 then [ "boot.loader.grub.mirroredBoots (more than one)" ] else [ ])
+    ++ (if length (cfg.mirroredBoots or [ ]) == 1 && ((builtins.head cfg.mirroredBoots).path or "/boot") != "/boot" then [ "boot.loader.grub.mirroredBoots.*.path other than /boot" ] else [ ])
     ++ (if length devices > 1 then [ "boot.loader.grub.devices (more than one disk)" ] else [ ])
     ++ (if (cfg.fsIdentifier or "uuid") == "provided" then [ "boot.loader.grub.fsIdentifier = \"provided\"" ] else [ ])
     ++ (if (config.boot.loader.timeout or 5) == null then [ "boot.loader.timeout = null" ] else [ ])

@@ -71,6 +71,27 @@ def test_grub_sections_that_cannot_work_are_refused(grub_doc: dict[str, Any], ch
         load_spec_document(doc)
 
 
+def test_grub_for_bios_on_aarch64_is_refused(grub_doc: dict[str, Any]) -> None:
+    doc = json.loads(json.dumps(grub_doc))
+    doc["bootLoader"]["grub"]["system"] = "aarch64-linux"
+    with pytest.raises(SpecError, match="cannot boot GRUB's i386-pc"):
+        load_spec_document(doc)
+
+
+@pytest.mark.slow
+def test_unusable_grub_mkimage_is_the_users_error_before_any_work(grub_doc: dict[str, Any], tmp_path: Path) -> None:
+    doc = json.loads(json.dumps(grub_doc))
+    doc["bootLoader"]["grub"]["mkimage"] = "/nonexistent/bin/grub-mkimage"
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(doc))
+    res = subprocess.run([sys.executable, "-m", "builder", "build", str(spec), "--out", str(tmp_path / "out")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "bootLoader.grub.mkimage: '/nonexistent/bin/grub-mkimage' is not an executable file" in res.stderr
+    assert "Traceback" not in res.stderr and "mkfs" not in res.stderr
+    assert not (tmp_path / "out" / "fixture.img").exists()
+
+
 # ---------------------------------------------------------------- images built with `python -m builder build`
 
 @dataclass(frozen=True)

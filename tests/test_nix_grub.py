@@ -70,6 +70,7 @@ def test_hybrid_with_efi_support_has_both_packages() -> None:
     ("legacy", grub("", extra="specialisations = { rescue = { }; };"), "specialisation"),
     ("legacy+boot", grub(), 'BIOS devices with partitionTableType = \\"legacy+boot\\"'),
     ("legacy", grub('default = "saved";'), "boot.loader.grub.default = saved"),
+    ("legacy", grub('mirroredBoots = [ { path = "/boot2"; } ];'), "mirroredBoots.*.path other than /boot"),
 ])
 def test_what_the_host_cannot_do_keeps_the_vm_and_the_log_says_why(table: str, fake_args: str, reason: str) -> None:
     result = evaluate(f'{{ partitionTableType = "{table}"; }}', fake_args)

@@ -21,6 +21,7 @@ from .. import rules
 # GRUB's platform directories (lib/grub/<platform>) by the system's architecture, with the EFI names.
 EFI_PLATFORMS = {"x86_64-linux": ("x86_64-efi", "x64"), "aarch64-linux": ("arm64-efi", "aa64")}
 BIOS_PLATFORM = "i386-pc"
+BIOS_SYSTEMS = ("x86_64-linux", "i686-linux")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,9 @@ def grub_problems(doc: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     if section["biosPackage"] is None and section["efiPackage"] is None:
         problems.append(f"{where}: biosPackage and efiPackage are both null (GRUB needs BIOS devices or efiSupport)")
+    if section["biosPackage"] is not None and section["system"] not in BIOS_SYSTEMS:
+        problems.append(f"{where}.system: {json.dumps(section['system'])} cannot boot GRUB's {BIOS_PLATFORM} "
+                        f"(only {', '.join(BIOS_SYSTEMS)})")
     if section["efiPackage"] is not None and section["system"] not in EFI_PLATFORMS:
         problems.append(f"{where}.system: {json.dumps(section['system'])} has no GRUB EFI platform here "
                         f"(one of {', '.join(EFI_PLATFORMS)})")
