@@ -4,7 +4,7 @@ The fixture system (Debian parts, not NixOS) with `--loader grub` and Debian's G
 build` must start no VM (a poisoned qemu on PATH proves it), write grub.cfg as install-grub.pl writes it on a
 first install (nixpkgs f5271680c4a5 nixos/modules/system/boot/loader/grub/install-grub.pl, read by the real
 debugfs/mtools out of the image and compared line by line with text written here from that script), be
-bit-for-bit reproducible, and boot: BIOS tables under SeaBIOS, EFI under OVMF or AAVMF, hybrid under both.
+bit-for-bit reproducible (legacy, efi, hybrid, aarch64 efi), and boot: BIOS tables under SeaBIOS, EFI under OVMF or AAVMF, hybrid under both.
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ def test_efi_esp_holds_grub_and_the_copied_kernels(built: dict[str, Built]) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["legacy", "efi"])
+@pytest.mark.parametrize("name", ["legacy", "efi", "hybrid", "aarch64-efi"])
 def test_grub_image_is_bit_for_bit_reproducible(tmp_path: Path, name: str) -> None:
     arch, table, _ = JOBS[name]
     first = build_no_vm(tmp_path, arch, table, work="work-1")
