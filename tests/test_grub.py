@@ -4,7 +4,8 @@ The fixture system (Debian parts, not NixOS) with `--loader grub` and Debian's G
 build` must start no VM (a poisoned qemu on PATH proves it), write grub.cfg as install-grub.pl writes it on a
 first install (nixpkgs f5271680c4a5 nixos/modules/system/boot/loader/grub/install-grub.pl, read by the real
 debugfs/mtools out of the image and compared line by line with text written here from that script), be
-bit-for-bit reproducible (legacy, efi, hybrid, aarch64 efi), and boot: BIOS tables under SeaBIOS, EFI under OVMF or AAVMF, hybrid under both.
+bit-for-bit reproducible (legacy, efi, hybrid, aarch64 efi), and boot: BIOS tables under SeaBIOS, EFI under
+OVMF or AAVMF, hybrid under both.
 """
 
 from __future__ import annotations
