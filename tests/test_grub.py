@@ -24,7 +24,9 @@ from typing import Any
 
 import pytest
 
-from builder.boot.grub import grubenv
+from builder.boot.bootspec import parse_bootspec
+from builder.boot.grub import FsId, grub_cfg, grubenv
+from builder.boot.grub_config import parse_grub
 from builder.errors import SpecError
 from builder.spec import load_spec_document
 from tests.fixtures.system import grub_system_spec
@@ -39,6 +41,59 @@ SECTOR = 512
 def test_grubenv_is_grub_editenvs(tmp_path: Path) -> None:
     subprocess.run(["grub-editenv", str(tmp_path / "grubenv"), "create"], check=True)
     assert grubenv() == (tmp_path / "grubenv").read_bytes()
+
+
+def test_options_place_their_text_as_install_grub_does(tmp_path: Path) -> None:
+    # A store with a toplevel (kernel, initrd, init), read through realpath as install-grub.pl's abs_path does.
+    store = tmp_path / "store"
+    top = store / "t-toplevel"
+    for name in ("k-linux/bzImage", "i-initrd/initrd", "t-toplevel/init"):
+        (store / name).parent.mkdir(parents=True, exist_ok=True)
+        (store / name).write_text("x")
+    boot = parse_bootspec({"org.nixos.bootspec.v1": {
+        "init": f"{top}/init", "initrd": f"{store}/i-initrd/initrd", "kernel": f"{store}/k-linux/bzImage",
+        "kernelParams": ["quiet"], "label": "L", "system": "x86_64-linux", "toplevel": str(top)}}, "b", str(store))
+    cfg = parse_grub({**grub_section_defaults(), "splashImage": "/nix/store/s-splash.png", "fsIdentifier": "label",
+                      "extraEntries": "menuentry x { chainloader @bootRoot@/x.efi }", "extraEntriesBeforeNixOS": True,
+                      "extraPerEntryConfig": "insmod ext2", "extraConfig": "serial --unit=0"})
+    assert cfg is not None
+    text, copied = grub_cfg(cfg, boot, str(top), str(store), FsId("AAAA-BBBB", "ESP"), None, "2023-11-14")
+    lines = text.split("\n")
+    # /boot is the ESP: search by label, kernels copied to ($drive1)//kernels/<name>.
+    assert lines[2] == "        search --set=drive1 --label ESP"
+    splash = lines.index("            insmod png")
+    assert lines[splash - 1:splash + 10] == [
+        "    ",  # the header's closing line, then the splash block's "\n"
+        "            insmod png",
+        "            if background_image ($drive1)//background.png; then",
+        "              set color_normal=white/black",
+        "              set color_highlight=black/white",
+        "            else",
+        "              set menu_color_normal=cyan/blue",
+        "              set menu_color_highlight=white/blue",
+        "            fi",
+        "        serial --unit=0",  # the block's closing `        ";` then "$extraConfig\n"
+        "",
+    ]
+    # extraEntries before the default entry, @bootRoot@ replaced by $grubBoot->path; extraPerEntryConfig indented.
+    start = lines.index("menuentry x { chainloader ($drive1)//x.efi }")
+    assert lines[start + 1:start + 8] == [
+        'menuentry "NixOS - Default" {', "search --set=drive1 --label ESP", "  insmod ext2",
+        f"  linux ($drive1)//kernels/k-linux-bzImage systemConfig={top} init={top}/init quiet",
+        "  initrd ($drive1)//kernels/i-initrd-initrd", "}", ""]
+    assert copied == [f"{store}/k-linux/bzImage", f"{store}/i-initrd/initrd"]
+    # No nixos-version in the toplevel: addProfile skips the generation, the submenu is empty.
+    assert lines[-3:] == ['submenu "NixOS - All configurations" {', "}", ""]
+
+
+def grub_section_defaults() -> dict[str, Any]:
+    """A bootLoader.grub section with grub.nix's defaults (packages are not read by grub_cfg)."""
+    return {"biosPackage": None, "efiPackage": "/nix/store/g-grub", "mkimage": "/usr/bin/grub-mkimage",
+            "system": "x86_64-linux", "fullName": "grub", "fullVersion": "2.12", "timeout": 5, "default": 0,
+            "extraConfig": "", "extraEntries": "", "extraEntriesBeforeNixOS": False, "extraPerEntryConfig": "",
+            "splashImage": None, "configurationLimit": 100, "fsIdentifier": "uuid", "gfxmodeEfi": "auto",
+            "gfxmodeBios": "1024x768", "bootloaderId": "NixOS-boot", "efiSysMountPoint": "/boot",
+            "efiInstallAsRemovable": False}
 
 
 @pytest.fixture(scope="module")
