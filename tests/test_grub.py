@@ -135,15 +135,21 @@ def test_grub_for_bios_on_aarch64_is_refused(grub_doc: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-def test_unusable_grub_mkimage_is_the_users_error_before_any_work(grub_doc: dict[str, Any], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("mkimage", "/nonexistent/bin/grub-mkimage",
+     "bootLoader.grub.mkimage: '/nonexistent/bin/grub-mkimage' is not an executable file"),
+    ("splashImage", "/dev/zero", "bootLoader.grub.splashImage: '/dev/zero' is not a regular file"),
+])
+def test_unusable_grub_files_are_the_users_error_before_any_work(grub_doc: dict[str, Any], tmp_path: Path, key: str,
+                                                                 value: str, message: str) -> None:
     doc = json.loads(json.dumps(grub_doc))
-    doc["bootLoader"]["grub"]["mkimage"] = "/nonexistent/bin/grub-mkimage"
+    doc["bootLoader"]["grub"][key] = value
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(doc))
     res = subprocess.run([sys.executable, "-m", "builder", "build", str(spec), "--out", str(tmp_path / "out")],
                          cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 2, res.stderr[-3000:]
-    assert "bootLoader.grub.mkimage: '/nonexistent/bin/grub-mkimage' is not an executable file" in res.stderr
+    assert message in res.stderr
     assert "Traceback" not in res.stderr and "mkfs" not in res.stderr
     assert not (tmp_path / "out" / "fixture.img").exists()
 

@@ -281,8 +281,10 @@ def load_plan(spec: Spec) -> GrubInstall:
                               (cfg.efi_package, EFI_PLATFORMS.get(cfg.system, ("", ""))[0])):
         if package is not None and not os.path.isfile(os.path.join(package, "lib", "grub", platform, "moddep.lst")):
             raise UserError(f"bootLoader.grub: {package!r} has no GRUB module directory lib/grub/{platform}")
-    if not os.access(cfg.mkimage, os.X_OK):
+    if not os.path.isfile(cfg.mkimage) or not os.access(cfg.mkimage, os.X_OK):
         raise UserError(f"bootLoader.grub.mkimage: {cfg.mkimage!r} is not an executable file")
+    if cfg.splash_image is not None and not os.path.isfile(cfg.splash_image):  # not /dev/zero, not a FIFO
+        raise UserError(f"bootLoader.grub.splashImage: {cfg.splash_image!r} is not a regular file")
     return GrubInstall(cfg, boot, spec.partition_table_type in ("legacy", "legacy+gpt"))
 
 
