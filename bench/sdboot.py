@@ -1,4 +1,7 @@
-"""`python -m bench.sdboot`: time an `efi` image of the fixture system with systemd-boot, VM path vs no-VM path.
+"""`python -m bench.sdboot`: time an image of the fixture system with its bootloader, VM path vs no-VM path.
+
+`--loader systemd-boot` (default): an `efi` image with systemd-boot; `--loader grub`: a `legacy` image with GRUB
+(bootLoader.grub instead of bootLoader.systemdBoot below; the VM path runs the fixture's grub-install).
 
 The harness in bench/cli.py times the root filesystem on synthetic closures without a bootloader; this
 script times the whole `python -m builder build` of one bootable system instead, both ways:
@@ -24,16 +27,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.fixtures.system import sdboot_system_spec
+from tests.fixtures.system import grub_system_spec, sdboot_system_spec
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def specs(work: Path) -> dict[str, Path]:
-    """The two specs of the same system and layout: with the systemd-boot section (no VM) and without."""
-    no_vm = sdboot_system_spec(work / "no-vm", "x86_64", "efi")
+LOADERS = {"systemd-boot": ("efi", "systemdBoot"), "grub": ("legacy", "grub")}
+
+
+def specs(work: Path, loader: str = "systemd-boot") -> dict[str, Path]:
+    """The two specs of the same system and layout: with the bootloader's section (no VM) and without."""
+    table, section = LOADERS[loader]
+    make = sdboot_system_spec if loader == "systemd-boot" else grub_system_spec
+    no_vm = make(work / "no-vm", "x86_64", table)
     doc = json.loads(no_vm.read_text())
-    doc["bootLoader"]["systemdBoot"] = None
+    doc["bootLoader"][section] = None
     vm = work / "vm" / "spec.json"
     vm.parent.mkdir(parents=True, exist_ok=True)
     vm.write_text(json.dumps(doc, indent=2) + "\n")
@@ -57,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     """Time both paths `--runs` times each, alternated; print the medians."""
     p = argparse.ArgumentParser(prog="python -m bench.sdboot", description=__doc__)
     p.add_argument("--runs", type=int, default=3, help="runs per path (default 3)")
+    p.add_argument("--loader", choices=sorted(LOADERS), default="systemd-boot", help="the bootloader")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mdi-bench-sdboot-") as tmp:
         work = Path(tmp)
-        paths = specs(work)
+        paths = specs(work, args.loader)
         times: dict[str, list[float]] = {name: [] for name in paths}
         for run in range(args.runs):
             for name, spec in paths.items():
@@ -69,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     vm, no_vm = statistics.median(times["vm"]), statistics.median(times["no-vm"])
     print("| image | VM path s | no-VM path s | speed-up |")
     print("|---|---|---|---|")
-    print(f"| fixture system, `efi`, systemd-boot (median of {args.runs}) | {vm:.2f} | {no_vm:.2f} | "
+    print(f"| fixture system, `{LOADERS[args.loader][0]}`, {args.loader} (median of {args.runs}) | {vm:.2f} | "
+          f"{no_vm:.2f} | "
           f"{vm / no_vm:.1f}x |")
     return 0
 

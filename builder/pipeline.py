@@ -205,6 +205,12 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None,
 
                 with step("read bootspec"):
                     boot_install = load_plan(spec)
+            grub_install = None
+            if spec.installs_grub:  # no VM: GRUB from the system's bootspec and package (builder/boot/grub.py)
+                from .boot import grub
+
+                with step("read bootspec (GRUB)"):
+                    grub_install = grub.load_plan(spec)
             if root_filesystem is not None:  # shareRootFilesystem (builder/fs/shared.py)
                 from .fs.shared import place_root
 
@@ -216,6 +222,13 @@ def prepare_image(spec: Spec, image: Path, work: Path | None = None,
 
                 with step("systemd-boot from the bootspec"):
                     write_install(spec, boot_install, partial, plan, scratch)
+            if grub_install is not None:
+                if not grub_install.on_root:
+                    with step("GRUB files into the ESP"):
+                        grub.write_esp(spec, grub_install, partial, plan, scratch)
+                if grub_install.cfg.bios_package is not None:
+                    with step("GRUB boot code (boot.img, core.img)"):
+                        grub.write_boot_code(spec, grub_install, partial, plan, scratch)
             with step("check partition table"):
                 table.check(partial, plan)
         except OSError as exc:

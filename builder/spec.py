@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import chmod, rules
+from .boot.grub_config import GrubConfig, grub_problems, parse_grub
 from .boot.systemd_boot_config import SystemdBootConfig, parse_systemd_boot, systemd_boot_problems
 from .errors import SpecError
 from .inputfile import open_regular, read_at_most
@@ -108,6 +109,8 @@ class Spec:
     warnings: tuple[str, ...] = ()
     # bootLoader.systemdBoot: systemd-boot's options when the system boots with it (boot/systemd_boot_config.py).
     systemd_boot: SystemdBootConfig | None = None
+    # bootLoader.grub: GRUB's options when prepare installs it without the VM (boot/grub_config.py).
+    grub: GrubConfig | None = None
     # The root filesystem is sized from its contents alone, so one build serves every layout (fs/shared.py).
     share_root_filesystem: bool = False
 
@@ -127,7 +130,7 @@ class Spec:
         """The facts builder/rules.json's vmStage rules decide the VM on (nix/args reads the same rules)."""
         return {"installBootLoader": self.install_boot_loader, "touchEFIVars": self.touch_efi_vars,
                 "onlyNixStore": self.only_nix_store, "systemdBoot": self.systemd_boot is not None,
-                "namedOwners": any(c.named_owner for c in self.contents)}
+                "grub": self.grub is not None, "namedOwners": any(c.named_owner for c in self.contents)}
 
     @property
     def installs_systemd_boot(self) -> bool:
@@ -137,6 +140,11 @@ class Spec:
         there the system's own installer does it, as in nixpkgs (rules.json vmStage.systemdBootOnHost).
         """
         return rules.vm_stage("systemdBootOnHost", self.vm_facts)
+
+    @property
+    def installs_grub(self) -> bool:
+        """Whether prepare installs GRUB (builder/boot/grub.py) instead of the VM (as installs_systemd_boot)."""
+        return rules.vm_stage("grubOnHost", self.vm_facts)
 
     @property
     def needs_vm(self) -> bool:
@@ -383,6 +391,7 @@ def _cross_field_problems(doc: dict[str, Any]) -> list[str]:
             f"$.rootFSUID: null is not allowed with deterministic = true and fsType = \"{fs.name}\" (give a UUID)"
         )
     problems += systemd_boot_problems(doc)
+    problems += grub_problems(doc)
     efi_tables = [name for name, t in rules.tables().items() if t.efi_variables]
     if doc["touchEFIVars"] and table not in efi_tables:
         problems.append(
@@ -580,6 +589,7 @@ def load_spec_document(doc: Any) -> Spec:
         limine_bios_device=doc["bootLoader"].get("limineBiosDevice"),
         warnings=tuple(_warnings(doc)),
         systemd_boot=parse_systemd_boot(doc["bootLoader"].get("systemdBoot")),
+        grub=parse_grub(doc["bootLoader"].get("grub")),
         share_root_filesystem=doc.get("shareRootFilesystem", False),
     )
 

@@ -32,6 +32,8 @@ let
 
   # systemd-boot installed by prepare from the system's bootspec, without the VM (nix/systemd-boot.nix).
   systemdBoot = import ./systemd-boot.nix { inherit config targetSystem; };
+  # GRUB installed by prepare, without the VM, when nothing in its options needs the system's installer (nix/grub.nix).
+  grubOnHost = import ./grub.nix { inherit config targetSystem cross pkgs; args = a; };
 
   # The disks the bootloader installs to name the machine's disk; in the VM they are linked to /dev/vda.
   grub = config.boot.loader.grub or { };
@@ -46,6 +48,7 @@ let
     limineBiosDevice =
       if (limine.enable or false) && (limine.biosSupport or false) then limine.biosDevice or "nodev" else null;
     systemdBoot = systemdBoot.section;
+    grub = grubOnHost.section;
   };
   # A file in the store: the derivation depends on every store path the spec names.
   specFile = pkgs.writeText "${a.name}-spec.json" (builtins.toJSON spec);
@@ -64,17 +67,19 @@ let
 
   # Why the VM runs, for the refusal of a cross build that needs it.
   vmReasons =
-    lib.optional (a.installBootLoader && systemdBoot.section == null) (
+    lib.optional (a.installBootLoader && systemdBoot.section == null && grubOnHost.section == null) (
       if systemdBoot.enabled then
         systemdBoot.reason
+      else if grubOnHost.enabled then
+        grubOnHost.reason
       else
-        "installBootLoader = true with a bootloader other than systemd-boot (GRUB, Limine, ...), whose installer is the system's own switch-to-configuration"
+        "installBootLoader = true with a bootloader other than systemd-boot or GRUB (Limine, ...), whose installer is the system's own switch-to-configuration"
     )
     ++ lib.optional a.touchEFIVars "touchEFIVars = true (the boot entry is written by the system's bootctl into the VM's firmware variables)"
     ++ lib.optional (argsLib.namedOwners a) "contents owned by user or group names (they resolve with the system's own tools)";
   crossRefusal = ''
     makeDiskImage: the image of this ${targetSystem} configuration needs the build VM, which runs the system's own programs, so it must be built on ${targetSystem}; but pkgs is for ${buildSystem}. It needs the VM for:
-    ${lib.concatMapStrings (r: "  - ${r}\n") vmReasons}Build it with pkgs for ${targetSystem} (on a builder of that platform), or remove what needs the VM: boot with systemd-boot (boot.loader.systemd-boot.enable = true; a GRUB image cannot be built across architectures), give contents owners as numbers, leave touchEFIVars = false, or installBootLoader = false.'';
+    ${lib.concatMapStrings (r: "  - ${r}\n") vmReasons}Build it with pkgs for ${targetSystem} (on a builder of that platform), or remove what needs the VM: boot with systemd-boot (boot.loader.systemd-boot.enable = true) or with GRUB without the options named above (EFI only: BIOS GRUB is x86_64's), give contents owners as numbers, leave touchEFIVars = false, or installBootLoader = false.'';
   efiVars = "$out/efi-vars.fd";
 
   # nixpkgs 25.11 deprecates config.system.build.nixos-enter in favour of the package.
@@ -143,7 +148,11 @@ let
       # runCommand would give the VM one vCPU per build core; ext4 and FAT place what the bootloader
       # writes differently then, so a deterministic image gets one.
       enableParallelBuilding = !a.deterministic;
-      preVM = ''
+      preVM =
+        lib.optionalString (a.installBootLoader && grubOnHost.enabled && grubOnHost.section == null) ''
+          echo ${lib.escapeShellArg "makeDiskImage: the build VM installs GRUB: ${grubOnHost.reason}"} >&2
+        ''
+        + ''
         ${run} prepare ${specFile} --image nixos.raw${placeRoot} --pre-vm-variables ${preVMVariables}
         diskImage=nixos.raw
       ''

@@ -77,6 +77,8 @@ let
     parted = drv "parted" { };
     gptfdisk = drv "gptfdisk" { };
     systemdMinimal = drv "systemd-minimal" { };
+    # The build platform's GRUB, whose grub-mkimage makes a cross image's GRUB (nix/grub.nix).
+    grub2 = drv "grub-2.12-build" { };
     stdenv = (if buildSystem == null then { } else { hostPlatform.system = buildSystem; }) // {
       initialPath = map (n: drv n { }) [ "coreutils" "findutils" "diffutils" "gnused" "gnugrep" "gawk" "gnutar" "gzip" "bzip2" "gnumake" "bash" "patch" "xz" "file" ];
     };

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,7 @@ def test_aarch64_configuration_with_x86_64_pkgs_needs_no_vm() -> None:
 
 
 @pytest.mark.parametrize(("args", "fake_args", "reason"), [
-    ('{ partitionTableType = "efi"; }', "{ " + CROSS + " }", "a bootloader other than systemd-boot (GRUB"),
+    ('{ partitionTableType = "efi"; }', "{ " + CROSS + " }", "GRUB with boot.loader.grub.package"),
     ('{ partitionTableType = "efi"; touchEFIVars = true; }', fake(CROSS), "touchEFIVars = true"),
     ('{ partitionTableType = "efi"; contents = [ { source = "/etc/hostname"; target = "/x"; user = "a"; '
      'group = "b"; } ]; }', fake(CROSS), "contents owned by user or group names"),
@@ -171,6 +172,29 @@ def test_systemd_boot_hydra_job_is_a_plain_derivation(glue: Glue) -> None:
     env = derivation_env(glue, "hydraJobs.efi-qcow2-compressed.x86_64-linux")
     assert "requiredSystemFeatures" not in env and "preVM" not in env
     assert env["system"] == "x86_64-linux"
+
+
+def test_grub_hydra_job_is_a_plain_derivation(glue: Glue) -> None:
+    # hybrid-vpc: GRUB for BIOS and EFI (efiSupport, efiInstallAsRemovable), installed by prepare (nix/grub.nix).
+    env = derivation_env(glue, "hydraJobs.hybrid-vpc.x86_64-linux")
+    assert "requiredSystemFeatures" not in env and "preVM" not in env
+    spec = glue.eval_json("hydraJobs.hybrid-vpc.x86_64-linux.spec")
+    section = spec["bootLoader"]["grub"]
+    assert section["biosPackage"] == section["efiPackage"] and section["efiInstallAsRemovable"] is True
+    assert load_spec_document(spec).installs_grub
+
+
+@pytest.mark.slow
+@pytest.mark.boot
+def test_grub_hydra_job_built_without_a_vm_boots_with_seabios_and_ovmf(glue: Glue, tmp_path: Path) -> None:
+    out = glue.build("hydraJobs.hybrid-vpc.x86_64-linux", "result-hybrid-vpc")
+    image = out / "nixos.vhd"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        bios = pool.submit(boot_facts, image, tmp_path, fmt="vpc")
+        uefi = pool.submit(boot_facts, image, tmp_path, fmt="vpc", firmware="uefi")
+        facts = {"bios": bios.result(), "uefi": uefi.result()}
+    for firmware, f in facts.items():
+        assert (f["loader"], f["efi"], f["root_device"]) == ("grub", firmware == "uefi", "/dev/vda3"), f
 
 
 @pytest.fixture(scope="module")

@@ -169,28 +169,32 @@ def test_nix_and_python_give_one_verdict(nix_args: str, changes: dict[str, Any],
     assert python_accepts == accepted, "the spec loader's verdict differs from Nix's"
 
 
-FACTS = ("installBootLoader", "touchEFIVars", "onlyNixStore", "systemdBoot", "namedOwners")
+FACTS = ("installBootLoader", "touchEFIVars", "onlyNixStore", "systemdBoot", "grub", "namedOwners")
+VM_RULES = ("needsVM", "systemdBootOnHost", "grubOnHost")
 
 
 def test_the_vm_is_decided_by_one_rule_both_sides_read() -> None:
     # rules.json vmStage is the only place the VM decision lives: nix/args and builder.rules evaluate it alike
     # on every combination of the facts.
-    combos = [dict(zip(FACTS, (bool(n >> i & 1) for i in range(len(FACTS))), strict=True)) for n in range(32)]
-    expr = ("let A = import {}/nix/args; in"
-            " map (f: [ (A.vmStage \"needsVM\" f) (A.vmStage \"systemdBootOnHost\" f) ]) {}")
+    combos = [dict(zip(FACTS, (bool(n >> i & 1) for i in range(len(FACTS))), strict=True))
+              for n in range(1 << len(FACTS))]
+    rule_list = " ".join(json.dumps(rule) for rule in VM_RULES)
+    expr = "let A = import {}/nix/args; in map (f: map (rule: A.vmStage rule f) [ " + rule_list + " ]) {}"
     done = nix_eval(expr.format(REPO, "(builtins.fromJSON " + json.dumps(json.dumps(combos)) + ")"))
     assert done.returncode == 0, done.stderr
-    python = [[rules.vm_stage("needsVM", f), rules.vm_stage("systemdBootOnHost", f)] for f in combos]
+    python = [[rules.vm_stage(rule, f) for rule in VM_RULES] for f in combos]
     assert json.loads(done.stdout) == python
     # The cases DESIGN §4 names: a store-only image never runs the VM; systemd-boot alone needs none;
     # touchEFIVars or owners by name always do (and then the system's own installer runs there).
     plain = dict.fromkeys(FACTS, False)
     assert not rules.vm_stage("needsVM", {**plain, "onlyNixStore": True, "touchEFIVars": True})
     assert not rules.vm_stage("needsVM", {**plain, "installBootLoader": True, "systemdBoot": True})
+    assert not rules.vm_stage("needsVM", {**plain, "installBootLoader": True, "grub": True})
     assert rules.vm_stage("needsVM", {**plain, "installBootLoader": True})
-    for fact in ("touchEFIVars", "namedOwners"):
-        both = {**plain, "installBootLoader": True, "systemdBoot": True, fact: True}
-        assert rules.vm_stage("needsVM", both) and not rules.vm_stage("systemdBootOnHost", both)
+    for loader, on_host in (("systemdBoot", "systemdBootOnHost"), ("grub", "grubOnHost")):
+        for fact in ("touchEFIVars", "namedOwners"):
+            both = {**plain, "installBootLoader": True, loader: True, fact: True}
+            assert rules.vm_stage("needsVM", both) and not rules.vm_stage(on_host, both)
 
 
 @pytest.mark.parametrize(("user", "group", "named"), [("0", "0", False), ("1000", "100", False),

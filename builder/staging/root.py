@@ -106,6 +106,10 @@ def stage_root(spec: Spec, regs: list[store.Registration], root: Path, lazy_stor
         place_config_file(spec, root)
         if spec.installs_systemd_boot:  # systemd-boot written by prepare (builder/boot/systemd_boot.py)
             _boot_mount_points(spec, root)
+        if spec.installs_grub:  # /boot/grub on the root (legacy, legacy+gpt), written by prepare (builder/boot/grub.py)
+            from ..boot.grub import stage_on_root
+
+            stage_on_root(spec, root)
         store_root = root / spec.store_dir.lstrip("/")
         binds = _placeholders(regs, store_root, not lazy_store)
         os.chmod(store_root, 0o1775)

@@ -140,6 +140,7 @@ rec {
   vmFacts = spec: {
     inherit (spec) installBootLoader touchEFIVars onlyNixStore;
     systemdBoot = spec.bootLoader.systemdBoot != null;
+    grub = spec.bootLoader ? grub;
     namedOwners = namedOwners spec;
   };
 
@@ -162,6 +163,9 @@ rec {
 
   # Whether prepare installs systemd-boot itself from the bootspec (builder.spec.Spec.installs_systemd_boot).
   systemdBootOnHost = spec: vmStage "systemdBootOnHost" (vmFacts spec);
+
+  # Whether prepare installs GRUB itself (builder.spec.Spec.installs_grub; nix/grub.nix gave a section).
+  grubOnHost = spec: vmStage "grubOnHost" (vmFacts spec);
 
   # additionalPaths without those already among the base roots, as nixpkgs' subtractLists does.
   extraPaths = basePaths: paths: filter (p: !elem p basePaths) paths;
@@ -252,6 +256,8 @@ rec {
       limineBiosDevice ? null,
       # nix/systemd-boot.nix's section: systemd-boot installed by prepare, without the VM.
       systemdBoot ? null,
+      # nix/grub.nix's section: GRUB installed by prepare, without the VM.
+      grub ? null,
     }:
     let
       badDevices = filter (d: !matches "nodev|/dev/[^[:cntrl:]]+" d) grubDevices;
@@ -302,7 +308,9 @@ rec {
         };
         bootLoader = {
           inherit grubDevices limineBiosDevice systemdBoot;
-        };
+        }
+        # Only when set: the spec of an image without it stays what it was.
+        // (if grub == null then { } else { inherit grub; });
         sourceDateEpoch = 1;
         enterCommand = "nixos-enter";
       }

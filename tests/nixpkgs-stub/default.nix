@@ -192,12 +192,14 @@ let
     if host.system == null then
       { toplevel = import ./system.nix { inherit system; }; systemd = null; }
     else
-      import (./. + "/${host.system}") {
+      import (./. + "/${host.system}") ({
         system = "x86_64-linux";
         arch = if system == "aarch64-linux" then "aarch64" else "x86_64";
         systemdBoot = if !systemdBoot then "none" else if xbootldr then "xbootldr" else "esp";
         grubDevices = if systemdBoot then "" else "/dev/vda";
-      };
+      }
+      # GRUB with efiSupport is installed by prepare (see nixosSystem): the fixture then names GRUB as its loader.
+      // (if settingOf modules [ "boot" "loader" "grub" "efiSupport" ] false then { loader = "grub"; } else { }));
 
   # nixos-enter's stand-in, with its own PATH as nixpkgs' package has (util-linux, coreutils).
   nixosEnter = runCommand "nixos-enter-stand-in" { } ''
@@ -216,6 +218,7 @@ let
       fixture = fixtureFor system modules;
       setting = settingOf modules;
       grubEnabled = setting [ "boot" "loader" "grub" "enable" ] true;
+      grubEfi = setting [ "boot" "loader" "grub" "efiSupport" ] false;
     in
     {
       config = {
@@ -236,7 +239,13 @@ let
           grub = {
             enable = grubEnabled;
             devices = [ "/dev/vda" ];
-          };
+            efiSupport = grubEfi;
+            efiInstallAsRemovable = setting [ "boot" "loader" "grub" "efiInstallAsRemovable" ] false;
+          }
+          # GRUB's package (the fixture's: Debian's modules, NixOS's layout) only with efiSupport: GRUB is then
+          # installed by prepare (nix/grub.nix), while the BIOS-only jobs keep the VM-installed GRUB the tests
+          # here boot (a NixOS configuration always has a package; nix/grub.nix without one keeps the VM).
+          // (if grubEfi && fixture ? grub then { package = fixture.grub; } else { });
           systemd-boot = {
             enable = setting [ "boot" "loader" "systemd-boot" "enable" ] false;
             xbootldrMountPoint = setting [ "boot" "loader" "systemd-boot" "xbootldrMountPoint" ] null;
