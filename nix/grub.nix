@@ -25,12 +25,52 @@ let
   biosTables = [ "legacy" "legacy+gpt" "hybrid" ];
   efiTables = [ "efi" "hybrid" ];
   onRoot = table == "legacy" || table == "legacy+gpt";
-  package = cfg.package or null;
+  # nixpkgs' grub.nix has no package option: `grubPkgs = if cfg.forcei686 then pkgs.pkgsi686Linux else pkgs;
+  # realGrub = grubPkgs.grub2` (a zfs override with zfsSupport, which keeps the VM here), from the system's own
+  # module argument pkgs, which nixos/modules/misc/nixpkgs.nix sets as config._module.args.pkgs. A `package`
+  # attribute (not a NixOS option) is read only when present; forcei686 keeps the VM.
+  systemPkgs = (config._module or { }).args.pkgs or { };
+  package = cfg.package or (systemPkgs.grub2 or null);
+  # grub.nix's defaults of the options the generated grub.cfg (install-grub.pl at f5271680) does not read:
+  # any other value keeps the VM. An absent attribute reads as its default.
+  unread = {
+    forcei686 = false;
+    timeoutStyle = "menu";
+    splashMode = "normal";
+    backgroundColor = null;
+    entryOptions = "--class nixos --unrestricted";
+    subEntryOptions = "--class nixos";
+    gfxpayloadEfi = "keep";
+    gfxpayloadBios = "text";
+    configurationName = "";
+  };
+  unreadReasons = builtins.concatMap (
+    name: if (cfg.${name} or unread.${name}) != unread.${name} then [ "boot.loader.grub.${name}" ] else [ ]
+  ) (builtins.attrNames unread);
+  # grub.nix: font defaults to "${realGrub}/share/grub/unicode.pf2", the font copied here.
+  fontReasons =
+    if package != null && cfg ? font && (cfg.font == null || toString cfg.font != "${package}/share/grub/unicode.pf2") then
+      [ "boot.loader.grub.font" ]
+    else
+      [ ];
+  # grub.nix: `timeout = if config.boot.loader.timeout == null then -1 else config.boot.loader.timeout`;
+  # install-grub.pl writes `set timeout=` with Perl's int() of it (-1: wait for a key).
+  timeout = if (config.boot.loader.timeout or 5) == null then -1 else config.boot.loader.timeout or 5;
+  # boot.loader.grub.default is `apply = toString`; install-grub.pl takes Perl's int() of it ("007" is 7).
+  # Digits only (a name such as "saved" keeps the VM), and at most nine of them after leading zeros.
+  defaultText = toString (cfg.default or "0");
+  defaultDigits = builtins.match "0*([0-9]{1,9})" defaultText;
+  defaultIndex =
+    builtins.foldl' (n: c: n * 10 + (builtins.getAttr c { "0" = 0; "1" = 1; "2" = 2; "3" = 3; "4" = 4; "5" = 5; "6" = 6; "7" = 7; "8" = 8; "9" = 9; })) 0
+      (builtins.genList (i: builtins.substring i 1 (builtins.head defaultDigits)) (builtins.stringLength (builtins.head defaultDigits)));
 
   given = name: value: if value != { } && value != "" && value != null && value != [ ] && value != false then [ name ] else [ ];
   # Every option the host path does not reproduce, by its NixOS name: the build log and the cross refusal name them.
   vmReasons =
-    (if package == null then [ "boot.loader.grub.package (not a NixOS configuration's GRUB options)" ] else [ ])
+    (if package == null then [ "boot.loader.grub: no GRUB package (the configuration's _module.args.pkgs has no grub2)" ] else [ ])
+    ++ unreadReasons
+    ++ fontReasons
+    ++ (if builtins.any (m: (m.efiBootloaderId or null) != null) (cfg.mirroredBoots or [ ]) then [ "boot.loader.grub.mirroredBoots.*.efiBootloaderId" ] else [ ])
     ++ given "boot.loader.grub.extraPrepareConfig" (cfg.extraPrepareConfig or "")
     ++ given "boot.loader.grub.extraInstallCommands" (cfg.extraInstallCommands or "")
     ++ given "boot.loader.grub.zfsSupport" (cfg.zfsSupport or false)
@@ -49,9 +89,8 @@ let
     ++ (if length (cfg.mirroredBoots or [ ]) == 1 && ((builtins.head cfg.mirroredBoots).path or "/boot") != "/boot" then [ "boot.loader.grub.mirroredBoots.*.path other than /boot" ] else [ ])
     ++ (if length devices > 1 then [ "boot.loader.grub.devices (more than one disk)" ] else [ ])
     ++ (if (cfg.fsIdentifier or "uuid") == "provided" then [ "boot.loader.grub.fsIdentifier = \"provided\"" ] else [ ])
-    ++ (if (config.boot.loader.timeout or 5) == null then [ "boot.loader.timeout = null" ] else [ ])
     ++ (if (cfg.storePath or "/nix/store") != "/nix/store" then [ "boot.loader.grub.storePath" ] else [ ])
-    ++ (if builtins.match "[0-9]+" (toString (cfg.default or "0")) == null then [ "boot.loader.grub.default = ${toString cfg.default}" ] else [ ])
+    ++ (if defaultDigits == null then [ "boot.loader.grub.default = ${defaultText} (not a menu index of at most nine digits)" ] else [ ])
     ++ (if devices != [ ] && !(builtins.elem table biosTables) then [ "BIOS devices with partitionTableType = \"${table}\"" ] else [ ])
     ++ (if devices != [ ] && targetSystem != "x86_64-linux" then [ "BIOS devices on ${toString targetSystem}" ] else [ ])
     ++ (if efiSupport && !(builtins.elem table efiTables) then [ "boot.loader.grub.efiSupport with partitionTableType = \"${table}\"" ] else [ ])
@@ -80,8 +119,8 @@ in
         mkimage = if cross then "${pkgs.grub2}/bin/grub-mkimage" else "${package}/bin/grub-mkimage";
         system = targetSystem;
         inherit fullName fullVersion;
-        timeout = config.boot.loader.timeout or 5;
-        default = builtins.fromJSON (toString (cfg.default or "0"));
+        inherit timeout;
+        default = defaultIndex;
         extraConfig = cfg.extraConfig or "";
         extraEntries = cfg.extraEntries or "";
         extraEntriesBeforeNixOS = cfg.extraEntriesBeforeNixOS or false;
@@ -91,8 +130,8 @@ in
         fsIdentifier = cfg.fsIdentifier or "uuid";
         gfxmodeEfi = cfg.gfxmodeEfi or "auto";
         gfxmodeBios = cfg.gfxmodeBios or "1024x768";
-        # grub.nix: "NixOS" and the ESP's mount point with "/" made "-".
-        bootloaderId = if (cfg.efiBootloaderId or null) == null then "NixOS-boot" else cfg.efiBootloaderId;
+        # grub.nix: "NixOS" and the ESP's mount point with "/" made "-" (mirroredBoots.*.efiBootloaderId keeps the VM).
+        bootloaderId = "NixOS-boot";
         efiSysMountPoint = efi.efiSysMountPoint or "/boot";
         efiInstallAsRemovable = cfg.efiInstallAsRemovable or false;
       };

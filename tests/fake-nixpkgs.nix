@@ -3,9 +3,13 @@
 # `touchOVMF = false` makes pkgs.OVMF throw, proving the default firmware is only forced when needed.
 {
   touchOVMF ? true,
+  # The default configuration is a GRUB system whose install needs the build VM (an extraInstallCommands only
+  # install-grub.pl runs): most tests here look at the VM derivation. GRUB at grub.nix's defaults (enable,
+  # devices) is installed by prepare instead (nix/grub.nix; tests/test_nix_grub.py passes it explicitly).
   grub ? {
     enable = true;
     devices = [ "/dev/vda" ];
+    extraInstallCommands = "echo the build VM installs GRUB";
   },
   limine ? { },
   # Whether pkgs has nixos-enter (nixpkgs 25.11 does; config.system.build.nixos-enter is deprecated there).
@@ -34,6 +38,25 @@ let
     }
     // extra;
   lib = import ./nixpkgs-stub/lib.nix { nixosSystem = null; };
+  # The system's own package set, as nixos/modules/misc/nixpkgs.nix gives it to every module
+  # (config._module.args.pkgs): nixpkgs' grub.nix takes GRUB from it (realGrub = grubPkgs.grub2) and its EFI
+  # variant by `realGrub.override { efiSupport = cfg.efiSupport; }` (another store path, the same name).
+  systemPkgs = {
+    grub2 = drv "grub-2.12" {
+      pname = "grub";
+      version = "2.12";
+      override =
+        a:
+        if a == { efiSupport = true; } then
+          drv "grub-2.12" {
+            pname = "grub";
+            version = "2.12";
+            outPath = "${builtins.storeDir}/${builtins.substring 0 32 (builtins.hashString "sha256" "grub-2.12-efi")}-grub-2.12";
+          }
+        else
+          throw "fake-nixpkgs: grub2.override called with an unexpected argument";
+    };
+  };
   pkgs = {
     inherit lib;
     path = store "nixpkgs-source";
@@ -85,6 +108,7 @@ let
   }
   // (if nixosEnterPackage then { nixos-enter = drv "nixos-enter" { }; } else { });
   config = {
+    _module.args.pkgs = systemPkgs;
     system.build.toplevel = drv "nixos-system-test" { };
     system.build.nixos-enter = drv "nixos-enter-from-config" { };
     system.nixos = {

@@ -139,7 +139,7 @@ def test_aarch64_configuration_with_x86_64_pkgs_needs_no_vm() -> None:
 
 
 @pytest.mark.parametrize(("args", "fake_args", "reason"), [
-    ('{ partitionTableType = "efi"; }', "{ " + CROSS + " }", "GRUB with boot.loader.grub.package"),
+    ('{ partitionTableType = "efi"; }', "{ " + CROSS + " }", "GRUB with boot.loader.grub.extraInstallCommands"),
     ('{ partitionTableType = "efi"; touchEFIVars = true; }', fake(CROSS), "touchEFIVars = true"),
     ('{ partitionTableType = "efi"; contents = [ { source = "/etc/hostname"; target = "/x"; user = "a"; '
      'group = "b"; } ]; }', fake(CROSS), "contents owned by user or group names"),

@@ -222,6 +222,14 @@ let
     in
     {
       config = {
+        # The module argument pkgs (nixos/modules/misc/nixpkgs.nix sets config._module.args.pkgs), where
+        # nixpkgs' grub.nix finds GRUB: grub2, whose `override { efiSupport = true; }` is the EFI variant. Here
+        # grub2 is the fixture's GRUB (Debian's modules for BIOS and EFI in NixOS's layout, so override gives
+        # it back), present only when the fixture was made with GRUB as its loader (efiSupport): GRUB is then
+        # installed by prepare (nix/grub.nix), while the BIOS-only jobs, whose fixture has no GRUB package,
+        # keep the VM-installed GRUB the tests here boot (nix/grub.nix without a grub2 keeps the VM).
+        _module.args.pkgs =
+          if grubEfi && fixture ? grub then { grub2 = fixture.grub // { override = _: fixture.grub; }; } else { };
         system.build.toplevel = fixture.toplevel;
         # Deprecated in nixpkgs 25.11 (a warning; pkgs.nixos-enter replaces it); here an error, so any use shows.
         system.build.nixos-enter = throw "config.system.build.nixos-enter is deprecated: use pkgs.nixos-enter";
@@ -241,11 +249,7 @@ let
             devices = [ "/dev/vda" ];
             efiSupport = grubEfi;
             efiInstallAsRemovable = setting [ "boot" "loader" "grub" "efiInstallAsRemovable" ] false;
-          }
-          # GRUB's package (the fixture's: Debian's modules, NixOS's layout) only with efiSupport: GRUB is then
-          # installed by prepare (nix/grub.nix), while the BIOS-only jobs keep the VM-installed GRUB the tests
-          # here boot (a NixOS configuration always has a package; nix/grub.nix without one keeps the VM).
-          // (if grubEfi && fixture ? grub then { package = fixture.grub; } else { });
+          };
           systemd-boot = {
             enable = setting [ "boot" "loader" "systemd-boot" "enable" ] false;
             xbootldrMountPoint = setting [ "boot" "loader" "systemd-boot" "xbootldrMountPoint" ] null;
