@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 
-from builder.boot.bootspec import parse_bootspec
-from builder.boot.grub import FsId, grub_cfg, grubenv
+from builder.boot.bootspec import parse_bootspec, read_bootspec
+from builder.boot.grub import FsId, grub_cfg, grubenv, load_plan, mkimage
 from builder.boot.grub_config import parse_grub
-from builder.errors import SpecError
+from builder.errors import BuildError, SpecError, UserError
 from builder.spec import load_spec_document
 from tests.fixtures.system import grub_system_spec
 from tests.support.imagecheck import blkid, debugfs, e2fsck_clean, part_offset, sfdisk_json
@@ -86,6 +86,38 @@ def test_options_place_their_text_as_install_grub_does(tmp_path: Path) -> None:
     assert lines[-3:] == ['submenu "NixOS - All configurations" {', "}", ""]
 
 
+def test_a_splash_image_fifo_is_refused_without_blocking(grub_doc: dict[str, Any], tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "splash.png")
+    doc = json.loads(json.dumps(grub_doc))
+    doc["bootLoader"]["grub"]["splashImage"] = str(tmp_path / "splash.png")
+    with pytest.raises(UserError, match="splashImage .*a FIFO, not a regular file"):
+        load_plan(load_spec_document(doc))
+
+
+def test_negative_timeout_and_configuration_limit_are_written_as_install_grub_does(grub_doc: dict[str, Any]) -> None:
+    # grub.nix hands boot.loader.timeout (null as -1) and configurationLimit to install-grub.pl, which writes
+    # `set timeout=$timeout` with Perl's int() and stops its generation loop at once when the limit is < 1.
+    doc = json.loads(json.dumps(grub_doc))
+    doc["bootLoader"]["grub"].update(timeout=-1, configurationLimit=-1)
+    spec = load_spec_document(doc)
+    assert spec.grub is not None
+    text, _ = grub_cfg(spec.grub, read_bootspec(spec.toplevel, spec.store_dir), spec.toplevel, spec.store_dir,
+                       FsId(str(spec.root_fsuid), spec.label), FsId(str(spec.root_fsuid), spec.label), "2023-11-14")
+    assert "          set timeout=-1\n" in text
+    assert text.endswith('submenu "NixOS - All configurations" {\n}\n')
+
+
+def test_grub_mkimage_runs_through_the_process_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # builder/process.run: logged under MDI_DEBUG=1, the exit status and output's end in the error.
+    monkeypatch.setenv("MDI_DEBUG", "1")
+    cfg = parse_grub({**grub_section_defaults(), "mkimage": "/bin/false"})
+    assert cfg is not None
+    with pytest.raises(BuildError, match=r"grub-mkimage for x86_64-efi \(/bin/false\) \(exit 1\)"):
+        mkimage(cfg, "/nix/store/g-grub", "x86_64-efi", "(,gpt1)/grub", ["part_gpt"], tmp_path / "core.efi")
+    assert "$ /bin/false -O x86_64-efi -d /nix/store/g-grub/lib/grub/x86_64-efi" in capsys.readouterr().err
+
+
 def grub_section_defaults() -> dict[str, Any]:
     """A bootLoader.grub section with grub.nix's defaults (packages are not read by grub_cfg)."""
     return {"biosPackage": None, "efiPackage": "/nix/store/g-grub", "mkimage": "/usr/bin/grub-mkimage",
@@ -138,7 +170,9 @@ def test_grub_for_bios_on_aarch64_is_refused(grub_doc: dict[str, Any]) -> None:
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("mkimage", "/nonexistent/bin/grub-mkimage",
      "bootLoader.grub.mkimage: '/nonexistent/bin/grub-mkimage' is not an executable file"),
-    ("splashImage", "/dev/zero", "bootLoader.grub.splashImage: '/dev/zero' is not a regular file"),
+    ("splashImage", "/dev/zero", "bootLoader.grub.splashImage: '/dev/zero' is under /dev"),
+    # procfs reads as a regular file: only the /proc, /sys, /dev refusal keeps the builder's environment out.
+    ("splashImage", "/proc/self/environ", "bootLoader.grub.splashImage: '/proc/self/environ' is under /proc"),
 ])
 def test_unusable_grub_files_are_the_users_error_before_any_work(grub_doc: dict[str, Any], tmp_path: Path, key: str,
                                                                  value: str, message: str) -> None:

@@ -33,13 +33,14 @@ from __future__ import annotations
 import datetime
 import os
 import struct
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..disk.layout import Layout
 from ..errors import BuildError, UserError
 from ..fs import fat, fatcopy
+from ..inputfile import host_only_problem, open_regular
+from ..process import run
 from ..spec import Spec
 from ..units import SECTOR
 from .bootspec import BootSpec, read_bootspec
@@ -239,10 +240,8 @@ def grubenv() -> bytes:
 def mkimage(cfg: GrubConfig, package: str, platform: str, prefix: str, modules: list[str], out: Path) -> bytes:
     """Run grub-mkimage for the platform from the package's module directory; the image's bytes."""
     directory = os.path.join(package, "lib", "grub", platform)
-    argv = [cfg.mkimage, "-O", platform, "-d", directory, "-o", str(out), "-p", prefix, *modules]
-    res = subprocess.run(argv, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise BuildError(f"grub-mkimage failed ({' '.join(argv)}): {res.stderr.strip()[-1500:]}")
+    run([cfg.mkimage, "-O", platform, "-d", directory, "-o", str(out), "-p", prefix, *modules],
+        f"grub-mkimage for {platform} ({cfg.mkimage})")
     return out.read_bytes()
 
 
@@ -283,8 +282,15 @@ def load_plan(spec: Spec) -> GrubInstall:
             raise UserError(f"bootLoader.grub: {package!r} has no GRUB module directory lib/grub/{platform}")
     if not os.path.isfile(cfg.mkimage) or not os.access(cfg.mkimage, os.X_OK):
         raise UserError(f"bootLoader.grub.mkimage: {cfg.mkimage!r} is not an executable file")
-    if cfg.splash_image is not None and not os.path.isfile(cfg.splash_image):  # not /dev/zero, not a FIFO
-        raise UserError(f"bootLoader.grub.splashImage: {cfg.splash_image!r} is not a regular file")
+    if cfg.splash_image is not None:  # copied into /boot as contents and configFile are (docs/trust.md)
+        why = host_only_problem(cfg.splash_image)
+        if why:
+            raise UserError(f"bootLoader.grub.splashImage: {why}")
+        try:  # opened without blocking and checked before a byte is read: not /dev/zero, not a FIFO
+            with open_regular(cfg.splash_image):
+                pass
+        except OSError as exc:
+            raise UserError(f"bootLoader.grub.splashImage {cfg.splash_image!r}: {exc.strerror or exc}") from None
     return GrubInstall(cfg, boot, spec.partition_table_type in ("legacy", "legacy+gpt"))
 
 
