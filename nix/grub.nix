@@ -36,17 +36,21 @@ let
   unread = {
     forcei686 = false;
     timeoutStyle = "menu";
-    splashMode = "normal";
-    backgroundColor = null;
     entryOptions = "--class nixos --unrestricted";
     subEntryOptions = "--class nixos";
     gfxpayloadEfi = "keep";
     gfxpayloadBios = "text";
     configurationName = "";
   };
-  unreadReasons = builtins.concatMap (
-    name: if (cfg.${name} or unread.${name}) != unread.${name} then [ "boot.loader.grub.${name}" ] else [ ]
-  ) (builtins.attrNames unread);
+  unreadReasons =
+    builtins.concatMap (
+      name: if (cfg.${name} or unread.${name}) != unread.${name} then [ "boot.loader.grub.${name}" ] else [ ]
+    ) (builtins.attrNames unread)
+    # grub.nix: splashMode "stretch" and backgroundColor null by default, and `mkDefault "normal"` and
+    # `mkDefault "#2F302F"` with its default splash image: either pair is a default (the first nixos-rebuild
+    # writes them), any other colour keeps the VM.
+    ++ (if !(builtins.elem (cfg.splashMode or "stretch") [ "stretch" "normal" ]) then [ "boot.loader.grub.splashMode" ] else [ ])
+    ++ (if !(builtins.elem (cfg.backgroundColor or null) [ null "#2F302F" ]) then [ "boot.loader.grub.backgroundColor" ] else [ ]);
   # grub.nix: font defaults to "${realGrub}/share/grub/unicode.pf2", the font copied here.
   fontReasons =
     if package != null && cfg ? font && (cfg.font == null || toString cfg.font != "${package}/share/grub/unicode.pf2") then

@@ -89,12 +89,21 @@ def test_unread_options_at_their_defaults_keep_no_vm() -> None:
     assert result["inVM"] is False and result["spec"]["bootLoader"]["grub"]["biosPackage"] == GRUB_PKG
 
 
+def test_the_default_splash_images_colours_keep_no_vm() -> None:
+    # grub.nix: splashMode "stretch" and backgroundColor null by default; with its default splash image it sets
+    # `mkDefault "normal"` and `mkDefault "#2F302F"`: both pairs are what a configuration of defaults holds.
+    for colours in ('splashMode = "stretch"; backgroundColor = null;',
+                    'splashMode = "normal"; backgroundColor = "#2F302F";'):
+        result = evaluate('{ partitionTableType = "legacy"; }', grub(colours))
+        assert result["inVM"] is False, colours
+
+
 @pytest.mark.parametrize(("options", "reason"), [
     ("forcei686 = true;", "boot.loader.grub.forcei686"),
     ('font = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-dejavu/DejaVuSans.pf2";', "boot.loader.grub.font"),
     ("font = null;", "boot.loader.grub.font"),
     ('timeoutStyle = "hidden";', "boot.loader.grub.timeoutStyle"),
-    ('splashMode = "stretch";', "boot.loader.grub.splashMode"),
+    ('splashMode = "tile";', "boot.loader.grub.splashMode"),
     ('backgroundColor = "#7EBAE4";', "boot.loader.grub.backgroundColor"),
     ('entryOptions = "--class nixos";', "boot.loader.grub.entryOptions"),
     ('subEntryOptions = "";', "boot.loader.grub.subEntryOptions"),
