@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import subprocess
 import tempfile
 import threading
@@ -124,6 +123,7 @@ def _inode_times(target: str, ino: int) -> tuple[int, int, int, int]:
 def populate(
     image: Path, offset: int, size_bytes: int, root: Path, params: Ext4Params,
     binds: Sequence[tuple[str, str]], scratch: Path, epoch: int, lazy_store: str | None = None,
+    store: str | None = None,
 ) -> bool:
     """Create the ext4 at offset in image and fill it from root (with store paths bound in when given).
 
@@ -138,6 +138,8 @@ def populate(
     if shim:
         preload = preload_list(preload, shim)
         argv = [f"MDI_SHIM_EPOCH={epoch}", *argv]
+        if store:  # the store files' host labels are left out (statshim.c)
+            argv = [f"MDI_SHIM_STORE={store}", *argv]
         env["E2FSPROGS_FAKE_TIME"] = str(params.fake_time if params.fake_time is not None else epoch)
     if preload:
         argv = ["env", f"LD_PRELOAD={preload}", *argv]
@@ -330,8 +332,9 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
         with step("root filesystem (mkfs.ext4 -d)"):
             binds = closure_binds(staged, epoch)
             try:
+                store = staged.root if spec.only_nix_store else staged.root / spec.store_dir.lstrip("/")
                 stamped = populate(image, root.start, size.fs_size, staged.root, params, binds, scratch, epoch,
-                                   staged.lazy_store)
+                                   staged.lazy_store, str(store))
             except NoSpace as exc:  # measured to fit: unless the store grew meanwhile
                 refuse_changed_store(size.usage, str(exc))
                 raise
@@ -342,7 +345,7 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
         started = True
     except RuntimeError:  # no thread can be started (builder/concurrent.py): the pipeline removes it afterwards
         started = False
-    store_modes, store_xattrs = store_fixes(spec, size.usage.store_fixes)
+    store_modes, store_xattrs = store_fixes(spec, size.usage.store_fixes, labels_hidden=stamped)
     try:
         with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
             normalize(image, root.start, staged.owner_fixes, epoch, scratch, params, every_inode=not stamped,
@@ -354,23 +357,34 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
     return plan
 
 
-def store_fixes(spec: Spec, fixes: Sequence[measure.StoreFix]) -> tuple[list[ModeFix], list[tuple[str, str]]]:
+def store_fixes(spec: Spec, fixes: Sequence[measure.StoreFix], labels_hidden: bool = False,
+                ) -> tuple[list[ModeFix], list[tuple[str, str]]]:
     """The modes to set and extended attributes to remove, by image path, that give store files their NAR's metadata.
 
     mkfs.ext4 -d copies the mode and every extended attribute (llistxattr) of what it reads; Nix's store
-    has 0444/0555 and none (measure.nar_mode).
+    has 0444/0555 and none but the host's labels (measure.HOST_LABELS), which the stat shim hid from mkfs
+    when labels_hidden and are removed here otherwise. One log line each for forged files and labelled ones.
     """
     modes: list[ModeFix] = []
     xattrs: list[tuple[str, str]] = []
+    forged = [fix for fix in fixes if fix.forged]
+    labelled = [fix for fix in fixes if fix.labels]
     for fix in fixes:
         image_path = fix.path[len(spec.store_dir):] if spec.only_nix_store else fix.path
-        if "\n" in image_path:
+        names = fix.xattrs if labels_hidden else fix.xattrs + fix.labels
+        if (fix.forged or names) and "\n" in image_path:
             raise UserError(f"system.closureInfo: store file {fix.path!r} holds a newline in its name and needs its "
                             "metadata canonicalised, which cannot be done on it in the image")
-        info(f"store file {fix.path!r}: not as Nix would have it; given mode {stat.S_IMODE(fix.mode):04o}"
-             + (f", extended attributes {', '.join(fix.xattrs)} dropped" if fix.xattrs else ""))
-        modes.append(ModeFix(image_path, fix.mode))
-        xattrs += [(image_path, name) for name in fix.xattrs]
+        if fix.forged:
+            modes.append(ModeFix(image_path, fix.mode))
+        xattrs += [(image_path, name) for name in names]
+    if forged:
+        info(f"{len(forged)} store files not as Nix would have them (first: {forged[0].path!r}): given their NAR's "
+             "modes" + (", other extended attributes dropped" if any(f.xattrs for f in forged) else ""))
+    if labelled:
+        labels = ", ".join(sorted({n for f in labelled for n in f.labels}))
+        info(f"{len(labelled)} store files carry the build host's {labels}, which Nix leaves on them: "
+             "left out of the image")
     return modes, xattrs
 
 
