@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..chmod import ChmodRules
 from ..errors import UserError
-from ..inputfile import host_only_problem
+from ..inputfile import host_only_problem, host_view_devices, host_view_problem
 from ..spec import Content, Spec
 
 
@@ -60,19 +60,26 @@ def _safe_parent(root: Path, target: str, index: int) -> Path:
 
 
 def _check_source_tree(source: Path, index: int) -> None:
-    """Refuse sources holding device nodes, sockets or FIFOs, which cannot be copied unprivileged."""
-    def bad(p: Path, mode: int) -> None:
+    """Refuse sources holding device nodes, sockets or FIFOs, which cannot be copied unprivileged, or a mount
+    of proc, sysfs and the like (inputfile.HOST_VIEWS) anywhere in them."""
+    views = host_view_devices()
+
+    def bad(p: Path, st: os.stat_result) -> None:
+        mode = st.st_mode
         if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode):
             raise UserError(f"contents[{index}].source: {str(p)!r} is a device node, socket or FIFO; "
                             "only regular files, directories and symlinks can be placed in the image")
+        why = host_view_problem(p, st, views) if not stat.S_ISLNK(mode) else None
+        if why:
+            raise UserError(f"contents[{index}].source: {why}")
 
     st = os.lstat(source)
-    bad(source, st.st_mode)
+    bad(source, st)
     if stat.S_ISDIR(st.st_mode):
         for dirpath, dirnames, filenames in os.walk(source):
             for name in dirnames + filenames:
                 p = Path(dirpath) / name
-                bad(p, os.lstat(p).st_mode)
+                bad(p, os.lstat(p))
 
 
 def _copy(source: Path, dest: Path, index: int, target: str) -> None:
