@@ -241,7 +241,7 @@ def mkimage(cfg: GrubConfig, package: str, platform: str, prefix: str, modules: 
     """Run grub-mkimage for the platform from the package's module directory; the image's bytes."""
     directory = os.path.join(package, "lib", "grub", platform)
     argv = [cfg.mkimage, "-O", platform, "-d", directory, "-o", str(out), "-p", prefix, *modules]
-    res = subprocess.run(argv, capture_output=True, text=True)
+    res = subprocess.run(argv, capture_output=True, text=True, errors="backslashreplace")
     if res.returncode != 0:
         raise BuildError(f"grub-mkimage failed ({' '.join(argv)}): {res.stderr.strip()[-1500:]}")
     return out.read_bytes()

@@ -87,7 +87,7 @@ def _env(params: Ext4Params) -> dict[str, str]:
 
 def superblock(target: str) -> dict[str, str]:
     """dumpe2fs -h of a filesystem (target may carry '?offset=N'), as a dict."""
-    res = subprocess.run(["dumpe2fs", "-h", target], capture_output=True, text=True)
+    res = subprocess.run(["dumpe2fs", "-h", target], capture_output=True, text=True, errors="backslashreplace")
     if res.returncode != 0:
         raise BuildError(f"dumpe2fs -h {target} failed: {res.stderr.strip()}")
     out: dict[str, str] = {}
@@ -103,7 +103,7 @@ def overhead_blocks(size_bytes: int, params: Ext4Params, scratch: Path) -> int:
     with tempfile.NamedTemporaryFile(dir=scratch, prefix="probe-", suffix=".ext4") as f:
         os.truncate(f.name, size_bytes)
         res = subprocess.run(_mkfs_argv(params, f.name, size_bytes, None, None), capture_output=True, text=True,
-                             env=_env(params))
+                             errors="backslashreplace", env=_env(params))
         if res.returncode != 0:
             raise BuildError(f"mkfs.ext4 probe failed: {res.stderr.strip()}")
         sb = superblock(f.name)
@@ -112,7 +112,8 @@ def overhead_blocks(size_bytes: int, params: Ext4Params, scratch: Path) -> int:
 
 def _inode_times(target: str, ino: int) -> tuple[int, int, int, int]:
     """(uid, gid, ctime, crtime) of one inode, read back with debugfs."""
-    res = subprocess.run(["debugfs", "-R", f"stat <{ino}>", target], capture_output=True, text=True)
+    res = subprocess.run(["debugfs", "-R", f"stat <{ino}>", target], capture_output=True, text=True,
+                         errors="backslashreplace")
     found = dict(re.findall(r"^\s*(ctime|crtime): 0x([0-9a-f]+)", res.stdout, re.M))
     owner = re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", res.stdout)
     if res.returncode != 0 or owner is None or len(found) != 2:
@@ -146,7 +147,7 @@ def populate(
     if binds:
         res = run_with_binds(binds, argv, scratch / "binds.json", env, lazy_store, epoch)
     else:
-        res = subprocess.run(argv, capture_output=True, text=True, env=env)
+        res = subprocess.run(argv, capture_output=True, text=True, errors="backslashreplace", env=env)
     if res.returncode != 0:
         msg = (res.stderr or res.stdout).strip()
         host = os.statvfs(image.parent)
@@ -167,7 +168,7 @@ def populate(
 
 def _used_inodes(target: str) -> list[int]:
     """Inode numbers in use, from dumpe2fs's per-group free inode ranges."""
-    res = subprocess.run(["dumpe2fs", target], capture_output=True, text=True)
+    res = subprocess.run(["dumpe2fs", target], capture_output=True, text=True, errors="backslashreplace")
     if res.returncode != 0:
         raise BuildError(f"dumpe2fs {target} failed: {res.stderr.strip()}")
     per_group = int(re.search(r"^Inodes per group:\s+(\d+)", res.stdout, re.M).group(1))  # type: ignore[union-attr]
@@ -238,7 +239,7 @@ def check(image: Path, offset: int) -> None:
     # No readahead: the image was just written and sits in the page cache; e2fsck's fadvise calls (one per
     # inode table chunk) only cost system calls.
     res = subprocess.run(["e2fsck", "-fn", "-E", "readahead_kb=0", f"{image}?offset={offset}"], capture_output=True,
-                         text=True, env=with_crc_library(dict(os.environ)))
+                         text=True, errors="backslashreplace", env=with_crc_library(dict(os.environ)))
     if res.returncode != 0:
         raise BuildError(f"e2fsck found problems in the root filesystem:\n{res.stdout[-2000:]}{res.stderr[-1000:]}")
 
