@@ -198,10 +198,12 @@ def reserve_standard_fds() -> None:
             closed.append(fd)
     if not closed:
         return
-    null = os.open(os.devnull, os.O_RDWR)
+    null = os.open(os.devnull, os.O_RDWR)  # lands on the lowest closed fd, non-inheritable like every os.open
     for fd in closed:
         if fd != null:
             os.dup2(null, fd, inheritable=True)
+        else:  # so the tools the build starts get /dev/null there too, not a closed fd 0
+            os.set_inheritable(fd, True)
     if null not in closed:
         os.close(null)
     if 1 in closed:

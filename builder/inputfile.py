@@ -66,3 +66,36 @@ def host_only_problem(path: str | os.PathLike[str]) -> str | None:
             return (f"{path!r} is under {top}{shown}: files of {', '.join(HOST_ONLY)} describe the build host, "
                     "not an image, and are refused (docs/trust.md)")
     return None
+
+
+# Filesystems that are views of the running kernel, wherever they are mounted (a chroot's proc, say).
+HOST_VIEWS = frozenset({"proc", "sysfs", "devtmpfs", "devpts", "debugfs", "securityfs", "efivarfs", "tracefs",
+                        "cgroup", "cgroup2", "configfs", "pstore", "bpf", "fusectl"})
+
+
+def host_view_devices(mountinfo: str = "/proc/self/mountinfo") -> dict[int, str]:
+    """st_dev -> filesystem type of every mount of a HOST_VIEWS filesystem (proc(5) mountinfo fields)."""
+    found: dict[int, str] = {}
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        fields = line.split(" ")
+        if "-" not in fields[6:]:
+            continue
+        fstype = fields[fields.index("-", 6) + 1]
+        if fstype in HOST_VIEWS:
+            major, minor = fields[2].split(":")
+            found[os.makedev(int(major), int(minor))] = fstype
+    return found
+
+
+def host_view_problem(path: str | os.PathLike[str], st: os.stat_result, devices: dict[int, str]) -> str | None:
+    """Why a directory met in a source tree is refused (a mount of proc, sysfs... in it, see HOST_VIEWS), or None."""
+    fstype = devices.get(st.st_dev)
+    if fstype is None:
+        return None
+    return (f"{os.fspath(path)!r} is on a {fstype} mount: such filesystems describe the build host, not an image, "
+            "and are refused wherever they are mounted (docs/trust.md)")

@@ -40,7 +40,8 @@ def run(argv: Sequence[str], failed: str | None = None, *, ok: tuple[int, ...] |
     if debug_enabled():
         info(f"$ {shlex.join(argv)}")
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd, preexec_fn=preexec_fn)
+        done = subprocess.run(argv, capture_output=True, text=True,
+                              errors="backslashreplace", env=env, cwd=cwd, preexec_fn=preexec_fn)
     except FileNotFoundError:
         if missing is None:
             raise

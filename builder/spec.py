@@ -147,6 +147,18 @@ class Spec:
         return rules.vm_stage("grubOnHost", self.vm_facts)
 
     @property
+    def bootloader_dirs(self) -> tuple[str, ...]:
+        """Image directories prepare makes for the bootloader it installs on the host: /boot for GRUB, the ESP's
+        and XBOOTLDR's mount points for systemd-boot. Contents may go below them, never be or hold them."""
+        dirs: list[str] = []
+        if self.installs_grub:
+            dirs.append("/boot")
+        if self.installs_systemd_boot and self.systemd_boot is not None:
+            sd = self.systemd_boot
+            dirs += [image_target(p) for p in (sd.efi_sys_mount_point, sd.xbootldr_mount_point) if p is not None]
+        return tuple(dirs)
+
+    @property
     def needs_vm(self) -> bool:
         """Whether finalize must run as root in a VM: bootloader install, owners by name, EFI vars (vmStage.needsVM)."""
         return rules.vm_stage("needsVM", self.vm_facts)
@@ -544,6 +556,26 @@ def load_spec_document(doc: Any) -> Spec:
         problems = _cross_field_problems(doc)
     if problems:
         raise SpecError(problems)
+    spec = _typed(doc)
+    problems = _bootloader_dir_problems(spec)
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def _bootloader_dir_problems(spec: Spec) -> list[str]:
+    """Contents that would be or hold a directory prepare writes the bootloader into (see Spec.bootloader_dirs)."""
+    problems = []
+    for i, c in enumerate(spec.contents):
+        for d in spec.bootloader_dirs:
+            if c.target == d or d.startswith(c.target + "/"):
+                problems.append(f"$.contents[{i}].target: {json.dumps(c.target)} is not allowed: it is or holds {d}, "
+                                "which the builder makes for the bootloader it installs (place files below it)")
+    return problems
+
+
+def _typed(doc: dict[str, Any]) -> Spec:
+    """The checked document as a Spec."""
     return Spec(
         raw=doc,
         name=doc["name"],

@@ -239,3 +239,27 @@ def test_a_symlink_to_proc_is_copied_as_a_link(world: World, make_spec: SpecFact
     listing = subprocess.run(["debugfs", "-R", "stat /srv/env", f"{image}?offset={part_offset(image, 1)}"],
                              capture_output=True, text=True).stdout
     assert "Type: symlink" in listing and 'Fast link dest: "/proc/self/environ"' in listing, listing
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting proc needs root")
+@pytest.mark.parametrize("fstype", ["proc", "sysfs"])
+def test_a_kernel_view_mounted_inside_a_source_tree_is_refused(fstype: str, world: World,
+                                                               make_spec: SpecFactory) -> None:
+    """A chroot's proc under a contents directory passed the /proc prefix check and the builder copied from it
+    (here a vanishing /proc/<pid> ended that with a bare ENOENT); now it is refused, naming the mount."""
+    tree = world.src / "chroot"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hostname").write_text("chroot\n")
+    (tree / "proc").mkdir()
+    subprocess.run(["mount", "-t", fstype, fstype, str(tree / "proc")], check=True)
+    try:
+        spec = make_spec(partitionTableType="legacy", contents=[entry(tree, "/srv/chroot")])
+        res = subprocess.run([sys.executable, "-m", "builder", "build", str(spec), "--out", str(world.out)],
+                             cwd=world.root, capture_output=True, text=True,
+                             env=dict(os.environ, TMPDIR=str(world.tmp), PYTHONPATH=str(REPO)))
+    finally:
+        subprocess.run(["umount", str(tree / "proc")], check=True)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert f"contents[0].source: '{tree}/proc' is on a {fstype} mount" in res.stderr, res.stderr[-3000:]
+    assert not world.out.joinpath("fixture.img").exists()

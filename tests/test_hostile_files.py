@@ -465,3 +465,14 @@ def test_stdout_holds_the_image_path_alone(post_vm: str, make_spec: SpecFactory,
     assert res.stdout == f"{out / 'fixture.img'}\n"
     assert "postVM says hello" in res.stderr
     assert sorted(os.listdir(out)) == ["fixture.img" if post_vm == "plain" else "fixture.img.gz", "nix-support"]
+
+
+def test_a_closed_stdin_is_dev_null_for_the_tools_too(make_spec: SpecFactory, tmp_path: Path) -> None:
+    """`build ... <&-`: the /dev/null the builder put on fd 0 was not inheritable, so every tool (postVM here)
+    started with fd 0 closed, where a file it opened would land and be taken for its input."""
+    seen = tmp_path / "stdin-seen"
+    out = tmp_path / "out"
+    script = f'readlink /proc/self/fd/0 > "{seen}" || echo closed > "{seen}"\n'
+    res = run_redirected(["build", str(make_spec(postVM=script)), "--out", str(out)], "<&-", tmp_path / "tmp")
+    assert res.returncode == 0, res.stderr
+    assert seen.read_text() == "/dev/null\n"

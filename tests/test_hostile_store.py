@@ -182,3 +182,67 @@ def test_a_store_path_holding_what_no_nar_can_is_refused(kind: str, where: str, 
     assert "only regular files, directories and symlinks" in done.stderr
     assert not image.exists()
 
+
+
+# Nix leaves these on store files (src/libstore/posix-fs-canonicalise.cc, ignoredAcls); settable as root on
+# ext4 without SELinux (system.nfs4_acl only on NFSv4).
+LABEL = b"system_u:object_r:nix_store_t:s0\0"
+
+
+@pytest.mark.parametrize("shim", ["loaded", "none"])
+def test_host_labels_are_not_forgery_and_stay_out_of_the_image(shim: str, make_spec: SpecFactory, fixture_spec: Path,
+                                                              odd_path: Callable[[str], Path], tmp_path: Path) -> None:
+    """On an SELinux host every store file has security.selinux: the build was refused on btrfs/xfs/erofs/squashfs
+    and logged a line per file on ext4. Now ext4 leaves them out (the stat shim, or debugfs without it)."""
+    top = odd_path(f"labelled-{shim}")
+    top.mkdir()
+    for i in range(40):
+        (top / f"f{i}").write_text("x")
+        os.chmod(top / f"f{i}", 0o444)
+        os.setxattr(top / f"f{i}", "security.selinux", LABEL)
+    os.setxattr(top / "f0", "security.csm", b"x")
+    os.chmod(top, 0o555)
+    os.setxattr(top, "security.selinux", LABEL)
+    image = tmp_path / "labelled.img"
+    env = {"MDI_STAT_SHIM": "none"} if shim == "none" else {}
+    done = subprocess.run([sys.executable, "-m", "builder", "prepare",
+                           str(spec_with(make_spec, fixture_spec, [top], tmp_path)), "--image", str(image)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), **env))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count(str(top)) == 0, done.stderr[-3000:]  # no line per file
+    assert "41 store files carry the build host's security.csm, security.selinux" in done.stderr, done.stderr[-3000:]
+    offset = part_offset(image, 2)
+    for path in (str(top), f"{top}/f0", f"{top}/f39"):
+        listed = debugfs(image, offset, f'ea_list "{path}"')
+        assert "=" not in listed and "security" not in listed, (path, listed)
+        assert inode_facts(image, offset, path)["mode"] in (0o040555, 0o100444)
+
+
+@pytest.mark.parametrize("fs_type", ["squashfs", "erofs", "btrfs"])
+def test_host_labels_do_not_refuse_other_filesystems(fs_type: str, make_spec: SpecFactory, fixture_spec: Path,
+                                                     odd_path: Callable[[str], Path], tmp_path: Path) -> None:
+    """Labels alone are not a forged store: squashfs and erofs are built without any attribute; mkfs.btrfs
+    copies them all, so btrfs is refused naming the label (it was refused as a forged store before)."""
+    top = odd_path(f"labelled-{fs_type}")
+    top.write_text("labelled")
+    os.chmod(top, 0o444)
+    os.setxattr(top, "security.selinux", LABEL)
+    image = tmp_path / "x.img"
+    store_only = {} if fs_type == "btrfs" else {"onlyNixStore": True, "contents": [], "partitionTableType": "none"}
+    done = prepare(spec_with(make_spec, fixture_spec, [top], tmp_path, fsType=fs_type, additionalSpace="128M",
+                             label="nix-store", **store_only), image)
+    assert "Traceback" not in done.stderr
+    if fs_type == "btrfs":
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert f"store file '{top}' (and 0 more) carries the build host's security.selinux" in done.stderr
+        assert not image.exists()
+        return
+    assert done.returncode == 0, done.stderr[-3000:]
+    if fs_type == "erofs":
+        facts = subprocess.run(["dump.erofs", f"--path=/{top.name}", str(image)], capture_output=True, text=True,
+                               check=True).stdout
+        assert "Xattr size: 0" in facts, facts
+    else:
+        facts = subprocess.run(["unsquashfs", "-s", str(image)], capture_output=True, text=True, check=True).stdout
+        assert "Xattrs are not stored" in facts, facts

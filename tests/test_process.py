@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,14 @@ def test_debug_logs_every_command_line(monkeypatch: pytest.MonkeyPatch, capsys: 
     monkeypatch.setenv("MDI_DEBUG", "1")
     run(["true", "a b"])
     assert capsys.readouterr().err == "[makeDiskImage] $ true 'a b'\n"
+
+
+def test_a_tool_printing_bytes_that_are_not_utf8_is_still_named(tmp_path: Path) -> None:
+    """e2fsck echoes the file name it was given; a name that is not UTF-8 made the runner's strict decoding
+    raise UnicodeDecodeError (a traceback) instead of the tool's failure."""
+    name = os.fsdecode(bytes(tmp_path) + b"/caf\xe9-\xff.img")
+    with pytest.raises(BuildError) as caught:
+        run(["e2fsck", "-fn", name], "checking the image")
+    assert "caf\\xe9-\\xff.img" in str(caught.value)
+    done = run(["e2fsck", "-fn", name], ok=None)
+    assert "caf\\xe9-\\xff.img" in done.stderr

@@ -42,6 +42,7 @@ from ..fs import fat, fatcopy
 from ..inputfile import host_only_problem, open_regular
 from ..process import run
 from ..spec import Spec
+from ..staging.nofollow import make_dir, write_file
 from ..units import SECTOR
 from .bootspec import BootSpec, read_bootspec
 from .grub_config import BIOS_PLATFORM, EFI_PLATFORMS, GrubConfig
@@ -359,28 +360,23 @@ def bios_core(spec: Spec, install: GrubInstall, scratch: Path) -> bytes:
 def stage_on_root(spec: Spec, root: Path) -> None:
     """Write /boot/grub (and kernels) into the staged root before mkfs: legacy and legacy+gpt keep /boot there."""
     install = load_plan(spec)
+    epoch = spec.source_date_epoch
     if not install.on_root:  # the ESP's mount point, which the build VM would have made
-        (root / "boot").mkdir(mode=0o755, exist_ok=True)
-        os.utime(root / "boot", (spec.source_date_epoch, spec.source_date_epoch))
+        make_dir(root, "boot", None, epoch)
         return
     assert spec.root_fsuid is not None, "checked by grub_problems"
     scratch = root.parent / "grub-scratch"
     scratch.mkdir(exist_ok=True)
     directories, files = install_files(spec, install, FsId(spec.root_fsuid, spec.label), scratch)
+    # No symlink is followed: contents cannot claim /boot (staging/contents.py builder_paths), and if one is
+    # there anyway the build fails rather than writing into the build host.
     for d in directories:
-        path = root / d
-        path.mkdir(parents=True, exist_ok=True)
-        os.chmod(path, 0o755)
-    os.chmod(root / "boot" / "grub", 0o700)  # install-grub.pl: mkpath("$bootPath/grub", 0, 0700)
+        make_dir(root, d, 0o755)
+    make_dir(root, "boot/grub", 0o700)  # install-grub.pl: mkpath("$bootPath/grub", 0, 0700)
     for f in files:
-        path = root / f.path
-        path.write_bytes(f.data if f.data is not None else Path(str(f.source)).read_bytes())
-        os.chmod(path, 0o644)
-    epoch = spec.source_date_epoch
+        write_file(root, f.path, f.data if f.data is not None else Path(str(f.source)).read_bytes(), 0o644, epoch)
     for d in ("boot", *directories):
-        os.utime(root / d, (epoch, epoch))
-    for f in files:
-        os.utime(root / f.path, (epoch, epoch))
+        make_dir(root, d, None, epoch)
 
 
 def fat_id(image: Path, partition_start: int) -> FsId:

@@ -42,7 +42,8 @@ def set_label(fs_file: Path, label: str) -> None:
 def make(build: RootBuild, fs_file: Path) -> None:
     """Create the erofs in fs_file (its natural size) from the staged root."""
     fs_file.unlink(missing_ok=True)
-    argv = ["mkfs.erofs", "--quiet", "--all-root", "-T", str(build.source_date_epoch)]
+    # -x-1: no extended attributes (a Nix store has none; the host's labels, measure.HOST_LABELS, stay out).
+    argv = ["mkfs.erofs", "--quiet", "--all-root", "-x-1", "-T", str(build.source_date_epoch)]
     if build.uuid:
         argv.append(f"-U{build.uuid}")
     argv += [str(fs_file), str(build.root)]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import subprocess
 import tempfile
 import threading
@@ -88,7 +87,7 @@ def _env(params: Ext4Params) -> dict[str, str]:
 
 def superblock(target: str) -> dict[str, str]:
     """dumpe2fs -h of a filesystem (target may carry '?offset=N'), as a dict."""
-    res = subprocess.run(["dumpe2fs", "-h", target], capture_output=True, text=True)
+    res = subprocess.run(["dumpe2fs", "-h", target], capture_output=True, text=True, errors="backslashreplace")
     if res.returncode != 0:
         raise BuildError(f"dumpe2fs -h {target} failed: {res.stderr.strip()}")
     out: dict[str, str] = {}
@@ -104,7 +103,7 @@ def overhead_blocks(size_bytes: int, params: Ext4Params, scratch: Path) -> int:
     with tempfile.NamedTemporaryFile(dir=scratch, prefix="probe-", suffix=".ext4") as f:
         os.truncate(f.name, size_bytes)
         res = subprocess.run(_mkfs_argv(params, f.name, size_bytes, None, None), capture_output=True, text=True,
-                             env=_env(params))
+                             errors="backslashreplace", env=_env(params))
         if res.returncode != 0:
             raise BuildError(f"mkfs.ext4 probe failed: {res.stderr.strip()}")
         sb = superblock(f.name)
@@ -113,7 +112,8 @@ def overhead_blocks(size_bytes: int, params: Ext4Params, scratch: Path) -> int:
 
 def _inode_times(target: str, ino: int) -> tuple[int, int, int, int]:
     """(uid, gid, ctime, crtime) of one inode, read back with debugfs."""
-    res = subprocess.run(["debugfs", "-R", f"stat <{ino}>", target], capture_output=True, text=True)
+    res = subprocess.run(["debugfs", "-R", f"stat <{ino}>", target], capture_output=True, text=True,
+                         errors="backslashreplace")
     found = dict(re.findall(r"^\s*(ctime|crtime): 0x([0-9a-f]+)", res.stdout, re.M))
     owner = re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", res.stdout)
     if res.returncode != 0 or owner is None or len(found) != 2:
@@ -124,6 +124,7 @@ def _inode_times(target: str, ino: int) -> tuple[int, int, int, int]:
 def populate(
     image: Path, offset: int, size_bytes: int, root: Path, params: Ext4Params,
     binds: Sequence[tuple[str, str]], scratch: Path, epoch: int, lazy_store: str | None = None,
+    store: str | None = None,
 ) -> bool:
     """Create the ext4 at offset in image and fill it from root (with store paths bound in when given).
 
@@ -138,13 +139,15 @@ def populate(
     if shim:
         preload = preload_list(preload, shim)
         argv = [f"MDI_SHIM_EPOCH={epoch}", *argv]
+        if store:  # the store files' host labels are left out (statshim.c)
+            argv = [f"MDI_SHIM_STORE={store}", *argv]
         env["E2FSPROGS_FAKE_TIME"] = str(params.fake_time if params.fake_time is not None else epoch)
     if preload:
         argv = ["env", f"LD_PRELOAD={preload}", *argv]
     if binds:
         res = run_with_binds(binds, argv, scratch / "binds.json", env, lazy_store, epoch)
     else:
-        res = subprocess.run(argv, capture_output=True, text=True, env=env)
+        res = subprocess.run(argv, capture_output=True, text=True, errors="backslashreplace", env=env)
     if res.returncode != 0:
         msg = (res.stderr or res.stdout).strip()
         host = os.statvfs(image.parent)
@@ -165,7 +168,7 @@ def populate(
 
 def _used_inodes(target: str) -> list[int]:
     """Inode numbers in use, from dumpe2fs's per-group free inode ranges."""
-    res = subprocess.run(["dumpe2fs", target], capture_output=True, text=True)
+    res = subprocess.run(["dumpe2fs", target], capture_output=True, text=True, errors="backslashreplace")
     if res.returncode != 0:
         raise BuildError(f"dumpe2fs {target} failed: {res.stderr.strip()}")
     per_group = int(re.search(r"^Inodes per group:\s+(\d+)", res.stdout, re.M).group(1))  # type: ignore[union-attr]
@@ -236,7 +239,7 @@ def check(image: Path, offset: int) -> None:
     # No readahead: the image was just written and sits in the page cache; e2fsck's fadvise calls (one per
     # inode table chunk) only cost system calls.
     res = subprocess.run(["e2fsck", "-fn", "-E", "readahead_kb=0", f"{image}?offset={offset}"], capture_output=True,
-                         text=True, env=with_crc_library(dict(os.environ)))
+                         text=True, errors="backslashreplace", env=with_crc_library(dict(os.environ)))
     if res.returncode != 0:
         raise BuildError(f"e2fsck found problems in the root filesystem:\n{res.stdout[-2000:]}{res.stderr[-1000:]}")
 
@@ -330,8 +333,9 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
         with step("root filesystem (mkfs.ext4 -d)"):
             binds = closure_binds(staged, epoch)
             try:
+                store = staged.root if spec.only_nix_store else staged.root / spec.store_dir.lstrip("/")
                 stamped = populate(image, root.start, size.fs_size, staged.root, params, binds, scratch, epoch,
-                                   staged.lazy_store)
+                                   staged.lazy_store, str(store))
             except NoSpace as exc:  # measured to fit: unless the store grew meanwhile
                 refuse_changed_store(size.usage, str(exc))
                 raise
@@ -342,7 +346,7 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
         started = True
     except RuntimeError:  # no thread can be started (builder/concurrent.py): the pipeline removes it afterwards
         started = False
-    store_modes, store_xattrs = store_fixes(spec, size.usage.store_fixes)
+    store_modes, store_xattrs = store_fixes(spec, size.usage.store_fixes, labels_hidden=stamped)
     try:
         with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
             normalize(image, root.start, staged.owner_fixes, epoch, scratch, params, every_inode=not stamped,
@@ -354,23 +358,34 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
     return plan
 
 
-def store_fixes(spec: Spec, fixes: Sequence[measure.StoreFix]) -> tuple[list[ModeFix], list[tuple[str, str]]]:
+def store_fixes(spec: Spec, fixes: Sequence[measure.StoreFix], labels_hidden: bool = False,
+                ) -> tuple[list[ModeFix], list[tuple[str, str]]]:
     """The modes to set and extended attributes to remove, by image path, that give store files their NAR's metadata.
 
     mkfs.ext4 -d copies the mode and every extended attribute (llistxattr) of what it reads; Nix's store
-    has 0444/0555 and none (measure.nar_mode).
+    has 0444/0555 and none but the host's labels (measure.HOST_LABELS), which the stat shim hid from mkfs
+    when labels_hidden and are removed here otherwise. One log line each for forged files and labelled ones.
     """
     modes: list[ModeFix] = []
     xattrs: list[tuple[str, str]] = []
+    forged = [fix for fix in fixes if fix.forged]
+    labelled = [fix for fix in fixes if fix.labels]
     for fix in fixes:
         image_path = fix.path[len(spec.store_dir):] if spec.only_nix_store else fix.path
-        if "\n" in image_path:
+        names = fix.xattrs if labels_hidden else fix.xattrs + fix.labels
+        if (fix.forged or names) and "\n" in image_path:
             raise UserError(f"system.closureInfo: store file {fix.path!r} holds a newline in its name and needs its "
                             "metadata canonicalised, which cannot be done on it in the image")
-        info(f"store file {fix.path!r}: not as Nix would have it; given mode {stat.S_IMODE(fix.mode):04o}"
-             + (f", extended attributes {', '.join(fix.xattrs)} dropped" if fix.xattrs else ""))
-        modes.append(ModeFix(image_path, fix.mode))
-        xattrs += [(image_path, name) for name in fix.xattrs]
+        if fix.forged:
+            modes.append(ModeFix(image_path, fix.mode))
+        xattrs += [(image_path, name) for name in names]
+    if forged:
+        info(f"{len(forged)} store files not as Nix would have them (first: {forged[0].path!r}): given their NAR's "
+             "modes" + (", other extended attributes dropped" if any(f.xattrs for f in forged) else ""))
+    if labelled:
+        labels = ", ".join(sorted({n for f in labelled for n in f.labels}))
+        info(f"{len(labelled)} store files carry the build host's {labels}, which Nix leaves on them: "
+             "left out of the image")
     return modes, xattrs
 
 

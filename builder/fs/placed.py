@@ -57,7 +57,12 @@ def _binds(staged: StagedRoot, epoch: int) -> tuple[tuple[str, str], ...]:
 
 def refuse_store_fixes(spec: Spec, usage: measure.Usage) -> None:
     """Refuse store files whose metadata is not their NAR's (measure.StoreFix): only the ext writer sets it right."""
-    for fix in usage.store_fixes[:1]:
+    labelled = [f for f in usage.store_fixes if f.labels]
+    if labelled and spec.fs_type == "btrfs":  # mkfs.btrfs --rootdir copies every attribute and cannot be told not to
+        raise UserError(f"system.closureInfo: store file {labelled[0].path!r} (and {len(labelled) - 1} more) carries "
+                        f"the build host's {', '.join(labelled[0].labels)}, which Nix leaves on store files but "
+                        "mkfs.btrfs --rootdir would copy into the image; use fsType = \"ext4\" or \"xfs\" on this host")
+    for fix in [f for f in usage.store_fixes if f.forged][:1]:
         what = ([f"mode {stat.S_IMODE(os.lstat(fix.path).st_mode):04o} (Nix gives {stat.S_IMODE(fix.mode):04o})"]
                 if os.lstat(fix.path).st_mode != fix.mode else [])
         what += [f"extended attributes {', '.join(fix.xattrs)} (a Nix store has none)"] if fix.xattrs else []

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..chmod import ChmodRules
 from ..errors import UserError
-from ..inputfile import host_only_problem
+from ..inputfile import host_only_problem, host_view_devices, host_view_problem
 from ..spec import Content, Spec
 
 
@@ -60,19 +60,26 @@ def _safe_parent(root: Path, target: str, index: int) -> Path:
 
 
 def _check_source_tree(source: Path, index: int) -> None:
-    """Refuse sources holding device nodes, sockets or FIFOs, which cannot be copied unprivileged."""
-    def bad(p: Path, mode: int) -> None:
+    """Refuse sources holding device nodes, sockets or FIFOs, which cannot be copied unprivileged, or a mount
+    of proc, sysfs and the like (inputfile.HOST_VIEWS) anywhere in them."""
+    views = host_view_devices()
+
+    def bad(p: Path, st: os.stat_result) -> None:
+        mode = st.st_mode
         if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode):
             raise UserError(f"contents[{index}].source: {str(p)!r} is a device node, socket or FIFO; "
                             "only regular files, directories and symlinks can be placed in the image")
+        why = host_view_problem(p, st, views) if not stat.S_ISLNK(mode) else None
+        if why:
+            raise UserError(f"contents[{index}].source: {why}")
 
     st = os.lstat(source)
-    bad(source, st.st_mode)
+    bad(source, st)
     if stat.S_ISDIR(st.st_mode):
         for dirpath, dirnames, filenames in os.walk(source):
             for name in dirnames + filenames:
                 p = Path(dirpath) / name
-                bad(p, os.lstat(p).st_mode)
+                bad(p, os.lstat(p))
 
 
 def _copy(source: Path, dest: Path, index: int, target: str) -> None:
@@ -166,10 +173,13 @@ def _stage_entry(root: Path, entry: Content, index: int, store_dir: str) -> list
 
 
 def builder_paths(spec: Spec) -> list[str]:
-    """Image paths the builder writes itself after the contents, on the host: the store and nixos-install's state."""
+    """Image paths the builder writes itself after the contents, on the host: the store and nixos-install's state,
+    and GRUB's directories on /boot when prepare installs GRUB (builder/boot/grub.py)."""
     paths = [spec.store_dir, "/nix/var/nix", "/etc/NIXOS"]
     if spec.channel:
         paths.append("/root/.nix-defexpr")
+    if spec.installs_grub:
+        paths += ["/boot/grub", "/boot/kernels"]
     return paths
 
 
@@ -181,28 +191,45 @@ def _entry_for(spec: Spec, image_path: str) -> str:
     return "contents"
 
 
+def _no_symlink_on_the_way(root: Path, spec: Spec, reserved: str) -> list[tuple[str, os.stat_result]]:
+    """The staged components of reserved that exist, as (image path, lstat); refuse a symlink among them."""
+    parts = reserved.strip("/").split("/")
+    found = []
+    current = root
+    for depth, part in enumerate(parts, 1):
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            break
+        here = "/" + "/".join(parts[:depth])
+        if stat.S_ISLNK(st.st_mode):
+            raise UserError(f"{_entry_for(spec, here)}: {here!r} is a symlink in the image, but the builder "
+                            f"writes {reserved} itself and must not follow it; place the link elsewhere")
+        found.append((here, st))
+        if not stat.S_ISDIR(st.st_mode):
+            break
+    return found
+
+
 def check_builder_paths(root: Path, spec: Spec) -> None:
     """Refuse staged contents that sit where the builder writes next, or put a symlink on the way there.
 
-    A symlink at /nix, /etc or /nix/var/nix/db from contents would otherwise redirect the builder's own
-    writes (store placeholders, Nix database, /etc/NIXOS) to wherever it points on the build host.
+    A symlink at /nix, /etc, /nix/var/nix/db or /boot from contents would otherwise redirect the builder's own
+    writes (store placeholders, Nix database, /etc/NIXOS, GRUB's files) to wherever it points on the build host.
     """
     for reserved in builder_paths(spec):
-        parts = reserved.strip("/").split("/")
-        current = root
-        for depth, part in enumerate(parts, 1):
-            current = current / part
-            try:
-                st = os.lstat(current)
-            except FileNotFoundError:
-                break
-            here = "/" + "/".join(parts[:depth])
-            if stat.S_ISLNK(st.st_mode):
-                raise UserError(f"{_entry_for(spec, here)}: {here!r} is a symlink in the image, but the builder "
-                                f"writes {reserved} itself and must not follow it; place the link elsewhere")
-            if depth == len(parts) or not stat.S_ISDIR(st.st_mode):
-                raise UserError(f"{_entry_for(spec, here)}: {here!r} is written by the builder (the store and the "
-                                "Nix state nixos-install leaves); choose a target outside it")
+        found = _no_symlink_on_the_way(root, spec, reserved)
+        if found and (found[-1][0] == reserved or not stat.S_ISDIR(found[-1][1].st_mode)):
+            here = found[-1][0]
+            raise UserError(f"{_entry_for(spec, here)}: {here!r} is written by the builder (the store, the "
+                            "Nix state nixos-install leaves, the bootloader's files); choose a target outside it")
+    for reserved in spec.bootloader_dirs:  # entries at or above them are refused by builder/spec.py
+        found = _no_symlink_on_the_way(root, spec, reserved)
+        if found and not stat.S_ISDIR(found[-1][1].st_mode):
+            here = found[-1][0]
+            raise UserError(f"{_entry_for(spec, here)}: {here!r} is not a directory, but the builder makes "
+                            f"{reserved} for the bootloader it installs; choose a target outside it")
 
 
 CONFIG_DIR = "/etc/nixos"

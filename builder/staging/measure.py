@@ -41,11 +41,16 @@ Fingerprint = tuple[int, int, int]
 
 @dataclass(frozen=True)
 class StoreFix:
-    """A store file whose metadata is not what its NAR gives: the mode to set, the extended attributes to drop."""
+    """A store file whose metadata is not what its NAR gives: the mode to set, the extended attributes to drop.
+
+    labels are the attributes Nix leaves on store files (HOST_LABELS): not a forgery, but not the image's either.
+    """
 
     path: str  # the real path under the store directory
     mode: int  # st_mode as the NAR gives it (nar_mode)
     xattrs: tuple[str, ...]
+    labels: tuple[str, ...] = ()
+    forged: bool = True  # Nix would not have left it so: a mode other than its NAR's, or a foreign attribute
 
 
 class StoreRefused(Exception):
@@ -91,13 +96,21 @@ def _xattrs(path: str) -> list[str]:
         return []
 
 
+# The attributes Nix's canonicalisePathMetaData leaves on store files (src/libstore/posix-fs-canonicalise.cc,
+# ignoredAcls): an SELinux host labels every store file, an NFSv4 store carries ACLs. They belong to the build
+# host, so the image is written without them, but they do not make a store file forged.
+HOST_LABELS = frozenset({"security.selinux", "system.nfs4_acl", "security.csm"})
+
+
 def _check_odd(path: str, mode: int, names: list[str], odd: list[StoreFix]) -> None:
     """Refuse a file no NAR holds; record one whose mode or extended attributes are not what Nix gives it."""
     why = store_file_problem(path, mode)
     if why:
         raise StoreRefused(why)
+    foreign = tuple(n for n in names if n not in HOST_LABELS)
     if names or nar_mode(mode) != mode:
-        odd.append(StoreFix(path, nar_mode(mode), tuple(names)))
+        odd.append(StoreFix(path, nar_mode(mode), foreign, tuple(n for n in names if n in HOST_LABELS),
+                            bool(foreign) or nar_mode(mode) != mode))
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from ..sandbox.namespace import userns_available
 from ..spec import Spec
 from . import store
 from .contents import ModeFix, OwnerFix, place_config_file, stage_contents
+from .nofollow import make_dir
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,7 @@ def _boot_mount_points(spec: Spec, root: Path) -> None:
     assert sd is not None
     for mount_point in (sd.efi_sys_mount_point, sd.xbootldr_mount_point):
         if mount_point is not None:
-            path = root / mount_point.lstrip("/")
-            path.mkdir(mode=0o755, parents=True, exist_ok=True)
-            os.chmod(path, 0o755)
+            make_dir(root, mount_point, 0o755)  # no symlink followed (staging/nofollow.py)
 
 
 def stage_root(spec: Spec, regs: list[store.Registration], root: Path, lazy_store: bool = False) -> StagedRoot:

@@ -37,7 +37,7 @@ RANDOM_SEED = "/loader/random-seed"
 def _run(argv: list[str], epoch: int, what: str, ok: tuple[int, ...] = (0,)) -> str:
     """Run an e2fsprogs/mtools command with the fake time; BuildError naming `what` on failure."""
     env = with_crc_library(dict(os.environ, E2FSPROGS_FAKE_TIME=str(epoch), SOURCE_DATE_EPOCH=str(epoch), TZ="UTC"))
-    res = subprocess.run(argv, capture_output=True, text=True, env=env)
+    res = subprocess.run(argv, capture_output=True, text=True, errors="backslashreplace", env=env)
     if res.returncode not in ok:
         raise BuildError(f"{what} failed: {(res.stderr or res.stdout).strip()[-1500:]}")
     return res.stdout
@@ -45,7 +45,7 @@ def _run(argv: list[str], epoch: int, what: str, ok: tuple[int, ...] = (0,)) -> 
 
 def _groups(target: str) -> tuple[int, int, list[tuple[int, int, list[tuple[int, int]], list[tuple[int, int]]]]]:
     """Inodes per group, inode size, and per group (table start, table end, free block ranges, free inode ranges)."""
-    out = subprocess.run(["dumpe2fs", target], capture_output=True, text=True).stdout
+    out = subprocess.run(["dumpe2fs", target], capture_output=True, text=True, errors="backslashreplace").stdout
     ipg = int(re.search(r"^Inodes per group:\s+(\d+)", out, re.M).group(1))  # type: ignore[union-attr]
     isize = int(re.search(r"^Inode size:\s+(\d+)", out, re.M).group(1))  # type: ignore[union-attr]
 
@@ -101,6 +101,7 @@ def _inode_times(image: Path, offset: int, epoch: int, scratch: Path) -> None:
     cmds = scratch / "vmpin-times.cmds"
     cmds.write_text("\n".join(lines) + "\n")
     res = subprocess.run(["debugfs", "-w", "-f", str(cmds), target], capture_output=True, text=True,
+                         errors="backslashreplace",
                          env=with_crc_library(dict(os.environ, E2FSPROGS_FAKE_TIME=str(epoch))))
     errors = debugfs_errors(res.stderr)
     if res.returncode != 0 or errors:
@@ -157,7 +158,7 @@ def settle_fat(image: Path, layout: Layout, epoch: int, deterministic: bool) -> 
             files = Path(tmp) / "files"
             files.mkdir()
             res = subprocess.run(["mcopy", "-s", "-n", "-i", drive, "::/*", str(files)], capture_output=True,
-                                 text=True, env=env)
+                                 text=True, errors="backslashreplace", env=env)
             if res.returncode != 0 and "No match" not in res.stderr:
                 raise BuildError(f"reading the {p.label} FAT partition failed: {res.stderr.strip()}")
             seed = files / RANDOM_SEED.lstrip("/")
