@@ -7,7 +7,8 @@ with deterministic also the superblock's times; e2fsprogs 1.47.0 ignores SOURCE_
 owners contents asked for are then set with debugfs. Without the shim (not built, or MDI_STAT_SHIM=none)
 one debugfs pass over every inode sets owners and times instead: same result, slower. mkfs (the probes too),
 the debugfs pass and e2fsck also run with the checksum library (builder/sandbox/e2fscrc.c): libext2fs'
-CRC-32C on the CPU's crc32 instruction, the same bytes in less time.
+CRC-32C on the CPU's crc32 instruction, the same bytes in less time. mkfs -d writes every directory linear;
+e2fsck -fyD then rewrites each one, with a hash index where it has more than one block (docs/directories.md).
 """
 
 from __future__ import annotations
@@ -109,6 +110,25 @@ def overhead_blocks(size_bytes: int, params: Ext4Params, scratch: Path) -> int:
     return int(sb["Block count"]) - int(sb["Free blocks"])
 
 
+def index_directories(image: Path, offset: int, params: Ext4Params) -> None:
+    """Rewrite every directory with e2fsck -fyD: hash-indexed where it has more than one block.
+
+    mkfs.ext4 -d (e2fsprogs 1.47) writes every directory linear, and the kernel indexes a directory only
+    while it has one block (fs/ext4/namei.c make_indexed_dir), so a big one would stay linear for life:
+    linear lookups, and no more than 65000 subdirectories. e2fsck's rehash (e2fsck/rehash.c) indexes a
+    directory of two blocks or more, entries sorted by the superblock's hash seed, so the bytes follow
+    from the tree and the seed. No e2fsck.conf: its indexed_dir_slack_percentage would change them.
+    """
+    env = dict(_env(params), E2FSCK_CONFIG="/dev/null")
+    if params.fake_time is not None:
+        env["E2FSCK_TIME"] = str(params.fake_time)
+    res = subprocess.run(["e2fsck", "-fyD", "-E", "readahead_kb=0", f"{image}?offset={offset}"], capture_output=True,
+                         text=True, env=env)
+    if res.returncode not in (0, 1):  # 1: the filesystem was modified, as every rehash does
+        raise BuildError(f"e2fsck -fyD (indexing directories) failed with status {res.returncode}:\n"
+                         f"{res.stdout[-2000:]}{res.stderr[-1000:]}")
+
+
 def _inode_times(target: str, ino: int) -> tuple[int, int, int, int]:
     """(uid, gid, ctime, crtime) of one inode, read back with debugfs."""
     res = subprocess.run(["debugfs", "-R", f"stat <{ino}>", target], capture_output=True, text=True)
@@ -192,7 +212,8 @@ def normalize(
     """Contents' numeric owners and modes, and with every_inode root and the epoch's times on all others: one debugfs.
 
     It also zeroes the superblock's lifetime-writes counter, which counts what each pass wrote, so an image
-    made with the stat shim and one made without it are the same bytes.
+    made with the stat shim and one made without it are the same bytes, and with a fixed time sets the
+    superblock's write and check times back to it (e2fsck -fyD stamps the clock's; 1.47.0 ignores the fake time).
     """
     target = f"{image}?offset={offset}"
     cmd_file = scratch / "debugfs.cmds"
@@ -208,6 +229,8 @@ def normalize(
             out.write(f"sif {_quote(fix.image_path)} uid {fix.uid}\nsif {_quote(fix.image_path)} gid {fix.gid}\n")
         out.writelines(f"sif {_quote(m.image_path)} mode 0{m.mode:o}\n" for m in modes)
         out.write("ssv kbytes_written 0\n")
+        if params.fake_time is not None:
+            out.write(f"ssv wtime @{params.fake_time}\nssv lastcheck @{params.fake_time}\n")
     res = subprocess.run(["debugfs", "-w", "-f", str(cmd_file), target], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, errors="replace", env=_env(params))
     errors = debugfs_errors(res.stderr)
@@ -329,6 +352,8 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
     remover = threading.Thread(target=remove_tree_quietly, args=(staged.root,), name="remove staging", daemon=True)
     remover.start()
     try:
+        with step("index directories (e2fsck -fyD)"):
+            index_directories(image, root.start, params)
         with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
             normalize(image, root.start, staged.owner_fixes, epoch, scratch, params, every_inode=not stamped,
                       modes=staged.mode_fixes)
