@@ -7,8 +7,10 @@ with deterministic also the superblock's times; e2fsprogs 1.47.0 ignores SOURCE_
 owners contents asked for are then set with debugfs. Without the shim (not built, or MDI_STAT_SHIM=none)
 one debugfs pass over every inode sets owners and times instead: same result, slower. mkfs (the probes too),
 the debugfs pass and e2fsck also run with the checksum library (builder/sandbox/e2fscrc.c): libext2fs'
-CRC-32C on the CPU's crc32 instruction, the same bytes in less time. mkfs -d writes every directory linear;
-e2fsck -fyD then rewrites each one, with a hash index where it has more than one block (docs/directories.md).
+CRC-32C on the CPU's crc32 instruction, the same bytes in less time; mkfs also with the directory library
+(builder/sandbox/e2fsdir.c), which adds each entry where libext2fs would, without scanning the directory.
+mkfs -d writes every directory linear; e2fsck -fyD then rewrites each one, with a hash index where it has
+more than one block (docs/directories.md).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..disk import layout, table
 from ..errors import BuildError, OutOfHostSpace, UserError
 from ..log import info, step
 from ..sandbox.e2fscrc import with_crc_library
+from ..sandbox.e2fsdir import dir_library
 from ..sandbox.namespace import run_with_binds, userns_available
 from ..sandbox.preload import preload_list
 from ..sandbox.statshim import stat_shim
@@ -150,8 +153,9 @@ def populate(
     """
     argv = _mkfs_argv(params, str(image), size_bytes, offset, str(root))
     env = _env(params)
-    # Through env(1), so only mkfs is preloaded, not the namespace helper that execs it.
-    preload = env.pop("LD_PRELOAD", None)
+    # Through env(1), so only mkfs is preloaded, not the namespace helper that execs it. The directory
+    # library only there: it adds entries where libext2fs would, without scanning (builder/sandbox/e2fsdir.c).
+    preload = preload_list(env.pop("LD_PRELOAD", None), dir_library()) or None
     shim = stat_shim()
     if shim:
         preload = preload_list(preload, shim)
