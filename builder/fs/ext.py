@@ -252,11 +252,16 @@ def debugfs_errors(stderr: str) -> list[str]:
             if ln and not ln.startswith("debugfs ") and not (ln.startswith("ERROR: ld.so: ") and "LD_PRELOAD" in ln)]
 
 
-def check(image: Path, offset: int) -> None:
-    """e2fsck -fn must find the filesystem clean; the build fails otherwise."""
+def check(image: Path, offset: int, before_indexing: bool = False) -> None:
+    """e2fsck -fn must find the filesystem clean; the build fails otherwise.
+
+    before_indexing: the check of what mkfs wrote, before e2fsck -fyD, which would repair it silently
+    (spelled `-f -n`, so that a test can hold one check or the other).
+    """
     # No readahead: the image was just written and sits in the page cache; e2fsck's fadvise calls (one per
     # inode table chunk) only cost system calls.
-    res = subprocess.run(["e2fsck", "-fn", "-E", "readahead_kb=0", f"{image}?offset={offset}"], capture_output=True,
+    flags = ["-f", "-n"] if before_indexing else ["-fn"]
+    res = subprocess.run(["e2fsck", *flags, "-E", "readahead_kb=0", f"{image}?offset={offset}"], capture_output=True,
                          text=True, env=with_crc_library(dict(os.environ)))
     if res.returncode != 0:
         raise BuildError(f"e2fsck found problems in the root filesystem:\n{res.stdout[-2000:]}{res.stderr[-1000:]}")
@@ -356,6 +361,9 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
     remover = threading.Thread(target=remove_tree_quietly, args=(staged.root,), name="remove staging", daemon=True)
     remover.start()
     try:
+        # e2fsck -fyD repairs whatever else it finds, without saying so: what mkfs wrote is checked first.
+        with step("check root filesystem before indexing (e2fsck)"):
+            check(image, root.start, before_indexing=True)
         with step("index directories (e2fsck -fyD)"):
             index_directories(image, root.start, params)
         with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
