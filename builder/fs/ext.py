@@ -123,7 +123,7 @@ def index_directories(image: Path, offset: int, params: Ext4Params) -> None:
     from the tree and the seed. No e2fsck.conf: its indexed_dir_slack_percentage would change them.
     """
     env = dict(_env(params), E2FSCK_CONFIG="/dev/null")
-    if params.fake_time is not None:
+    if params.fake_time is not None:  # e2fsck's clock (e2fsck/e2fsck.c), stamped as last check and write time
         env["E2FSCK_TIME"] = str(params.fake_time)
     res = subprocess.run(["e2fsck", "-fyD", "-E", "readahead_kb=0", f"{image}?offset={offset}"], capture_output=True,
                          text=True, env=env)
@@ -216,8 +216,7 @@ def normalize(
     """Contents' numeric owners and modes, and with every_inode root and the epoch's times on all others: one debugfs.
 
     It also zeroes the superblock's lifetime-writes counter, which counts what each pass wrote, so an image
-    made with the stat shim and one made without it are the same bytes, and with a fixed time sets the
-    superblock's write and check times back to it (e2fsck -fyD stamps the clock's; 1.47.0 ignores the fake time).
+    made with the stat shim and one made without it are the same bytes.
     """
     target = f"{image}?offset={offset}"
     cmd_file = scratch / "debugfs.cmds"
@@ -233,8 +232,6 @@ def normalize(
             out.write(f"sif {_quote(fix.image_path)} uid {fix.uid}\nsif {_quote(fix.image_path)} gid {fix.gid}\n")
         out.writelines(f"sif {_quote(m.image_path)} mode 0{m.mode:o}\n" for m in modes)
         out.write("ssv kbytes_written 0\n")
-        if params.fake_time is not None:
-            out.write(f"ssv wtime @{params.fake_time}\nssv lastcheck @{params.fake_time}\n")
     res = subprocess.run(["debugfs", "-w", "-f", str(cmd_file), target], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, errors="replace", env=_env(params))
     errors = debugfs_errors(res.stderr)
