@@ -28,7 +28,7 @@ from .methods import (
     seed_plan,
     stat_shim,
 )
-from .report import render, summarise
+from .report import DIRS_LABELS, render, summarise
 from .seedsize import seed_auto_size
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--closure", choices=CLOSURE_KINDS, default="synthetic",
                    help="synthetic: PRNG file contents (incompressible); debian: this machine's ELF and text files "
                         "(bench/debian_closure.py), which compress like a real closure")
+    p.add_argument("--debian-sizes", default="1G",
+                   help="sizes of `debian` closures timed after --sizes' (one 16631-file directory and 1464 store "
+                        "paths at 1G: real closures' big directories), reported as e.g. '1G debian'; '' for none")
+    p.add_argument("--dirs", action="store_true",
+                   help="also time 20000 files in one directory against the same files in 100 directories of 200 "
+                        "(closures dirs-one and dirs-spread): populating a directory must cost what its entries do")
     p.add_argument("--format", choices=FORMATS, default="raw",
                    help="the image format: raw; qcow2 or qcow2-compressed (the floor and repart then add one "
                         "`qemu-img convert` of their raw image, -c for compressed)")
@@ -145,10 +151,13 @@ def time_method(method: str, closure: Closure, work: Path, args: argparse.Namesp
     return record
 
 
-def bench_size(label: str, args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
-    """Generate (or reuse) one closure and time every method on it in alternated runs."""
+def bench_size(label: str, args: argparse.Namespace, methods: list[str], kind: str | None = None,
+               size: str | None = None) -> dict[str, Any]:
+    """Generate (or reuse) one closure (of kind, default --closure; size, default the label) and time every
+    method on it in alternated runs."""
     t0 = time.monotonic()
-    closure = ensure_closure(args.work, parse_size(label), args.seed, label, args.closure)
+    size = size or label
+    closure = ensure_closure(args.work, parse_size(size), args.seed, size, kind or args.closure)
     print(f"== {label}: closure ready in {time.monotonic() - t0:.1f}s "
           f"({closure.manifest['store_paths']} store paths, {closure.manifest['counts']['inodes']} inodes)",
           flush=True)
@@ -214,9 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     facts["builder bytecode"] = compile_bytecode(args.builder_src, args.python)
     config = {"builder_src": str(args.builder_src), "sizes": args.sizes, "runs": args.runs, "methods": methods,
               "format": args.format,
+              "debian_sizes": args.debian_sizes, "dirs": args.dirs,
               "cache": args.cache, "seed_staging": args.seed_staging, "seed": args.seed, "closure": args.closure,
               "work": str(args.work)}
     sizes = [bench_size(label.strip(), args, methods) for label in args.sizes.split(",") if label.strip()]
+    sizes += [bench_size(f"{size.strip()} debian", args, methods, "debian", size.strip())
+              for size in args.debian_sizes.split(",") if size.strip() and args.closure != "debian"]
+    if args.dirs:
+        sizes += [bench_size(label, args, methods, kind, "20000") for label, kind in DIRS_LABELS.items()]
     summary = summarise(sizes, methods)
     text = render(facts, config, sizes, summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)

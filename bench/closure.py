@@ -334,7 +334,30 @@ def remove_tree(path: Path) -> None:
         _remove(path)
 
 
-CLOSURE_KINDS = ("synthetic", "debian")
+def generate_dirs(directory: Path, per_dir: int, dirs: int) -> Closure:
+    """A closure of one store path holding `dirs` directories of `per_dir` empty files (bench --closure
+    dirs-one: one directory of 20000; dirs-spread: 100 of 200): what populating a big directory costs."""
+    store = directory / "root/nix/store"
+    store.mkdir(parents=True)
+    name = f"{'0' * 32}-dirs-{dirs}x{per_dir}"
+    for d in range(dirs):
+        where = store / name / "share" / f"d{d:03d}"
+        where.mkdir(parents=True)
+        for i in range(per_dir):
+            (where / f"{d * per_dir + i:08d}-an-entry-name-of-typical-length.txt").write_bytes(b"")
+    _canonicalise(store)
+    nar = {name: nar_hash_size(store / name)}
+    _write_closure_info(directory / "closure-info", str(store), [name], {name: []}, nar)
+    _write_closure_info(directory / "closure-info-nix", LOGICAL_STORE, [name], {name: []}, nar)
+    manifest: dict[str, Any] = {"generator": f"dirs {dirs}x{per_dir}", "toplevel": name, "store_paths": 1,
+                                "counts": tree_counts(store), "total_nar_size": nar[name][1]}
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return Closure(directory, manifest)
+
+
+# dirs-one / dirs-spread: the same 20000 entries in one directory and in 100 of 200 (--sizes is ignored).
+DIRS_SHAPES = {"dirs-one": (20000, 1), "dirs-spread": (200, 100)}
+CLOSURE_KINDS = ("synthetic", "debian", *DIRS_SHAPES)
 
 
 def ensure_closure(work: Path, target: int, seed: int, label: str, kind: str = "synthetic") -> Closure:
@@ -343,7 +366,8 @@ def ensure_closure(work: Path, target: int, seed: int, label: str, kind: str = "
     from .debian_closure import GENERATOR_VERSION as DEBIAN_VERSION
     from .debian_closure import generate_debian
 
-    name = f"{label}-seed{seed}-v{GENERATOR_VERSION}" if kind == "synthetic" else f"{label}-debian-v{DEBIAN_VERSION}"
+    name = (f"{label}-seed{seed}-v{GENERATOR_VERSION}" if kind == "synthetic" else f"{kind}-v1" if kind in DIRS_SHAPES
+            else f"{label}-debian-v{DEBIAN_VERSION}")
     directory = work / "closures" / name
     manifest_file = directory / "manifest.json"
     if manifest_file.exists():
@@ -353,6 +377,8 @@ def ensure_closure(work: Path, target: int, seed: int, label: str, kind: str = "
     partial.parent.mkdir(parents=True, exist_ok=True)
     if kind == "synthetic":
         generate(partial, target, seed)
+    elif kind in DIRS_SHAPES:
+        generate_dirs(partial, *DIRS_SHAPES[kind])
     else:
         generate_debian(partial, target)
     remove_tree(directory)

@@ -8,6 +8,10 @@ from typing import Any
 MiB = 1 << 20
 ADDITIONAL = 512 * MiB
 TARGET_SIZES = ("1G", "4G")  # where the builder/floor target applies
+# bench --dirs: the same 20000 entries in one directory and spread over 100 (closure kinds in bench.closure)
+DIRS_LABELS = {"20000 in one directory": "dirs-one", "20000 in 100 directories": "dirs-spread"}
+DIRS_RATIO = 1.5  # one directory at most this many times the spread one
+DEBIAN_REPART = 1.5  # a `debian` closure: builder at most this many times systemd-repart
 
 
 def _median(values: list[float]) -> float:
@@ -76,6 +80,12 @@ def targets(summary: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                          f"{r['builder/floor']:.2f}x", r["builder/floor"] <= 1.10 if label in TARGET_SIZES else None))
             rows.append(("  cross-check on CPU time (insensitive to other load)", label,
                          f"{cr['builder/floor']:.2f}x", cr["builder/floor"] <= 1.10 if label in TARGET_SIZES else None))
+        if label.endswith(" debian") and "builder/repart" in r:
+            rows.append((f"builder wall <= {DEBIAN_REPART}x systemd-repart (big directories)", label,
+                         f"{r['builder/repart']:.2f}x", r["builder/repart"] <= DEBIAN_REPART))
+        if label in TARGET_SIZES and "builder/repart" in r:
+            rows.append(("builder wall <= 1.00x systemd-repart", label, f"{r['builder/repart']:.2f}x",
+                         r["builder/repart"] <= 1.00))
         if "seed/builder" in r:
             rows.append(("builder >= 2.5x faster than the seed", label, f"{r['seed/builder']:.2f}x",
                          r["seed/builder"] >= 2.5))
@@ -85,7 +95,8 @@ def targets(summary: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                 rows.append(("builder ran", label, "failed: " + "; ".join(b.get("errors", []))[:200], False))
             continue
         f = b["facts"]
-        builder_rss.append((label, b["rss_max_mib"]))
+        if not (label.endswith(" debian") or label in DIRS_LABELS):
+            builder_rss.append((label, b["rss_max_mib"]))
         rows.append(("builder peak memory < 200 MiB", label, f"{b['rss_max_mib']:.0f} MiB", b["rss_max_mib"] < 200))
         free = f["fs_free_blocks"] * f["fs_block_size"]
         lo, hi = s["free_window"]
@@ -95,8 +106,16 @@ def targets(summary: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
             ratio = f["allocated"] / f["nonzero"]
             rows.append(("image sparse: allocated <= 1.05x data written", label,
                          f"{f['allocated'] / MiB:.0f} / {f['nonzero'] / MiB:.0f} MiB = {ratio:.3f}", ratio <= 1.05))
+        if label.endswith(" debian") or label in DIRS_LABELS:
+            continue  # the series below compare the synthetic sizes with one another
         per_gib.append((label, b["wall"] / (s["closure_bytes"] / (1 << 30))))
         cpu_per_gib.append((label, b["cpu"] / (s["closure_bytes"] / (1 << 30))))
+    one, spread = (summary.get(label, {}).get("methods", {}).get("builder", {}) for label in DIRS_LABELS)
+    if "wall" in one and "wall" in spread:
+        rows.append((f"one directory of 20000 <= {DIRS_RATIO}x 100 of 200 (builder wall)", "dirs",
+                     f"{one['wall'] / spread['wall']:.2f}x", one["wall"] / spread["wall"] <= DIRS_RATIO))
+        rows.append(("  cross-check on CPU time", "dirs", f"{one['cpu'] / spread['cpu']:.2f}x",
+                     one["cpu"] / spread["cpu"] <= DIRS_RATIO))
     if len(builder_rss) >= 2:
         lo_rss, hi_rss = builder_rss[0][1], builder_rss[-1][1]
         rows.append(("builder peak memory not growing with the closure", "all",
@@ -136,7 +155,10 @@ def render(machine: dict[str, str], config: dict[str, Any], sizes: list[dict[str
             f"- format: {config.get('format', 'raw')} (for qcow2 and qcow2-compressed the floor and repart add one "
             "`qemu-img convert` of their raw image on disk, `-c` for compressed; the builder converts itself)",
             f"- closure: {config.get('closure', 'synthetic')} (synthetic: PRNG file contents, incompressible; "
-            "debian: this machine's ELF and text files, bench/debian_closure.py)",
+            "debian: this machine's ELF and text files, bench/debian_closure.py)"
+            + (f"; then `debian` closures of {config['debian_sizes']} (big directories: the debian closure's "
+               "/nix/store and its biggest directory)" if config.get("debian_sizes") else "")
+            + ("; then 20000 files in one directory and in 100 of 200 (--dirs)" if config.get("dirs") else ""),
             f"- page cache: `{config['cache']}` before every timed run "
             "(warm: the whole tree read once, so every method reads it from memory; drop: sync + drop_caches)",
             "- every method ends with `sync` inside its timing, so data still in the page cache "

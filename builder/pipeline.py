@@ -38,6 +38,7 @@ from .log import info, step
 from .output import Output, output_dir
 from .resources import template_dir
 from .sandbox.e2fscrc import crc_library
+from .sandbox.e2fsdir import dir_library
 from .sandbox.statshim import stat_shim
 from .signals import reaping_descendants
 from .spec import Spec
@@ -363,6 +364,7 @@ def check_environment(spec: Spec) -> None:
     check_tmpdir()
     stat_shim()
     crc_library()
+    dir_library()
     if spec.format == "qcow2-compressed":
         from .disk.convert import qcow2_writer
         qcow2_writer()

@@ -181,13 +181,16 @@ STEPS: list[tuple[str, tuple[str, str] | None]] = [
     ("size", ("mkfs.ext4", "")),
     ("partition table", ("mkfs.ext4", " -d ")),
     ("root filesystem (mkfs.ext4 -d)", ("mkfs.ext4", " -d ")),
+    ("check root filesystem before indexing (e2fsck)", ("e2fsck", " -f -n ")),
+    ("index directories (e2fsck -fyD)", ("e2fsck", " -fyD ")),
     ("contents owners (debugfs)", ("debugfs", " -w ")),
     ("boot filesystems", ("mkfs.vfat", "")),
-    ("check root filesystem (e2fsck)", ("e2fsck", "")),
+    ("check root filesystem (e2fsck)", ("e2fsck", " -fn ")),
     ("convert", ("qemu-img", " convert ")),
     ("postVM", None),
 ]
-IN_STEP = {"size", "root filesystem (mkfs.ext4 -d)", "contents owners (debugfs)", "boot filesystems",
+IN_STEP = {"size", "root filesystem (mkfs.ext4 -d)", "check root filesystem before indexing (e2fsck)",
+           "index directories (e2fsck -fyD)", "contents owners (debugfs)", "boot filesystems",
            "check root filesystem (e2fsck)", "convert"}
 ORDER = [s for s, _ in STEPS]
 # Steps that run at the same time as the held one (builder/concurrent.py): the FAT partitions are made

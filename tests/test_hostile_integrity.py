@@ -188,6 +188,7 @@ def test_a_tool_writing_a_broken_filesystem_fails_the_build(tool: str, make_spec
     assert res.returncode == 1, res.stderr
     expected = "fsck.vfat found problems in the ESP" if tool == "mkfs.vfat" else "e2fsck found problems"
     assert expected in res.stderr, res.stderr
-    step = "check ESP (fsck.vfat)" if tool == "mkfs.vfat" else "check root filesystem (e2fsck)"
+    # e2fsck -fyD would repair what mkfs.ext4 broke: the check before it must find it.
+    step = "check ESP (fsck.vfat)" if tool == "mkfs.vfat" else "check root filesystem before indexing (e2fsck)"
     assert f"[makeDiskImage] {step} failed after" in res.stderr
     assert not out.exists() and os.listdir(tmp) == []  # out did not exist before the failed build

@@ -7,7 +7,10 @@ with deterministic also the superblock's times; e2fsprogs 1.47.0 ignores SOURCE_
 owners contents asked for are then set with debugfs. Without the shim (not built, or MDI_STAT_SHIM=none)
 one debugfs pass over every inode sets owners and times instead: same result, slower. mkfs (the probes too),
 the debugfs pass and e2fsck also run with the checksum library (builder/sandbox/e2fscrc.c): libext2fs'
-CRC-32C on the CPU's crc32 instruction, the same bytes in less time.
+CRC-32C on the CPU's crc32 instruction, the same bytes in less time; mkfs also with the directory library
+(builder/sandbox/e2fsdir.c), which adds each entry where libext2fs would, without scanning the directory.
+mkfs -d writes every directory linear; e2fsck -fyD then rewrites each one, with a hash index where it has
+more than one block (docs/directories.md).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ..disk import layout, table
 from ..errors import BuildError, OutOfHostSpace, UserError
 from ..log import info, step
 from ..sandbox.e2fscrc import with_crc_library
+from ..sandbox.e2fsdir import dir_library
 from ..sandbox.namespace import run_with_binds, userns_available
 from ..sandbox.preload import preload_list
 from ..sandbox.statshim import stat_shim
@@ -110,6 +114,25 @@ def overhead_blocks(size_bytes: int, params: Ext4Params, scratch: Path) -> int:
     return int(sb["Block count"]) - int(sb["Free blocks"])
 
 
+def index_directories(image: Path, offset: int, params: Ext4Params) -> None:
+    """Rewrite every directory with e2fsck -fyD: hash-indexed where it has more than one block.
+
+    mkfs.ext4 -d (e2fsprogs 1.47) writes every directory linear, and the kernel indexes a directory only
+    while it has one block (fs/ext4/namei.c make_indexed_dir), so a big one would stay linear for life:
+    linear lookups, and no more than 65000 subdirectories. e2fsck's rehash (e2fsck/rehash.c) indexes a
+    directory of two blocks or more, entries sorted by the superblock's hash seed, so the bytes follow
+    from the tree and the seed. No e2fsck.conf: its indexed_dir_slack_percentage would change them.
+    """
+    env = dict(_env(params), E2FSCK_CONFIG="/dev/null")
+    if params.fake_time is not None:  # e2fsck's clock (e2fsck/e2fsck.c), stamped as last check and write time
+        env["E2FSCK_TIME"] = str(params.fake_time)
+    res = subprocess.run(["e2fsck", "-fyD", "-E", "readahead_kb=0", f"{image}?offset={offset}"], capture_output=True,
+                         text=True, errors="backslashreplace", env=env)
+    if res.returncode not in (0, 1):  # 1: the filesystem was modified, as every rehash does
+        raise BuildError(f"e2fsck -fyD (indexing directories) failed with status {res.returncode}:\n"
+                         f"{res.stdout[-2000:]}{res.stderr[-1000:]}")
+
+
 def _inode_times(target: str, ino: int) -> tuple[int, int, int, int]:
     """(uid, gid, ctime, crtime) of one inode, read back with debugfs."""
     res = subprocess.run(["debugfs", "-R", f"stat <{ino}>", target], capture_output=True, text=True,
@@ -133,8 +156,9 @@ def populate(
     """
     argv = _mkfs_argv(params, str(image), size_bytes, offset, str(root))
     env = _env(params)
-    # Through env(1), so only mkfs is preloaded, not the namespace helper that execs it.
-    preload = env.pop("LD_PRELOAD", None)
+    # Through env(1), so only mkfs is preloaded, not the namespace helper that execs it. The directory
+    # library only there: it adds entries where libext2fs would, without scanning (builder/sandbox/e2fsdir.c).
+    preload = preload_list(env.pop("LD_PRELOAD", None), dir_library()) or None
     shim = stat_shim()
     if shim:
         preload = preload_list(preload, shim)
@@ -234,11 +258,16 @@ def debugfs_errors(stderr: str) -> list[str]:
             if ln and not ln.startswith("debugfs ") and not (ln.startswith("ERROR: ld.so: ") and "LD_PRELOAD" in ln)]
 
 
-def check(image: Path, offset: int) -> None:
-    """e2fsck -fn must find the filesystem clean; the build fails otherwise."""
+def check(image: Path, offset: int, before_indexing: bool = False) -> None:
+    """e2fsck -fn must find the filesystem clean; the build fails otherwise.
+
+    before_indexing: the check of what mkfs wrote, before e2fsck -fyD, which would repair it silently
+    (spelled `-f -n`, so that a test can hold one check or the other).
+    """
     # No readahead: the image was just written and sits in the page cache; e2fsck's fadvise calls (one per
     # inode table chunk) only cost system calls.
-    res = subprocess.run(["e2fsck", "-fn", "-E", "readahead_kb=0", f"{image}?offset={offset}"], capture_output=True,
+    flags = ["-f", "-n"] if before_indexing else ["-fn"]
+    res = subprocess.run(["e2fsck", *flags, "-E", "readahead_kb=0", f"{image}?offset={offset}"], capture_output=True,
                          text=True, errors="backslashreplace", env=with_crc_library(dict(os.environ)))
     if res.returncode != 0:
         raise BuildError(f"e2fsck found problems in the root filesystem:\n{res.stdout[-2000:]}{res.stderr[-1000:]}")
@@ -348,6 +377,11 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
         started = False
     store_modes, store_xattrs = store_fixes(spec, size.usage.store_fixes, labels_hidden=stamped)
     try:
+        # e2fsck -fyD repairs whatever else it finds, without saying so: what mkfs wrote is checked first.
+        with step("check root filesystem before indexing (e2fsck)"):
+            check(image, root.start, before_indexing=True)
+        with step("index directories (e2fsck -fyD)"):
+            index_directories(image, root.start, params)
         with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
             normalize(image, root.start, staged.owner_fixes, epoch, scratch, params, every_inode=not stamped,
                       modes=[*staged.mode_fixes, *store_modes], xattrs=store_xattrs)

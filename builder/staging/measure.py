@@ -31,6 +31,8 @@ DIR_TAIL = 12  # metadata_csum dirent tail per directory block
 EXTENTS_PER_LEAF = 340
 MAX_EXTENT_BLOCKS = 32768
 FAST_SYMLINK_MAX = 59
+DX_ROOT_LIMIT = (BLOCK - 32 - 8) // 8  # index slots in an htree root block (after . and .., dx_tail)
+DX_NODE_LIMIT = (BLOCK - 8 - 8) // 8  # and in an interior index block
 MAX_WORKERS = 4
 
 
@@ -124,8 +126,23 @@ class Usage:
     store_prints: Mapping[str, Fingerprint] = field(default_factory=dict)  # to tell a store that changed meanwhile
 
 
+def _htree_blocks(entry_bytes: int) -> int:
+    """Blocks of the hash-indexed directory e2fsck -D makes of entries taking entry_bytes (e2fsck/rehash.c).
+
+    A root block (. and .. and the index), leaves closed once less than a fifth of a block is left
+    (indexed_dir_slack_percentage 20), and index blocks when the root's 507 slots do not hold every leaf.
+    """
+    fill = (BLOCK - DIR_TAIL) * 4 // 5
+    leaves = entry_bytes // fill + 1
+    index = -(-leaves // DX_NODE_LIMIT) if leaves > DX_ROOT_LIMIT else 0
+    return 1 + leaves + index
+
+
 def _dir_blocks(names: list[str]) -> int:
-    """Blocks of a linear ext4 directory holding these names (plus . and ..), with its extent block."""
+    """Blocks of an ext4 directory holding these names (plus . and ..), with its extent block.
+
+    mkfs writes it linear; of two blocks or more, e2fsck -fyD makes it indexed (builder/fs/ext.py).
+    """
     usable = BLOCK - DIR_TAIL
     # An entry takes 8 bytes + the name's bytes, rounded up to 4 (store names are ASCII: no encoding needed).
     if "".join(names).isascii():
@@ -141,6 +158,8 @@ def _dir_blocks(names: list[str]) -> int:
             used = rec
         else:
             used += rec
+    if blocks > 1:
+        blocks = max(blocks, _htree_blocks(sum(recs)))
     if blocks > 4:
         blocks += -(-blocks // EXTENTS_PER_LEAF)
     return blocks
