@@ -397,15 +397,8 @@ def write_esp(spec: Spec, install: GrubInstall, image: Path, layout: Layout, scr
     if partition is None:
         raise BuildError("the layout has no ESP for GRUB's files")
     directories, files = install_files(spec, install, fat_id(image, partition.start), scratch)
-    sources = [(f.path, Path(f.source) if f.source is not None else fatcopy.data_file(scratch, f.data or b""))
-               for f in files]
-    need = sum(os.path.getsize(src) for _, src in sources)
-    free = fatcopy.free_bytes(image, partition)
-    if need > free:
-        raise UserError(f"the {partition.label} partition ({partition.size // (1 << 20)} MiB, {free} bytes free) "
-                        f"cannot hold GRUB's files ({need} bytes: the kernels, initrds and modules); "
-                        "give a larger bootSize")
-    fatcopy.write_files(image, partition, directories, sources, spec.source_date_epoch)
+    fatcopy.install_files(image, partition, directories, files, scratch, spec.source_date_epoch, "GRUB",
+                          "the kernels, initrds and modules")
     fat.check(image, partition)
 
 

@@ -250,15 +250,6 @@ def write_install(spec: Spec, install: InstallPlan, image: Path, layout: Layout,
         partition = layout.by_role(role)
         if partition is None:
             raise BuildError(f"the layout has no {role} partition for systemd-boot's files")
-        sources: list[tuple[str, Path]] = []
-        for f in files:
-            sources.append((f.path, Path(f.source) if f.source is not None
-                            else fatcopy.data_file(scratch, f.data or b"")))
-        need = sum(os.path.getsize(src) for _, src in sources)
-        free = fatcopy.free_bytes(image, partition)
-        if need > free:
-            raise UserError(f"the {partition.label} partition ({partition.size // (1 << 20)} MiB, {free} bytes free) "
-                            f"cannot hold systemd-boot's files ({need} bytes: the kernel and initrd are the bulk); "
-                            "give a larger bootSize")
-        fatcopy.write_files(image, partition, directories, sources, spec.source_date_epoch)
+        fatcopy.install_files(image, partition, directories, files, scratch, spec.source_date_epoch, "systemd-boot",
+                              "the kernel and initrd are the bulk")
         fat.check(image, partition)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 from ..disk.layout import Partition
-from ..errors import BuildError
+from ..errors import BuildError, UserError
 from ..process import output_tail, run
 
 
@@ -70,3 +72,35 @@ def data_file(scratch: Path, data: bytes) -> Path:
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     return Path(name)
+
+
+class LoaderFile(Protocol):
+    """A bootloader's file: its path in the partition, and a source file or its bytes."""
+
+    @property
+    def path(self) -> str:
+        """Its path in the partition."""
+
+    @property
+    def source(self) -> str | None:
+        """The file to copy, or None for data."""
+
+    @property
+    def data(self) -> bytes | None:
+        """Its bytes when there is no source."""
+
+
+def install_files(image: Path, partition: Partition, directories: list[str], files: Iterable[LoaderFile],
+                  scratch: Path, epoch: int, loader: str, bulk: str) -> None:
+    """Copy a bootloader's files into a FAT partition, refused before any write when they do not fit.
+
+    loader names it and bulk says what takes the room, for the message that asks for a larger bootSize.
+    """
+    sources = [(f.path, Path(f.source) if f.source is not None else data_file(scratch, f.data or b""))
+               for f in files]
+    need = sum(os.path.getsize(src) for _, src in sources)
+    free = free_bytes(image, partition)
+    if need > free:
+        raise UserError(f"the {partition.label} partition ({partition.size // (1 << 20)} MiB, {free} bytes free) "
+                        f"cannot hold {loader}'s files ({need} bytes: {bulk}); give a larger bootSize")
+    write_files(image, partition, directories, sources, epoch)
