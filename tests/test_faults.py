@@ -601,22 +601,32 @@ def test_post_vm_processes_die_with_the_build_as_nobody(sandbox: Sandbox, make_s
 
 # ---- the build under resource limits (ulimit in the builder's own process) -----------------------------------
 
-def run_limited(box: Sandbox, spec: Path, limits: str, user: str | None = None) -> Outcome:
-    """`python -m builder build` under the shell's `ulimit limits`, as user when given; no gate shims on PATH."""
+# A build user's uid that no other process has: `ulimit -u` counts every process of the uid, and other tests'
+# builds as nobody (or a CI run beside) made runuser itself fail with EAGAIN now and then.
+LIMITED_UID = 30099
+
+
+def run_limited(box: Sandbox, spec: Path, limits: str, as_build_user: bool = False) -> Outcome:
+    """`python -m builder build` under the shell's `ulimit limits`, as LIMITED_UID when asked; no gate shims on PATH."""
     env = dict(box.env, PATH=box.env["MDI_TEST_REAL_PATH"])
     cmd = [sys.executable, "-m", "builder", "build", str(spec), "--out", str(box.out)]
-    if user is not None:
+    if as_build_user:
         for d in (box.tmpdir, box.private, box.private / "memory"):
             os.chmod(d, 0o777)
-        cmd = ["runuser", "-u", user, "--", "env", *(f"{k}={v}" for k, v in env.items()), *cmd]
+        cmd = ["setpriv", f"--reuid={LIMITED_UID}", f"--regid={LIMITED_UID}", "--clear-groups", "--",
+               "env", *(f"{k}={v}" for k, v in env.items()), *cmd]
     res = subprocess.run(["bash", "-c", f'ulimit {limits} && exec "$@"', "bash", *cmd], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
     return Outcome(res.returncode, res.stderr, res.stdout)
 
 
 def test_no_room_for_threads_runs_the_steps_one_after_another(sandbox: Sandbox, fixture_spec: Path) -> None:
-    """`ulimit -v 51200` left no room for a thread's stack: RuntimeError "can't start new thread" (a traceback)."""
-    res = run_limited(sandbox, fixture_spec, "-v 51200")
+    """`ulimit -v 51200` left no room for a thread's stack: RuntimeError "can't start new thread" (a traceback).
+
+    With 64 MiB stacks (`ulimit -s`, glibc's default thread stack size) no thread fits under the limit at all;
+    with the usual 8 MiB one sometimes did, and the steps then ran side by side (the test failed 1 run in 5).
+    """
+    res = run_limited(sandbox, fixture_spec, "-s 65536 -v 51200")
     assert res.status == 0, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     assert "running the steps one after another" in res.stderr, res.stderr[-3000:]
@@ -629,18 +639,18 @@ def test_no_room_for_threads_runs_the_steps_one_after_another(sandbox: Sandbox, 
 
 def test_a_process_limit_as_a_build_user_is_one_clear_line(sandbox: Sandbox, make_spec: SpecFactory,
                                                            fixture_spec: Path) -> None:
-    """`ulimit -u 5` as nobody: a traceback from builder/concurrent.py. Now the steps run one after another where no
-    thread can start, and a tool that cannot be started is one line naming the limit (exit 1)."""
+    """`ulimit -u 5` as nobody (here `-u 3` as a uid of its own): a traceback from builder/concurrent.py.
+    Now a tool that cannot be started is one line naming the limit (exit 1)."""
     spec = sandbox.private / "spec.json"
     shutil.copy(make_spec(contents=[]), spec)
     with readable_by_others(spec, fixture_spec.parent / "closure-info" / "registration"):
-        res = run_limited(sandbox, spec, "-u 5", user="nobody")
+        res = run_limited(sandbox, spec, "-u 3", as_build_user=True)
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    if res.status != 0:  # the processes other builds of nobody's run count against the same limit
-        assert res.status == 1, res.stderr[-3000:]
-        last = res.stderr.strip().splitlines()[-1]
-        assert last.startswith("build failed: ") and "ulimit -u" in last, res.stderr[-3000:]
-    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out, image_allowed=res.status == 0)
+    # A uid of its own, so the limit bites the same way every run: three processes and threads are too few.
+    assert res.status == 1, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("build failed: ") and "ulimit -u" in last, res.stderr[-3000:]
+    assert_nothing_left(sandbox.private, sandbox.tmpdir, sandbox.out)
 
 
 def test_too_few_file_descriptors_is_named_and_leaves_nothing(sandbox: Sandbox, fixture_spec: Path) -> None:

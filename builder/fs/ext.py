@@ -29,6 +29,7 @@ from ..concurrent import alongside, run_side_by_side
 from ..disk import layout, table
 from ..errors import BuildError, OutOfHostSpace, UserError
 from ..log import info, step
+from ..process import run
 from ..sandbox.e2fscrc import with_crc_library
 from ..sandbox.e2fsdir import dir_library
 from ..sandbox.namespace import run_with_binds, userns_available
@@ -91,9 +92,7 @@ def _env(params: Ext4Params) -> dict[str, str]:
 
 def superblock(target: str) -> dict[str, str]:
     """dumpe2fs -h of a filesystem (target may carry '?offset=N'), as a dict."""
-    res = subprocess.run(["dumpe2fs", "-h", target], capture_output=True, text=True, errors="backslashreplace")
-    if res.returncode != 0:
-        raise BuildError(f"dumpe2fs -h {target} failed: {res.stderr.strip()}")
+    res = run(["dumpe2fs", "-h", target], f"dumpe2fs -h {target} failed")
     out: dict[str, str] = {}
     for line in res.stdout.splitlines():
         key, sep, value = line.partition(":")
@@ -106,10 +105,7 @@ def overhead_blocks(size_bytes: int, params: Ext4Params, scratch: Path) -> int:
     """Blocks an EMPTY ext4 of this size and inode count uses (metadata, journal, root, lost+found)."""
     with tempfile.NamedTemporaryFile(dir=scratch, prefix="probe-", suffix=".ext4") as f:
         os.truncate(f.name, size_bytes)
-        res = subprocess.run(_mkfs_argv(params, f.name, size_bytes, None, None), capture_output=True, text=True,
-                             errors="backslashreplace", env=_env(params))
-        if res.returncode != 0:
-            raise BuildError(f"mkfs.ext4 probe failed: {res.stderr.strip()}")
+        run(_mkfs_argv(params, f.name, size_bytes, None, None), "mkfs.ext4 probe failed", env=_env(params))
         sb = superblock(f.name)
     return int(sb["Block count"]) - int(sb["Free blocks"])
 
@@ -126,17 +122,14 @@ def index_directories(image: Path, offset: int, params: Ext4Params) -> None:
     env = dict(_env(params), E2FSCK_CONFIG="/dev/null")
     if params.fake_time is not None:  # e2fsck's clock (e2fsck/e2fsck.c), stamped as last check and write time
         env["E2FSCK_TIME"] = str(params.fake_time)
-    res = subprocess.run(["e2fsck", "-fyD", "-E", "readahead_kb=0", f"{image}?offset={offset}"], capture_output=True,
-                         text=True, errors="backslashreplace", env=env)
-    if res.returncode not in (0, 1):  # 1: the filesystem was modified, as every rehash does
-        raise BuildError(f"e2fsck -fyD (indexing directories) failed with status {res.returncode}:\n"
-                         f"{res.stdout[-2000:]}{res.stderr[-1000:]}")
+    # Status 1: the filesystem was modified, as every rehash does.
+    run(["e2fsck", "-fyD", "-E", "readahead_kb=0", f"{image}?offset={offset}"], "e2fsck -fyD (indexing directories) "
+        "failed", ok=(0, 1), env=env)
 
 
 def _inode_times(target: str, ino: int) -> tuple[int, int, int, int]:
     """(uid, gid, ctime, crtime) of one inode, read back with debugfs."""
-    res = subprocess.run(["debugfs", "-R", f"stat <{ino}>", target], capture_output=True, text=True,
-                         errors="backslashreplace")
+    res = run(["debugfs", "-R", f"stat <{ino}>", target], ok=None)
     found = dict(re.findall(r"^\s*(ctime|crtime): 0x([0-9a-f]+)", res.stdout, re.M))
     owner = re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", res.stdout)
     if res.returncode != 0 or owner is None or len(found) != 2:
@@ -171,7 +164,7 @@ def populate(
     if binds:
         res = run_with_binds(binds, argv, scratch / "binds.json", env, lazy_store, epoch)
     else:
-        res = subprocess.run(argv, capture_output=True, text=True, errors="backslashreplace", env=env)
+        res = run(argv, ok=None, env=env)
     if res.returncode != 0:
         msg = (res.stderr or res.stdout).strip()
         host = os.statvfs(image.parent)
@@ -192,9 +185,7 @@ def populate(
 
 def _used_inodes(target: str) -> list[int]:
     """Inode numbers in use, from dumpe2fs's per-group free inode ranges."""
-    res = subprocess.run(["dumpe2fs", target], capture_output=True, text=True, errors="backslashreplace")
-    if res.returncode != 0:
-        raise BuildError(f"dumpe2fs {target} failed: {res.stderr.strip()}")
+    res = run(["dumpe2fs", target], f"dumpe2fs {target} failed")
     per_group = int(re.search(r"^Inodes per group:\s+(\d+)", res.stdout, re.M).group(1))  # type: ignore[union-attr]
     used: list[int] = []
     group = 0
@@ -241,6 +232,7 @@ def normalize(
         out.writelines(f"sif {_quote(m.image_path)} mode 0{m.mode:o}\n" for m in modes)
         out.writelines(f"ea_rm {_quote(path)} {_quote(name)}\n" for path, name in xattrs)
         out.write("ssv kbytes_written 0\n")
+    # Not through process.run: debugfs -f echoes every request on stdout (one line per inode), which is dropped.
     res = subprocess.run(["debugfs", "-w", "-f", str(cmd_file), target], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, errors="replace", env=_env(params))
     errors = debugfs_errors(res.stderr)
@@ -267,10 +259,8 @@ def check(image: Path, offset: int, before_indexing: bool = False) -> None:
     # No readahead: the image was just written and sits in the page cache; e2fsck's fadvise calls (one per
     # inode table chunk) only cost system calls.
     flags = ["-f", "-n"] if before_indexing else ["-fn"]
-    res = subprocess.run(["e2fsck", *flags, "-E", "readahead_kb=0", f"{image}?offset={offset}"], capture_output=True,
-                         text=True, errors="backslashreplace", env=with_crc_library(dict(os.environ)))
-    if res.returncode != 0:
-        raise BuildError(f"e2fsck found problems in the root filesystem:\n{res.stdout[-2000:]}{res.stderr[-1000:]}")
+    run(["e2fsck", *flags, "-E", "readahead_kb=0", f"{image}?offset={offset}"],
+        "e2fsck found problems in the root filesystem", env=with_crc_library(dict(os.environ)))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import ctypes.util
 import os
 import re
 import struct
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from ..errors import BuildError
 from ..fs import fat
 from ..fs.ext import debugfs_errors
 from ..log import step
+from ..process import run
 from ..sandbox.e2fscrc import with_crc_library
 from ..spec import Spec
 
@@ -37,15 +37,12 @@ RANDOM_SEED = "/loader/random-seed"
 def _run(argv: list[str], epoch: int, what: str, ok: tuple[int, ...] = (0,)) -> str:
     """Run an e2fsprogs/mtools command with the fake time; BuildError naming `what` on failure."""
     env = with_crc_library(dict(os.environ, E2FSPROGS_FAKE_TIME=str(epoch), SOURCE_DATE_EPOCH=str(epoch), TZ="UTC"))
-    res = subprocess.run(argv, capture_output=True, text=True, errors="backslashreplace", env=env)
-    if res.returncode not in ok:
-        raise BuildError(f"{what} failed: {(res.stderr or res.stdout).strip()[-1500:]}")
-    return res.stdout
+    return run(argv, f"{what} failed", ok=ok, env=env).stdout
 
 
 def _groups(target: str) -> tuple[int, int, list[tuple[int, int, list[tuple[int, int]], list[tuple[int, int]]]]]:
     """Inodes per group, inode size, and per group (table start, table end, free block ranges, free inode ranges)."""
-    out = subprocess.run(["dumpe2fs", target], capture_output=True, text=True, errors="backslashreplace").stdout
+    out = run(["dumpe2fs", target], f"dumpe2fs {target} failed").stdout
     ipg = int(re.search(r"^Inodes per group:\s+(\d+)", out, re.M).group(1))  # type: ignore[union-attr]
     isize = int(re.search(r"^Inode size:\s+(\d+)", out, re.M).group(1))  # type: ignore[union-attr]
 
@@ -100,9 +97,8 @@ def _inode_times(image: Path, offset: int, epoch: int, scratch: Path) -> None:
                 lines += [f"sif <{ino}> {field} {value}" for field, value in sets]
     cmds = scratch / "vmpin-times.cmds"
     cmds.write_text("\n".join(lines) + "\n")
-    res = subprocess.run(["debugfs", "-w", "-f", str(cmds), target], capture_output=True, text=True,
-                         errors="backslashreplace",
-                         env=with_crc_library(dict(os.environ, E2FSPROGS_FAKE_TIME=str(epoch))))
+    res = run(["debugfs", "-w", "-f", str(cmds), target], ok=None,
+              env=with_crc_library(dict(os.environ, E2FSPROGS_FAKE_TIME=str(epoch))))
     errors = debugfs_errors(res.stderr)
     if res.returncode != 0 or errors:
         raise BuildError(f"debugfs could not pin inode times after the VM: {'; '.join(errors[:5])}")
@@ -157,8 +153,7 @@ def settle_fat(image: Path, layout: Layout, epoch: int, deterministic: bool) -> 
         with tempfile.TemporaryDirectory(prefix="mdi-fat-") as tmp:
             files = Path(tmp) / "files"
             files.mkdir()
-            res = subprocess.run(["mcopy", "-s", "-n", "-i", drive, "::/*", str(files)], capture_output=True,
-                                 text=True, errors="backslashreplace", env=env)
+            res = run(["mcopy", "-s", "-n", "-i", drive, "::/*", str(files)], ok=None, env=env)
             if res.returncode != 0 and "No match" not in res.stderr:
                 raise BuildError(f"reading the {p.label} FAT partition failed: {res.stderr.strip()}")
             seed = files / RANDOM_SEED.lstrip("/")
