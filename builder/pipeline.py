@@ -359,8 +359,8 @@ def check_tmpdir() -> None:
 
 
 def check_environment(spec: Spec) -> None:
-    """The environment this build reads (TMPDIR, stat shim, checksum library, qcow2 writer), checked before any
-    work: a bad value is the user's error (exit 2)."""
+    """The environment this build reads (TMPDIR, stat shim, checksum and directory libraries, qcow2 writer),
+    checked before any work: a bad value is the user's error (exit 2)."""
     check_tmpdir()
     stat_shim()
     crc_library()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..disk.layout import Layout, plan
 from ..errors import BuildError
-from ..fs import fat
+from ..fs import fat, fatcopy
 from ..fs.ext import debugfs_errors
 from ..log import step
 from ..process import run
@@ -138,18 +138,13 @@ def settle_ext(image: Path, offset: int, epoch: int, scratch: Path) -> None:
     _run(["e2fsck", "-fn", target], epoch, "e2fsck -fn after pinning")
 
 
-def _mtools_env(epoch: int) -> dict[str, str]:
-    """mtools with the epoch as its clock source (SOURCE_DATE_EPOCH) and no config surprises."""
-    return dict(os.environ, SOURCE_DATE_EPOCH=str(epoch), TZ="UTC", MTOOLS_SKIP_CHECK="1")
-
-
 def settle_fat(image: Path, layout: Layout, epoch: int, deterministic: bool) -> None:
     """Rebuild every FAT partition from its files on zeroed space: sorted order, the epoch's times, no random seed."""
     for p in layout.partitions:
         if p.fs != "vfat" or p.role == "root":
             continue
         drive = f"{image}@@{p.start}"
-        env = _mtools_env(epoch)
+        env = fatcopy.mtools_env(epoch)
         with tempfile.TemporaryDirectory(prefix="mdi-fat-") as tmp:
             files = Path(tmp) / "files"
             files.mkdir()
