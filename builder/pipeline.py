@@ -38,6 +38,7 @@ from .log import info, step
 from .output import Output, output_dir
 from .resources import template_dir
 from .sandbox.e2fscrc import crc_library
+from .sandbox.e2fsdata import data_library
 from .sandbox.e2fsdir import dir_library
 from .sandbox.statshim import stat_shim
 from .signals import reaping_descendants
@@ -359,12 +360,13 @@ def check_tmpdir() -> None:
 
 
 def check_environment(spec: Spec) -> None:
-    """The environment this build reads (TMPDIR, stat shim, checksum and directory libraries, qcow2 writer),
+    """The environment this build reads (TMPDIR, stat shim, checksum, directory and data libraries, qcow2 writer),
     checked before any work: a bad value is the user's error (exit 2)."""
     check_tmpdir()
     stat_shim()
     crc_library()
     dir_library()
+    data_library()
     if spec.format == "qcow2-compressed":
         from .disk.convert import qcow2_writer
         qcow2_writer()

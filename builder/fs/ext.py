@@ -8,7 +8,9 @@ owners contents asked for are then set with debugfs. Without the shim (not built
 one debugfs pass over every inode sets owners and times instead: same result, slower. mkfs (the probes too),
 the debugfs pass and e2fsck also run with the checksum library (builder/sandbox/e2fscrc.c): libext2fs'
 CRC-32C on the CPU's crc32 instruction, the same bytes in less time; mkfs also with the directory library
-(builder/sandbox/e2fsdir.c), which adds each entry where libext2fs would, without scanning the directory.
+(builder/sandbox/e2fsdir.c), which adds each entry where libext2fs would, without scanning the directory,
+and the data library (builder/sandbox/e2fsdata.c), which puts the file data into the image in the kernel
+(shared blocks where the filesystem can) while mkfs writes everything else.
 mkfs -d writes every directory linear; e2fsck -fyD then rewrites each one, with a hash index where it has
 more than one block (docs/directories.md).
 """
@@ -31,6 +33,7 @@ from ..errors import BuildError, OutOfHostSpace, UserError
 from ..log import info, step
 from ..process import run
 from ..sandbox.e2fscrc import with_crc_library
+from ..sandbox.e2fsdata import data_library, data_settings, describe, read_report
 from ..sandbox.e2fsdir import dir_library
 from ..sandbox.namespace import run_with_binds, userns_available
 from ..sandbox.preload import preload_list
@@ -150,8 +153,14 @@ def populate(
     argv = _mkfs_argv(params, str(image), size_bytes, offset, str(root))
     env = _env(params)
     # Through env(1), so only mkfs is preloaded, not the namespace helper that execs it. The directory
-    # library only there: it adds entries where libext2fs would, without scanning (builder/sandbox/e2fsdir.c).
-    preload = preload_list(env.pop("LD_PRELOAD", None), dir_library()) or None
+    # library only there: it adds entries where libext2fs would, without scanning (builder/sandbox/e2fsdir.c);
+    # and the data library: file data into the image in the kernel (builder/sandbox/e2fsdata.c).
+    data = data_library()
+    report = scratch / "data-report"
+    report.unlink(missing_ok=True)
+    preload = preload_list(env.pop("LD_PRELOAD", None), dir_library(), data) or None
+    if data:
+        argv = [*data_settings(image, offset, report), *argv]
     shim = stat_shim()
     if shim:
         preload = preload_list(preload, shim)
@@ -175,6 +184,7 @@ def populate(
         if "Could not allocate" in msg or "No space left" in msg:
             raise NoSpace(f"the root filesystem ({size_bytes} bytes) is too small for its contents: {msg}")
         raise BuildError(f"mkfs.ext4 -d failed: {msg}")
+    info(describe(read_report(report) if data else None, loaded=data is not None))
     if not shim:
         return False
     if _inode_times(f"{image}?offset={offset}", FIRST_TREE_INODE) == (0, 0, epoch, epoch):

@@ -1,0 +1,293 @@
+"""The data library mkfs.ext4 -d runs with (builder/sandbox/e2fsdata.c): file data into the image in the kernel.
+
+The oracle is stock e2fsprogs: the same builds with MDI_E2FS_DATA=none (mkfs reading and writing every
+block itself) give the images' bytes; the kernel's FIEMAP (filefrag -v) and the filesystem's own free
+space say whether blocks are shared; e2fsck -fn says the filesystem is sound.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from builder.sandbox import e2fsdata
+from tests.support.digest import sha256
+from tests.support.imagecheck import part_offset
+from tests.support.specs import SpecFactory, spec_doc
+
+REPO = Path(__file__).parent.parent
+MiB = 1 << 20
+x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason="the library defines nothing elsewhere")
+
+
+@pytest.fixture(scope="module")
+def library() -> str:
+    found = e2fsdata.data_library()
+    assert found is not None, "the data library is not built (pip install -e . builds builder/sandbox/_e2fsdata*.so)"
+    return found
+
+
+def awkward_tree(root: Path, big: int = 6 * MiB) -> Path:
+    """Files whose data ends every way copy_file's blocks can: empty, tiny, tails under and at the tag's 16
+    bytes, all-zero blocks inside data, sparse holes, hard links, and one big file; names in two dirs."""
+    rng = random.Random(25)
+    root.mkdir(parents=True)
+    (root / "d").mkdir()
+    (root / "empty").write_bytes(b"")
+    (root / "tiny").write_bytes(b"hello")
+    (root / "tail5").write_bytes(rng.randbytes(3 * 4096 + 5))
+    (root / "tail15").write_bytes(rng.randbytes(4096 + 15))
+    (root / "tail16").write_bytes(rng.randbytes(2 * 4096 + 16))
+    (root / "whole").write_bytes(rng.randbytes(4 * 4096))
+    (root / "zeros").write_bytes(bytes(10 * 4096))
+    (root / "zero-tail").write_bytes(rng.randbytes(4096) + bytes(100))
+    (root / "mixed").write_bytes(rng.randbytes(4096) + bytes(8192) + rng.randbytes(5000) + bytes(4096) + b"x")
+    with open(root / "sparse", "wb") as f:
+        f.write(rng.randbytes(10000))
+        f.seek(4 * MiB)
+        f.write(rng.randbytes(7000))
+    (root / "d" / "big").write_bytes(rng.randbytes(big))
+    os.link(root / "d" / "big", root / "big-link")
+    for i in range(200):
+        (root / "d" / f"f{i}").write_bytes(rng.randbytes(rng.randrange(1, 20000)))
+    return root
+
+
+def contents_spec(make_spec: SpecFactory, tree: Path, **overrides: object) -> Path:
+    """The fixture spec with tree added as contents at /srv/awkward (store paths as the fixture has them)."""
+    doc = spec_doc(make_spec())
+    entry = {"source": str(tree), "target": "/srv/awkward", "mode": None, "user": None, "group": None}
+    return make_spec(contents=[*doc["contents"], entry], **overrides)
+
+
+def prepare(spec: Path, image: Path, work: Path, data: str | None) -> subprocess.CompletedProcess[str]:
+    """`python -m builder prepare`, with the data library (data None) or with MDI_E2FS_DATA=data."""
+    env = {k: v for k, v in os.environ.items() if k != e2fsdata.DATA_ENV}
+    if data is not None:
+        env[e2fsdata.DATA_ENV] = data
+    res = subprocess.run([sys.executable, "-m", "builder", "prepare", str(spec), "--image", str(image), "--work",
+                          str(work)], capture_output=True, text=True, cwd=REPO, env=env)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def data_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("[makeDiskImage] file data")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@x86_64_only
+@pytest.mark.slow
+@pytest.mark.parametrize(("layout", "fs_type", "extra"), [
+    ("efi", "ext4", {}), ("legacy", "ext4", {}), ("hybrid", "ext4", {}),
+    ("none", "ext2", {"installBootLoader": False}), ("none", "ext3", {"installBootLoader": False}),
+    ("none", "ext4", {"onlyNixStore": True, "installBootLoader": False, "contents": []}),
+])
+def test_images_are_the_bytes_of_mkfs_writing_the_data_itself(library: str, make_spec: SpecFactory,
+                                                            tmp_path: Path, layout: str, fs_type: str,
+                                                            extra: dict[str, object]) -> None:
+    tree = awkward_tree(tmp_path / "tree")
+    if "contents" in extra:
+        spec = make_spec(partitionTableType=layout, fsType=fs_type, **extra)
+    else:
+        spec = contents_spec(make_spec, tree, partitionTableType=layout, fsType=fs_type, **extra)
+    with_library = prepare(spec, tmp_path / "data.img", tmp_path / "w1", None)
+    prepare(spec, tmp_path / "stock.img", tmp_path / "w2", "none")
+    assert sha256(tmp_path / "data.img") == sha256(tmp_path / "stock.img")
+    # The build directory and the store are both on this machine's one ext4 (no shared blocks): the kernel copies.
+    line = data_line(with_library.stderr)
+    assert "copied in the kernel (copy_file_range)" in line and "read and written" not in line, line
+    offset = 0 if layout == "none" else part_offset(tmp_path / "data.img", {"efi": 2, "legacy": 1, "hybrid": 3}[layout])
+    fsck = subprocess.run(["e2fsck", "-fn", f"{tmp_path / 'data.img'}?offset={offset}"], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def mkfs(library: str | None, source: Path, image: Path, report: Path | None = None,
+         **settings: str) -> subprocess.CompletedProcess[str]:
+    """Stock mkfs.ext4 -d at a 1 MiB offset of a new sparse file, with the library (and its settings) or not."""
+    image.unlink(missing_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(96 * MiB)
+    env = {**os.environ, "E2FSPROGS_FAKE_TIME": "1000000000", **settings}
+    argv = ["mkfs.ext4", "-q", "-F", "-b", "4096", "-N", "2000", "-U", "6f0a44a8-2a4a-4f45-9b8e-61a0c5b1e3a1",
+            "-E", "offset=1048576,nodiscard,hash_seed=6f0a44a8-2a4a-4f45-9b8e-61a0c5b1e3a1", "-d", str(source),
+            str(image), "90000k"]
+    if library:
+        env["LD_PRELOAD"] = library
+        for setting in e2fsdata.data_settings(image, MiB, report or image.with_suffix(".rep")):
+            name, _, value = setting.partition("=")
+            env[name] = value
+    return subprocess.run(argv, capture_output=True, text=True, env=env)
+
+
+@x86_64_only
+def test_raw_mkfs_output_is_the_same_bytes(library: str, tmp_path: Path) -> None:
+    """Straight mkfs.ext4 -d, superblock included (its count of bytes written too), and the report adds up."""
+    tree = awkward_tree(tmp_path / "tree")
+    report = tmp_path / "report"
+    res = mkfs(library, tree, tmp_path / "data.img", report)
+    assert res.returncode == 0, res.stderr
+    assert mkfs(None, tree, tmp_path / "stock.img").returncode == 0
+    assert sha256(tmp_path / "data.img") == sha256(tmp_path / "stock.img")
+    got = e2fsdata.read_report(report)
+    assert got is not None
+    blocks = [block for block in _blocks(tree) if block.strip(b"\0")]  # all-zero ones are holes
+    moved = got.cloned + got.copy_file_range + got.sendfile + got.read_write
+    short = [b for b in blocks if len(b) < 16]
+    assert (moved, got.mkfs) == (sum(map(len, blocks)) - sum(map(len, short)), sum(map(len, short)))
+    assert got.mkfs >= 5 + 5 + 15  # tiny, tail5, tail15: ends under 16 bytes, which mkfs writes itself
+    assert got.files == len({p.stat().st_ino for p in tree.rglob("*") if p.is_file() and p.stat().st_size})
+
+
+def _blocks(tree: Path) -> Iterator[bytes]:
+    """Every 4 KiB block of every distinct file (hard links once), the last one as long as the file has it."""
+    seen: set[int] = set()
+    for path in sorted(tree.rglob("*")):
+        st = path.lstat()
+        if not path.is_file() or st.st_ino in seen:
+            continue
+        seen.add(st.st_ino)
+        data = path.read_bytes()
+        yield from (data[i:i + 4096] for i in range(0, len(data), 4096))
+
+
+@x86_64_only
+def test_mkfs_binds_the_calls_to_the_library(library: str, tmp_path: Path) -> None:
+    """The dynamic linker gives the library mkfs's and libext2fs' own calls (LD_DEBUG=bindings)."""
+    tree = awkward_tree(tmp_path / "tree", big=4096)
+    image = tmp_path / "x.img"
+    res = mkfs(library, tree, image, LD_DEBUG="bindings")
+    assert res.returncode == 0, res.stderr[-2000:]
+    bound = {line.split("`")[1].split("'")[0] for line in res.stderr.splitlines()
+             if " to " in line and library in line.split(" to ")[1]}
+    assert {"pread64", "pwrite64", "ext2fs_file_open", "ext2fs_file_close", "ext2fs_close2"} <= bound
+
+
+@x86_64_only
+def test_a_file_that_changes_meanwhile_fails_mkfs_naming_it(library: str, tmp_path: Path) -> None:
+    """A source whose times change between its read and its copy is refused, not copied as it is now."""
+    tree = awkward_tree(tmp_path / "tree")
+    victim = tree / "whole"
+    stop = threading.Event()
+
+    def touch() -> None:
+        while not stop.is_set():
+            os.utime(victim)
+
+    toucher = threading.Thread(target=touch)
+    toucher.start()
+    try:
+        res = mkfs(library, tree, tmp_path / "x.img")
+    finally:
+        stop.set()
+        toucher.join()
+    assert res.returncode != 0
+    assert f"{victim}: the file changed while the image was being made" in res.stderr, res.stderr
+
+
+def xfs_mount(tmp_path: Path, size: int = 768 * MiB) -> Path:
+    """A fresh XFS with reflink, loop-mounted (skipped with the reason when this machine cannot)."""
+    if shutil.which("mkfs.xfs") is None:
+        pytest.skip("mkfs.xfs is not installed")
+    disk, mnt = tmp_path / "xfs.img", tmp_path / "xfs"
+    mnt.mkdir()
+    with open(disk, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(disk)], check=True)
+    res = subprocess.run(["mount", "-o", "loop", str(disk), str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot loop-mount an XFS here: {res.stderr.strip()}")
+    return mnt
+
+
+def used_bytes(mnt: Path) -> int:
+    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    st = os.statvfs(mnt)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+@x86_64_only
+@pytest.mark.slow
+def test_on_a_reflink_filesystem_the_image_shares_the_sources_blocks(library: str, make_spec: SpecFactory,
+                                                                    tmp_path: Path) -> None:
+    """Sources, build directory and image on one XFS: the data's extents are shared, the space used grows by
+    little more than the metadata, and the image is the bytes a stock build gives."""
+    mnt = xfs_mount(tmp_path)
+    try:
+        big = 64 * MiB
+        tree = awkward_tree(mnt / "tree", big=big)
+        spec = contents_spec(make_spec, tree, partitionTableType="efi")
+        before = used_bytes(mnt)
+        res = prepare(spec, mnt / "data.img", mnt / "work", None)
+        grown = used_bytes(mnt) - before
+        line = data_line(res.stderr)
+        assert "shared with the source files' blocks (reflink)" in line, line
+        frag = subprocess.run(["filefrag", "-v", str(mnt / "data.img")], capture_output=True, text=True, check=True)
+        assert "shared" in frag.stdout, (line, frag.stdout[-600:])
+        src = subprocess.run(["filefrag", "-v", str(tree / "d" / "big")], capture_output=True, text=True, check=True)
+        assert "shared" in src.stdout
+        stock = tmp_path / "stock.img"
+        prepare(spec, stock, tmp_path / "work", "none")
+        assert sha256(mnt / "data.img") == sha256(stock)
+        # The stock image allocates every data block; this one adds what is not the tree's data.
+        stock_alloc = os.stat(stock).st_blocks * 512
+        assert grown < stock_alloc - big, (grown, stock_alloc)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@x86_64_only
+@pytest.mark.slow
+def test_across_filesystems_the_kernel_copies_and_the_log_says_why(library: str, make_spec: SpecFactory,
+                                                                  tmp_path: Path) -> None:
+    """The image in memory (tmpfs), the store and sources on this disk: no sharing, sendfile copies, and why."""
+    shm = Path("/dev/shm")
+    tree = awkward_tree(tmp_path / "tree")
+    spec = contents_spec(make_spec, tree, partitionTableType="efi")
+    image = Path(os.environ.get("MDI_MEMORY_DIR") or shm) / f"mdi-test-e2fsdata-{os.getpid()}.img"
+    try:
+        res = prepare(spec, image, tmp_path / "work", None)
+        line = data_line(res.stderr)
+        assert "copied in the kernel (sendfile)" in line and "copy_file_range" not in line, line
+        assert "not shared: the store and the image are on different filesystems" in line, line
+        prepare(spec, tmp_path / "stock.img", tmp_path / "work", "none")
+        assert sha256(image) == sha256(tmp_path / "stock.img")
+    finally:
+        image.unlink(missing_ok=True)
+
+
+def test_without_the_library_the_log_says_mkfs_wrote_the_data(make_spec: SpecFactory, tmp_path: Path) -> None:
+    res = prepare(make_spec(), tmp_path / "x.img", tmp_path / "work", "none")
+    assert data_line(res.stderr).endswith(f"file data: read and written by mkfs.ext4 itself ({e2fsdata.DATA_ENV}=none)")
+
+
+def test_a_library_that_is_not_a_file_is_named(make_spec: SpecFactory, tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "builder", "prepare", str(make_spec()), "--image",
+                          str(tmp_path / "x.img")], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, e2fsdata.DATA_ENV: str(tmp_path / "missing.so")})
+    assert res.returncode == 2, res.stderr
+    assert e2fsdata.DATA_ENV in res.stderr and "missing.so" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "x.img").exists()
+
+
+def test_the_report_reads_back_and_says_why_blocks_were_not_shared(tmp_path: Path) -> None:
+    report = tmp_path / "r"
+    report.write_text("files 3\ncloned 0\ncopy_file_range 0\nsendfile 8192\nread_write 0\nmkfs 5\n"
+                      "clone_errno 18\ncopy_file_range_errno 18\nsendfile_errno 0\n")
+    got = e2fsdata.read_report(report)
+    assert got is not None and got.sendfile == 8192
+    assert e2fsdata.describe(got) == ("file data of 3 files, 8.0 KiB: 8.0 KiB copied in the kernel (sendfile); not "
+                                      "shared: the store and the image are on different filesystems; 5 B of file "
+                                      "ends under 16 bytes written by mkfs")
+    report.write_text("files 3\n")
+    assert e2fsdata.read_report(report) is None
