@@ -3,8 +3,9 @@
 # (Debian's nix-bin makes one only at its first build). Run as root inside a private mount namespace:
 #   unshare --mount --propagation private sh bench/storeview.sh STORE VIEW -- COMMAND...
 # A tmpfs on the empty directory VIEW becomes the new root: each entry of the host's / but /nix is bound there
-# (symlinks copied), nix/store is made on it with STORE bound over it, and COMMAND runs chrooted there in the
-# same working directory. The host's own /nix (if any) is not seen, as in a Nix build sandbox; nothing on the
+# (symlinks copied), nix/store is made on it with STORE bound over it, and it becomes the root with pivot_root
+# (not chroot: a chrooted process may not make a user namespace, which the builder's mkfs runs in, as in a
+# Nix sandbox, itself entered with pivot_root); COMMAND runs there in the same working directory. The host's own /nix (if any) is not seen, as in a Nix build sandbox; nothing on the
 # host changes and the mounts die with the namespace.
 set -eu
 store=$1 view=$2
@@ -25,4 +26,10 @@ for entry in /* /.[!.]*; do
 done
 mkdir -p "$view/nix/store"
 mount --bind "$store" "$view/nix/store"
-exec chroot "$view" /bin/sh -c 'cd "$0" && exec "$@"' "$PWD" "$@"
+cwd=$PWD
+mkdir "$view/.storeview-old"
+cd "$view"
+pivot_root . .storeview-old
+umount -l /.storeview-old
+rmdir /.storeview-old
+exec /bin/sh -c 'cd "$0" && exec "$@"' "$cwd" "$@"

@@ -5,20 +5,23 @@
    e2fsprogs 1.47.0's copy_file (misc/create_inode.c) opens the new inode with ext2fs_file_open, reads the
    source in 64 KiB chunks with pread64 (over the data ranges SEEK_DATA/SEEK_HOLE report), leaves a hole
    for every all-zero block (memcmp against a zero block) and hands each other block to ext2fs_file_write;
-   libext2fs (lib/ext2fs/fileio.c) allocates it and writes it, and unix_io (lib/ext2fs/unix_io.c) puts it
-   into the image with pwrite, through its write cache. mke2fs and libext2fs call all of these through the
-   PLT, so the definitions here take those calls. While a file is open for writing, a pread64 of its
-   source gives, for each block: zeros where the source block is zero (looked at through a read-only
-   mapping, so the holes are the ones mkfs makes without this library), the source's own bytes where only
-   a tail of under TAG_LEN bytes is left, and else a tag naming the file and block. A pwrite to the image
-   of a block carrying a tag is not written but noted, and returns as if written (so unix_io's cache and
-   its count of bytes written, the superblock's "Lifetime writes", are as without this library). Once
-   ext2fs_close2 has flushed and closed everything mkfs writes, every noted run is copied from its source
-   (opened again by path, and refused if its device, inode, size or times changed since it was read) into
-   the image at the blocks libext2fs chose. The image file is new and sparse (builder/fs/ext.py truncates
-   it before mkfs), so the rest of a file's last block reads as zeros, as libext2fs writes it: the
-   image's bytes are the same. A source that shrank under the mapping (SIGBUS) fails mkfs with a line
-   naming it.
+   libext2fs (lib/ext2fs/fileio.c) allocates it, zeroing it first (ext2fs_alloc_block3, alloc.c), and
+   writes it with io_channel_write_blk64, one block a call; unix_io (unix_io.c) keeps both writes in its
+   write cache and puts the block into the image with pwrite. mke2fs and libext2fs call all of these
+   through the PLT, so the definitions here take those calls. While a file is open for writing, a pread64
+   of its source gives, for each block: zeros where the source block is zero (looked at through a
+   read-only mapping, so the holes are the ones mkfs makes without this library), the source's own bytes
+   where only a tail of under TAG_LEN bytes is left, and else a tag naming the file and block. The
+   io_channel_write_blk64 of a tagged block notes the block (a run of the file, and a bit of `placed`);
+   once ext2fs_file_close has written the last one, the runs are copied from the source, still open
+   (create_inode closes it after copy_file), into the image at the blocks libext2fs chose, and the source
+   is checked to have kept its size and times since it was first read. Every pwrite to the image of a
+   placed block (the tag, or the zeros written at allocation) is left out and returns as if written, so
+   unix_io's cache and its count of bytes written (the superblock's "Lifetime writes") are as without
+   this library, and nothing lands on the data after it is copied. The image file is new and sparse
+   (builder/fs/ext.py truncates it before mkfs), so the rest of a file's last block reads as zeros, as
+   libext2fs writes it: the image's bytes are the same. A source that shrank under the mapping (SIGBUS)
+   or changed fails mkfs with a line naming it.
 
    Configured by MDI_DATA_IMAGE (the image as mkfs opens it), MDI_DATA_OFFSET (the filesystem's byte offset
    in it: mkfs' -E offset) and MDI_DATA_REPORT (a file the counts are written to at exit). Without them,
@@ -60,30 +63,19 @@ static const uint64_t TAG_MAGIC = 0x6d64692d64617461ULL;
 
 typedef errcode_t file_open_fn(filsys, uint32_t, int, e2file *);
 typedef errcode_t file_close_fn(e2file);
-typedef errcode_t close2_fn(filsys, int);
+typedef errcode_t write_blk_fn(void *, unsigned long long, int, const void *);
 typedef ssize_t pread_fn(int, void *, size_t, off_t);
 typedef ssize_t pwrite_fn(int, const void *, size_t, off_t);
 
 static struct {
     file_open_fn *file_open;
     file_close_fn *file_close;
-    close2_fn *close2;
+    write_blk_fn *write_blk;
     pread_fn *pread;
     pwrite_fn *pwrite;
 } lib;
 
-/* A source file whose data is copied: where to find it again, and what it was when read. */
-struct source {
-    char *path;
-    dev_t dev;
-    ino_t ino;
-    off_t size;
-    struct timespec mtime, ctime;
-    size_t last_run; /* index + 1 of its newest run, 0 for none */
-};
-
 struct run {
-    uint32_t source;
     uint64_t src, dst, len;
 };
 
@@ -100,22 +92,25 @@ static struct {
     uint64_t offset;
     uint32_t bs;
     const char *report;
-    struct source *sources;
-    size_t nsources, sources_cap;
-    struct run *runs;
-    size_t nruns, runs_cap;
+    uint64_t *placed; /* a bit per filesystem block: its data comes from a source, not from mkfs */
+    size_t placed_words;
     struct device devices[16];
     unsigned ndevices;
+    unsigned long files;
     unsigned long long cloned, ranged, sent, copied, by_mkfs;
 } g = {.img = -1};
 
-/* The file mkfs has open for writing, and its source once read (-1 before; -2: it goes mkfs' own way). */
+/* The file mkfs has open for writing, its source once read (-1 before; -2: it goes mkfs' own way), and
+   the runs of its blocks noted so far. */
 static struct {
     e2file file;
     int active, src;
-    uint32_t source;
+    uint32_t gen;
+    struct stat st;
     const unsigned char *map;
     size_t map_len;
+    struct run *runs;
+    size_t nruns, cap;
 } cur = {.src = -1};
 
 static sigjmp_buf bus_jump;
@@ -135,7 +130,7 @@ static void resolve(void) {
         return;
     lib.file_open = (file_open_fn *)dlsym(RTLD_NEXT, "ext2fs_file_open");
     lib.file_close = (file_close_fn *)dlsym(RTLD_NEXT, "ext2fs_file_close");
-    lib.close2 = (close2_fn *)dlsym(RTLD_NEXT, "ext2fs_close2");
+    lib.write_blk = (write_blk_fn *)dlsym(RTLD_NEXT, "io_channel_write_blk64");
     lib.pwrite = (pwrite_fn *)dlsym(RTLD_NEXT, "pwrite64");
     lib.pread = (pread_fn *)dlsym(RTLD_NEXT, "pread64");
 }
@@ -148,7 +143,7 @@ static int raw_fstat(int fd, struct stat *st) {
 __attribute__((constructor)) static void setup(void) {
     resolve();
     const char *image = getenv("MDI_DATA_IMAGE"), *offset = getenv("MDI_DATA_OFFSET");
-    if (!image || !offset || !*offset || !lib.file_open || !lib.file_close || !lib.close2 || !lib.pwrite ||
+    if (!image || !offset || !*offset || !lib.file_open || !lib.file_close || !lib.write_blk || !lib.pwrite ||
         !lib.pread)
         return;
     char *end;
@@ -181,9 +176,9 @@ __attribute__((destructor)) static void report(void) {
         re = re ? re : g.devices[i].range_errno;
         se = se ? se : g.devices[i].sendfile_errno;
     }
-    fprintf(f, "files %zu\ncloned %llu\ncopy_file_range %llu\nsendfile %llu\nread_write %llu\nmkfs %llu\n"
+    fprintf(f, "files %lu\ncloned %llu\ncopy_file_range %llu\nsendfile %llu\nread_write %llu\nmkfs %llu\n"
                "clone_errno %d\ncopy_file_range_errno %d\nsendfile_errno %d\n",
-            g.nsources, g.cloned, g.ranged, g.sent, g.copied, g.by_mkfs, ce, re, se);
+            g.files, g.cloned, g.ranged, g.sent, g.copied, g.by_mkfs, ce, re, se);
     fclose(f);
 }
 
@@ -193,6 +188,7 @@ static void end_file(void) {
     cur.map = NULL;
     cur.active = 0;
     cur.src = -1;
+    cur.nruns = 0;
 }
 
 errcode_t ext2fs_file_open(filsys fs, uint32_t ino, int flags, e2file *ret) {
@@ -215,50 +211,27 @@ errcode_t ext2fs_file_open(filsys fs, uint32_t ino, int flags, e2file *ret) {
     cur.file = *ret;
     cur.active = 1;
     cur.src = -1;
+    cur.gen++;
     return err;
 }
 
-errcode_t ext2fs_file_close(e2file file) {
-    resolve();
-    if (cur.active && file == cur.file)
-        end_file(); /* its blocks are noted when unix_io writes them, which may be later */
-    return lib.file_close(file);
-}
-
 /* Whether fd is the source of the file being written (a regular file other than the image): if so, it
-   is mapped and given a source entry, unless it cannot be, and then mkfs reads it itself. */
+   is mapped, unless it cannot be, and then mkfs reads it itself. */
 static int adopt(int fd) {
     struct stat st;
     if (raw_fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || (st.st_dev == g.img_dev && st.st_ino == g.img_ino))
         return 0;
     cur.src = -2;
-    if (st.st_size <= 0 || g.nsources >= UINT32_MAX)
+    if (st.st_size <= 0)
         return 1;
-    char link[64], path[4096];
-    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
-    ssize_t n = readlink(link, path, sizeof path - 1);
-    if (n <= 0 || path[0] != '/')
+    void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0);
+    if (map == MAP_FAILED)
         return 1;
-    path[n] = 0;
-    if (g.nsources == g.sources_cap) {
-        size_t cap = g.sources_cap ? g.sources_cap * 2 : 256;
-        struct source *s = realloc(g.sources, cap * sizeof *s);
-        if (!s)
-            return 1;
-        g.sources = s;
-        g.sources_cap = cap;
-    }
-    char *copy = strdup(path);
-    void *map = copy ? mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0) : MAP_FAILED;
-    if (map == MAP_FAILED) {
-        free(copy);
-        return 1;
-    }
-    g.sources[g.nsources] = (struct source){copy, st.st_dev, st.st_ino, st.st_size, st.st_mtim, st.st_ctim, 0};
-    cur.source = (uint32_t)g.nsources++;
+    cur.st = st;
     cur.map = map;
     cur.map_len = (size_t)st.st_size;
     cur.src = fd;
+    g.files++;
     return 1;
 }
 
@@ -276,6 +249,13 @@ static int all_zero(const unsigned char *p, size_t n) {
     return 1;
 }
 
+static void name_source(int fd, char *out, size_t size) {
+    char link[64];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, out, size - 1);
+    out[n > 0 ? n : 0] = 0;
+}
+
 /* A read of the source as mkfs is shown it: zeros, a short tail's own bytes, or each block's tag; -2 for a
    read not at a block boundary, which is made for real. */
 static ssize_t tagged_read(unsigned char *buf, size_t n, off_t off) {
@@ -287,8 +267,10 @@ static ssize_t tagged_read(unsigned char *buf, size_t n, off_t off) {
     scanning = 1;
     if (sigsetjmp(bus_jump, 1)) {
         scanning = 0;
-        fprintf(stderr, "mkfs.ext4 -d (builder/sandbox/e2fsdata.c): %s: the file shrank while it was read\n",
-                g.sources[cur.source].path);
+        char path[4096];
+        name_source(cur.src, path, sizeof path);
+        fprintf(stderr, "mkfs.ext4 -d (builder/sandbox/e2fsdata.c): %s: the file changed while the image was "
+                        "being made (it shrank)\n", path);
         errno = EIO;
         return -1;
     }
@@ -303,7 +285,7 @@ static ssize_t tagged_read(unsigned char *buf, size_t n, off_t off) {
         } else {
             uint32_t index = (uint32_t)(((uint64_t)off + pos) / g.bs);
             memcpy(buf + pos, &TAG_MAGIC, 8);
-            memcpy(buf + pos + 8, &cur.source, 4);
+            memcpy(buf + pos + 8, &cur.gen, 4);
             memcpy(buf + pos + 12, &index, 4);
         }
     }
@@ -325,59 +307,88 @@ ssize_t pread64(int fd, void *buf, size_t n, off_t off) {
 
 ssize_t pread(int fd, void *buf, size_t n, off_t off) __attribute__((alias("pread64")));
 
-/* The run a tagged block at image byte dst starts or extends; 0 if data is no tag of ours, -1 on ENOMEM. */
-static int note_block(const unsigned char *data, uint64_t dst) {
+static int is_placed(uint64_t block) {
+    return block / 64 < g.placed_words && (g.placed[block / 64] >> (block % 64) & 1);
+}
+
+static int place(uint64_t block) {
+    if (block / 64 >= g.placed_words) {
+        size_t words = g.placed_words ? g.placed_words : 1024;
+        while (words <= block / 64)
+            words *= 2;
+        uint64_t *bits = realloc(g.placed, words * sizeof *bits);
+        if (!bits)
+            return -1;
+        memset(bits + g.placed_words, 0, (words - g.placed_words) * sizeof *bits);
+        g.placed = bits;
+        g.placed_words = words;
+    }
+    g.placed[block / 64] |= 1ull << (block % 64);
+    return 0;
+}
+
+/* The run a tagged block of the current file starts or extends: 1; 0 if data is no tag of it; -1: ENOMEM. */
+static int note_block(unsigned long long block, const unsigned char *data) {
     uint64_t magic;
-    uint32_t source, index;
+    uint32_t gen, index;
     memcpy(&magic, data, 8);
-    memcpy(&source, data + 8, 4);
+    memcpy(&gen, data + 8, 4);
     memcpy(&index, data + 12, 4);
-    if (magic != TAG_MAGIC || source >= g.nsources)
-        return 0;
-    struct source *s = &g.sources[source];
     uint64_t src = (uint64_t)index * g.bs;
-    if (src >= (uint64_t)s->size)
+    if (magic != TAG_MAGIC || gen != cur.gen || src >= cur.map_len)
         return 0;
-    uint64_t len = (uint64_t)s->size - src < g.bs ? (uint64_t)s->size - src : g.bs;
-    struct run *last = s->last_run ? &g.runs[s->last_run - 1] : NULL;
+    uint64_t len = cur.map_len - src < g.bs ? cur.map_len - src : g.bs;
+    uint64_t dst = g.offset + (uint64_t)block * g.bs;
+    if (place(block) != 0)
+        return -1;
+    struct run *last = cur.nruns ? &cur.runs[cur.nruns - 1] : NULL;
     if (last && last->src + last->len == src && last->dst + last->len == dst && last->len % g.bs == 0) {
         last->len += len;
         return 1;
     }
-    if (g.nruns == g.runs_cap) {
-        size_t cap = g.runs_cap ? g.runs_cap * 2 : 1024;
-        struct run *runs = realloc(g.runs, cap * sizeof *runs);
+    if (cur.nruns == cur.cap) {
+        size_t cap = cur.cap ? cur.cap * 2 : 64;
+        struct run *runs = realloc(cur.runs, cap * sizeof *runs);
         if (!runs)
             return -1;
-        g.runs = runs;
-        g.runs_cap = cap;
+        cur.runs = runs;
+        cur.cap = cap;
     }
-    g.runs[g.nruns++] = (struct run){source, src, dst, len};
-    s->last_run = g.nruns;
+    cur.runs[cur.nruns++] = (struct run){src, dst, len};
     return 1;
 }
 
-/* unix_io's writes to the image: blocks carrying a tag are noted instead of written. */
+errcode_t io_channel_write_blk64(void *ch, unsigned long long block, int count, const void *data) {
+    resolve();
+    if (cur.active && cur.src >= 0 && count == 1 && data && note_block(block, data) < 0)
+        return ENOMEM;
+    return lib.write_blk(ch, block, count, data); /* into unix_io's cache; its pwrite is left out below */
+}
+
+/* unix_io's writes to the image: placed blocks are left out. A tagged block that is not placed would
+   mean a block this library did not see written: mkfs fails rather than write a tag into the image. */
 ssize_t pwrite64(int fd, const void *buf, size_t n, off_t off) {
     resolve();
-    if (!g.nsources || !g.bs || off < 0 || (uint64_t)off < g.offset || ((uint64_t)off - g.offset) % g.bs ||
-        n % g.bs)
+    if (!g.placed_words || off < 0 || (uint64_t)off < g.offset || ((uint64_t)off - g.offset) % g.bs || n % g.bs)
         return lib.pwrite(fd, buf, n, off);
     const unsigned char *p = buf;
+    uint64_t first_block = ((uint64_t)off - g.offset) / g.bs;
     size_t first = 0;
-    while (first < n && memcmp(p + first, &TAG_MAGIC, 8))
+    while (first < n && !is_placed(first_block + first / g.bs) && memcmp(p + first, &TAG_MAGIC, 8))
         first += g.bs;
     struct stat st;
     if (first == n || raw_fstat(fd, &st) != 0 || st.st_dev != g.img_dev || st.st_ino != g.img_ino)
         return lib.pwrite(fd, buf, n, off);
-    size_t plain = 0; /* bytes from p not yet written: blocks without a tag */
-    for (size_t pos = first; pos < n; pos += g.bs) {
-        int noted = note_block(p + pos, (uint64_t)off + pos);
-        if (noted < 0) {
-            errno = ENOMEM;
+    size_t plain = 0; /* bytes from p not yet written: blocks mkfs' own */
+    for (size_t pos = first; pos <= n; pos += g.bs) {
+        int skip = pos < n && is_placed(first_block + pos / g.bs);
+        if (pos < n && !skip && !memcmp(p + pos, &TAG_MAGIC, 8)) {
+            fprintf(stderr, "mkfs.ext4 -d (builder/sandbox/e2fsdata.c): block %llu was about to be written with "
+                            "a tag it was not noted for\n", (unsigned long long)(first_block + pos / g.bs));
+            errno = EIO;
             return -1;
         }
-        if (!noted)
+        if (pos < n && !skip)
             continue;
         for (size_t done = 0; done < pos - plain;) {
             ssize_t w = lib.pwrite(fd, p + plain + done, pos - plain - done, off + (off_t)(plain + done));
@@ -386,12 +397,6 @@ ssize_t pwrite64(int fd, const void *buf, size_t n, off_t off) {
             done += (size_t)w;
         }
         plain = pos + g.bs;
-    }
-    for (size_t done = 0; done < n - plain;) {
-        ssize_t w = lib.pwrite(fd, p + plain + done, n - plain - done, off + (off_t)(plain + done));
-        if (w <= 0)
-            return w < 0 ? -1 : (ssize_t)(plain + done);
-        done += (size_t)w;
     }
     return (ssize_t)n;
 }
@@ -477,48 +482,33 @@ static int copy_run(struct device *dev, int src, const struct run *r) {
     return 0;
 }
 
-static int by_source(const void *a, const void *b) {
-    const struct run *x = a, *y = b;
-    if (x->source != y->source)
-        return x->source < y->source ? -1 : 1;
-    return x->src < y->src ? -1 : x->src > y->src;
-}
-
-/* Every noted run copied, a source at a time, each checked to be the file that was read. */
-static errcode_t copy_all(void) {
-    qsort(g.runs, g.nruns, sizeof *g.runs, by_source);
-    for (size_t i = 0; i < g.nruns;) {
-        struct source *s = &g.sources[g.runs[i].source];
-        int fd = open(s->path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
-        struct stat st;
-        int err = fd < 0 ? errno : raw_fstat(fd, &st) != 0 ? errno : 0;
-        if (!err && (st.st_dev != s->dev || st.st_ino != s->ino || st.st_size != s->size ||
-                     st.st_mtim.tv_sec != s->mtime.tv_sec || st.st_mtim.tv_nsec != s->mtime.tv_nsec ||
-                     st.st_ctim.tv_sec != s->ctime.tv_sec || st.st_ctim.tv_nsec != s->ctime.tv_nsec))
-            err = ESTALE;
-        struct device *dev = err ? NULL : device_of(st.st_dev);
-        for (; i < g.nruns && &g.sources[g.runs[i].source] == s; i++)
-            if (!err)
-                err = copy_run(dev, fd, &g.runs[i]);
-        if (fd >= 0)
-            close(fd);
-        if (err) {
-            fprintf(stderr, "mkfs.ext4 -d (builder/sandbox/e2fsdata.c): %s: %s\n", s->path,
-                    err == ESTALE || err == ENODATA ? "the file changed while the image was being made"
-                                                    : strerror(err));
-            return err;
+errcode_t ext2fs_file_close(e2file file) {
+    resolve();
+    if (!cur.active || file != cur.file)
+        return lib.file_close(file);
+    errcode_t err = lib.file_close(file); /* writes the last block, noted as the others */
+    int src = cur.src, failed = 0;
+    if (!err && src >= 0) {
+        struct device *dev = device_of(cur.st.st_dev);
+        for (size_t i = 0; i < cur.nruns && !failed; i++)
+            failed = copy_run(dev, src, &cur.runs[i]);
+        struct stat now;
+        if (!failed && (raw_fstat(src, &now) != 0 || now.st_size != cur.st.st_size ||
+                        now.st_mtim.tv_sec != cur.st.st_mtim.tv_sec ||
+                        now.st_mtim.tv_nsec != cur.st.st_mtim.tv_nsec ||
+                        now.st_ctim.tv_sec != cur.st.st_ctim.tv_sec ||
+                        now.st_ctim.tv_nsec != cur.st.st_ctim.tv_nsec))
+            failed = ESTALE;
+        if (failed) {
+            char path[4096];
+            name_source(src, path, sizeof path);
+            fprintf(stderr, "mkfs.ext4 -d (builder/sandbox/e2fsdata.c): %s: %s\n", path,
+                    failed == ESTALE || failed == ENODATA ? "the file changed while the image was being made"
+                                                          : strerror(failed));
+            err = failed;
         }
     }
-    return 0;
-}
-
-errcode_t ext2fs_close2(filsys fs, int flags) {
-    resolve();
-    errcode_t err = lib.close2(fs, flags); /* every block mkfs writes is in the image now */
-    if (!err && g.ready && g.nruns) {
-        err = copy_all();
-        g.nruns = 0;
-    }
+    end_file();
     return err;
 }
 
