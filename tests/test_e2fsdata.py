@@ -294,3 +294,28 @@ def test_the_report_reads_back_and_says_why_blocks_were_not_shared(tmp_path: Pat
                                       "ends under 16 bytes written by mkfs")
     report.write_text("files 3\n")
     assert e2fsdata.read_report(report) is None
+
+
+@pytest.mark.slow
+def test_the_raw_intermediate_goes_beside_the_output_where_that_shares_the_stores_blocks(
+        make_spec: SpecFactory, tmp_path: Path) -> None:
+    """A converted format's raw image: in OUT when OUT and the store are one filesystem that clones (here a
+    store directory on a loop-mounted XFS), not where OUT is another filesystem or one that does not clone."""
+    import dataclasses
+
+    from builder.disk.intermediate import intermediate_parent, shares_store_blocks
+    from builder.spec import load_spec
+
+    mnt = xfs_mount(tmp_path, 320 * MiB)
+    try:
+        (mnt / "store").mkdir()
+        (mnt / "out").mkdir()
+        spec = dataclasses.replace(load_spec(make_spec(format="qcow2")), store_dir=str(mnt / "store"))
+        assert shares_store_blocks(spec, mnt / "out")
+        assert intermediate_parent(spec, tmp_path, mnt / "out") == mnt / "out"
+        ext4_store = dataclasses.replace(spec, store_dir=str(tmp_path))  # this machine's ext4 clones nothing
+        assert not shares_store_blocks(ext4_store, tmp_path)
+        assert not shares_store_blocks(spec, tmp_path)  # another filesystem than the store's
+        assert intermediate_parent(ext4_store, tmp_path / "scratch", tmp_path) != tmp_path
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -3,8 +3,11 @@
 raw (no VM stage): straight into the output transaction's private directory inside OUT
 (builder/output.py), from where it is renamed into place, even when the build directory is on another
 filesystem. qcow2, vdi, vpc, vmdk, qcow2-compressed: the raw image is only an intermediate, read once by
-the converter, so it goes to memory (/dev/shm) when the memory can hold it; else, or when
-MDI_INTERMEDIATE=disk, to the scratch directory on disk as before. With a VM stage (`build` only; the Nix
+the converter. Where OUT is on the store's filesystem and that filesystem shares blocks (a Nix build's
+$out on an XFS or btrfs store), it goes to that same private directory: the file data then shares the
+store's blocks (builder/sandbox/e2fsdata.c) and costs neither a copy nor memory. Otherwise it goes to
+memory (/dev/shm) when the memory can hold it; else, or when MDI_INTERMEDIATE=disk, to the scratch
+directory on disk as before. With a VM stage (`build` only; the Nix
 derivation keeps it in its build directory) the VM's memSize counts against that memory too.
 It is removed when the build ends, done or failed; after a SIGKILL, by a janitor process (below).
 
@@ -141,11 +144,35 @@ def _choice() -> str:
     return choice
 
 
-def intermediate_parent(spec: Spec, scratch: Path) -> Path:
-    """The directory to hold a converted format's raw image (see the module docstring): memory or scratch."""
+# linux/fs.h: FICLONE = _IOW(0x94, 9, int).
+FICLONE = 0x40049409
+
+
+def shares_store_blocks(spec: Spec, directory: Path) -> bool:
+    """Whether a file in directory can share blocks with the store's files: the same filesystem, and one that
+    clones (FICLONE on two files of a probe: XFS with reflink, btrfs, bcachefs)."""
+    try:
+        if os.stat(directory).st_dev != os.stat(spec.store_dir).st_dev:
+            return False
+        with tempfile.TemporaryFile(dir=directory) as a, tempfile.TemporaryFile(dir=directory) as b:
+            a.write(b"\1" * 4096)
+            a.flush()
+            fcntl.ioctl(b.fileno(), FICLONE, a.fileno())
+        return True
+    except OSError:
+        return False
+
+
+def intermediate_parent(spec: Spec, scratch: Path, beside_output: Path | None = None) -> Path:
+    """The directory to hold a converted format's raw image (see the module docstring): beside the output when
+    it shares blocks with the store, else memory or scratch."""
     choice = _choice()
     if choice == "disk":
         return scratch
+    if choice == "auto" and beside_output is not None and shares_store_blocks(spec, beside_output):
+        info(f"raw intermediate beside the output ({beside_output}): its filesystem is the store's and shares "
+             "blocks, so the image's file data shares the store's instead of being copied")
+        return beside_output
     estimate = estimated_bytes(spec)
     if estimate is None and choice == "auto":
         info(f"raw intermediate on disk ({scratch}): closureInfo has no readable total-nar-size to size it by")
@@ -225,16 +252,16 @@ def raw_intermediate(spec: Spec, scratch: Path, output: Output) -> Iterator[Path
     if spec.format == "raw" and not spec.needs_vm:
         yield output.stage(spec.image_file_name)  # the transaction removes it if the build fails
         return
-    parent = intermediate_parent(spec, scratch)
+    parent = intermediate_parent(spec, scratch, output.staging)
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".mdi-raw-", dir=parent))
     janitor = None
     try:
-        if parent != scratch:  # scratch is removed by its owner
+        if parent != scratch:  # scratch is removed by its owner; elsewhere a janitor removes it, even after SIGKILL
             janitor = _janitor(tmp)
         yield tmp / "nixos.raw"
     except OutOfHostSpace as exc:
-        if parent == scratch:
+        if parent != memory_dir():
             raise
         raise OutOfHostSpace(f"{exc}\n(the raw image was kept in memory; {CHOICE_ENV}=disk writes it to the "
                              "build directory instead)") from None
