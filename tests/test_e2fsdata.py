@@ -304,18 +304,22 @@ def test_the_raw_intermediate_goes_beside_the_output_where_that_shares_the_store
     import dataclasses
 
     from builder.disk.intermediate import intermediate_parent, shares_store_blocks
+    from builder.output import output_dir
     from builder.spec import load_spec
 
     mnt = xfs_mount(tmp_path, 320 * MiB)
     try:
         (mnt / "store").mkdir()
-        (mnt / "out").mkdir()
         spec = dataclasses.replace(load_spec(make_spec(format="qcow2")), store_dir=str(mnt / "store"))
-        assert shares_store_blocks(spec, mnt / "out")
-        assert intermediate_parent(spec, tmp_path, mnt / "out") == mnt / "out"
+        assert shares_store_blocks(spec, mnt)
+        with output_dir(mnt / "out") as output:
+            parent = intermediate_parent(spec, tmp_path / "scratch", output)
+            assert parent == output.staging and parent.parent == mnt / "out"
         ext4_store = dataclasses.replace(spec, store_dir=str(tmp_path))  # this machine's ext4 clones nothing
         assert not shares_store_blocks(ext4_store, tmp_path)
         assert not shares_store_blocks(spec, tmp_path)  # another filesystem than the store's
-        assert intermediate_parent(ext4_store, tmp_path / "scratch", tmp_path) != tmp_path
+        with output_dir(tmp_path / "out") as output:
+            assert intermediate_parent(ext4_store, tmp_path / "scratch", output) != output.staging_dir
+            assert output.staging_dir is None  # not even made
     finally:
         subprocess.run(["umount", str(mnt)], check=True)

@@ -163,16 +163,17 @@ def shares_store_blocks(spec: Spec, directory: Path) -> bool:
         return False
 
 
-def intermediate_parent(spec: Spec, scratch: Path, beside_output: Path | None = None) -> Path:
+def intermediate_parent(spec: Spec, scratch: Path, output: Output | None = None) -> Path:
     """The directory to hold a converted format's raw image (see the module docstring): beside the output when
-    it shares blocks with the store, else memory or scratch."""
+    OUT shares blocks with the store (no VM stage), else memory or scratch."""
     choice = _choice()
     if choice == "disk":
         return scratch
-    if choice == "auto" and beside_output is not None and shares_store_blocks(spec, beside_output):
-        info(f"raw intermediate beside the output ({beside_output}): its filesystem is the store's and shares "
-             "blocks, so the image's file data shares the store's instead of being copied")
-        return beside_output
+    if choice == "auto" and output is not None and not spec.needs_vm and shares_store_blocks(spec, output.out):
+        beside = output.staging  # made only now: a build that does not use it leaves none, even when killed
+        info(f"raw intermediate beside the output ({beside}): its filesystem is the store's and shares blocks, "
+             "so the image's file data shares the store's instead of being copied")
+        return beside
     estimate = estimated_bytes(spec)
     if estimate is None and choice == "auto":
         info(f"raw intermediate on disk ({scratch}): closureInfo has no readable total-nar-size to size it by")
@@ -252,7 +253,7 @@ def raw_intermediate(spec: Spec, scratch: Path, output: Output) -> Iterator[Path
     if spec.format == "raw" and not spec.needs_vm:
         yield output.stage(spec.image_file_name)  # the transaction removes it if the build fails
         return
-    parent = intermediate_parent(spec, scratch, output.staging)
+    parent = intermediate_parent(spec, scratch, output)
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".mdi-raw-", dir=parent))
     janitor = None
