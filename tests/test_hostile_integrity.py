@@ -275,3 +275,18 @@ def test_indexing_fails_on_damage_mkfs_left_and_names_it(damage: str, mkfs_tree:
         ext4.index_directories(image, 0, params)
     assert re.search(expected.format(block=block, ino=ino), str(exc.value)), str(exc.value)
 
+
+def test_array_link_counts_give_the_same_bytes(mkfs_tree: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """e2fsck -E inode_count_fullmap (up to FULLMAP_INODES) changes e2fsck's memory, not what it writes."""
+    made = tmp_path / "made.img"
+    params = mkfs_image(mkfs_tree, made, fake_time=1_000_000_000)  # also e2fsck's clock: the same bytes twice
+    images = []
+    for cap in (ext4.FULLMAP_INODES, 0):
+        monkeypatch.setattr(ext4, "FULLMAP_INODES", cap)
+        image = tmp_path / f"root-{cap}.img"
+        shutil.copyfile(made, image)
+        ext4.index_directories(image, 0, params)
+        ext4.check(image, 0, params.inodes)
+        images.append(image.read_bytes())
+    assert images[0] == images[1]
