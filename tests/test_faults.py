@@ -181,7 +181,6 @@ STEPS: list[tuple[str, tuple[str, str] | None]] = [
     ("size", ("mkfs.ext4", "")),
     ("partition table", ("mkfs.ext4", " -d ")),
     ("root filesystem (mkfs.ext4 -d)", ("mkfs.ext4", " -d ")),
-    ("check root filesystem before indexing (e2fsck)", ("e2fsck", " -f -n ")),
     ("index directories (e2fsck -fyD)", ("e2fsck", " -fyD ")),
     ("contents owners (debugfs)", ("debugfs", " -w ")),
     ("boot filesystems", ("mkfs.vfat", "")),
@@ -189,9 +188,8 @@ STEPS: list[tuple[str, tuple[str, str] | None]] = [
     ("convert", ("qemu-img", " convert ")),
     ("postVM", None),
 ]
-IN_STEP = {"size", "root filesystem (mkfs.ext4 -d)", "check root filesystem before indexing (e2fsck)",
-           "index directories (e2fsck -fyD)", "contents owners (debugfs)", "boot filesystems",
-           "check root filesystem (e2fsck)", "convert"}
+IN_STEP = {"size", "root filesystem (mkfs.ext4 -d)", "index directories (e2fsck -fyD)", "contents owners (debugfs)",
+           "boot filesystems", "check root filesystem (e2fsck)", "convert"}
 ORDER = [s for s, _ in STEPS]
 # Steps that run at the same time as the held one (builder/concurrent.py): the FAT partitions are made
 # while mkfs.ext4 fills the root; the checks run side by side. A signal may end them together.

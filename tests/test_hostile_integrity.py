@@ -5,12 +5,17 @@ raw bytes in the FAT and the GPT): `ext4.check`, `fat.check` and `table.check` m
 on the damaged copies and pass on the pristine image. The FAT damage (a lost cluster, so the two FAT
 copies differ) is one that a boot-sector-only probe such as `minfo` does not notice, which
 `fsck.vfat -n` does; the GPT damage is one `sfdisk` survives silently by using the other copy.
+
+What mkfs.ext4 -d writes is checked by the e2fsck -fyD that indexes its directories
+(`ext4.index_directories`): real mkfs output damaged with debugfs must fail it, the problem named,
+and undamaged output of every ext type must pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -188,7 +193,100 @@ def test_a_tool_writing_a_broken_filesystem_fails_the_build(tool: str, make_spec
     assert res.returncode == 1, res.stderr
     expected = "fsck.vfat found problems in the ESP" if tool == "mkfs.vfat" else "e2fsck found problems"
     assert expected in res.stderr, res.stderr
-    # e2fsck -fyD would repair what mkfs.ext4 broke: the check before it must find it.
-    step = "check ESP (fsck.vfat)" if tool == "mkfs.vfat" else "check root filesystem before indexing (e2fsck)"
+    # e2fsck -fyD repairs what mkfs.ext4 broke: its report, read in the same step, must fail the build and name it.
+    step = "check ESP (fsck.vfat)" if tool == "mkfs.vfat" else "index directories (e2fsck -fyD)"
     assert f"[makeDiskImage] {step} failed after" in res.stderr
+    if tool == "mkfs.ext4":
+        assert "as mkfs.ext4 wrote it" in res.stderr and "Block bitmap differences:" in res.stderr, res.stderr
     assert not out.exists() and os.listdir(tmp) == []  # out did not exist before the failed build
+
+
+TREE_FILES = 300  # two-block directory: e2fsck -D indexes it
+
+
+@pytest.fixture(scope="module")
+def mkfs_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small source tree for mkfs.ext4 -d: a directory of TREE_FILES files, a 2 MB file, a nested one."""
+    root = tmp_path_factory.mktemp("tree")
+    (root / "d").mkdir()
+    for i in range(TREE_FILES):
+        (root / "d" / f"some-file-name-{i}").write_text(str(i))
+    (root / "e" / "f").mkdir(parents=True)
+    (root / "e" / "big").write_bytes(bytes(range(256)) * 8192)
+    (root / "e" / "f" / "x").write_text("x\n")
+    return root
+
+
+def mkfs_image(tree: Path, image: Path, fs_type: str = "ext4", label: str = "nixos",
+               fake_time: int | None = None) -> ext4.Ext4Params:
+    """What mkfs.ext4 -d writes of tree (64 MiB, the builder's block size); the parameters it was made with."""
+    os.truncate(image, 0) if image.exists() else image.touch()
+    os.truncate(image, 64 * MiB)
+    label_args = ["-L", label] if label else []
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-t", fs_type, "-b", "4096", "-N", "2048", *label_args, "-d", str(tree),
+                    str(image)], check=True, capture_output=True,
+                   env=dict(os.environ, E2FSPROGS_FAKE_TIME=str(fake_time)) if fake_time else None)
+    return ext4.Ext4Params(label=label, uuid=None, hash_seed=None, inodes=2048, fake_time=fake_time, fs_type=fs_type)
+
+
+def debugfs_w(image: Path, request: str) -> str:
+    """Run one debugfs -w request on the image; its stdout."""
+    done = subprocess.run(["debugfs", "-w", "-R", request, str(image)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize("fs_type,label", [("ext4", "nixos"), ("ext4", "nïxos-ü"), ("ext4", ""), ("ext3", "nixos"),
+                                           ("ext2", "nixos")])
+def test_indexing_accepts_what_mkfs_wrote_undamaged(fs_type: str, label: str, mkfs_tree: Path,
+                                                   tmp_path: Path) -> None:
+    """A clean run's report is read as clean whatever names the filesystem in it (label, else file name)."""
+    image = tmp_path / "root.img"
+    params = mkfs_image(mkfs_tree, image, fs_type, label)
+    ext4.index_directories(image, 0, params)
+    flags = subprocess.run(["debugfs", "-R", "stat /d", str(image)], capture_output=True, text=True).stdout
+    assert int(flags.split("Flags:")[1].split()[0], 16) & 0x1000  # EXT4_INDEX_FL: /d has two blocks
+    assert subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True).returncode == 0
+
+
+# (damage done with debugfs, what e2fsck -fyD's report must say). The group descriptor checksum, the orphan
+# list and the superblock state passed the `e2fsck -f -n` that checked mkfs' output before (its exit 0), and
+# e2fsck -fyD exits 0 after truncating an orphan: only its report shows that.
+DAMAGE = {
+    "block in use marked free": ("freeb {block} 4", r"Block bitmap differences: +\+\({block}--"),
+    "wrong link count": ("sif /e/big links_count 3", r"Inode \d+ ref count is 3, should be 1\."),
+    "group descriptor checksum": ("set_bg 0 checksum 0x1234", r"Group descriptor 0 checksum is 0x1234"),
+    "orphan list": ("ssv last_orphan {ino}", r"Truncating orphaned inode {ino} "),
+    "superblock not clean": ("ssv state 2", r"exited 1\):\nthe superblock's state was not clean"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_indexing_fails_on_damage_mkfs_left_and_names_it(damage: str, mkfs_tree: Path, tmp_path: Path) -> None:
+    image = tmp_path / "root.img"
+    params = mkfs_image(mkfs_tree, image)
+    block = subprocess.run(["debugfs", "-R", "blocks /e/big", str(image)], capture_output=True,
+                           text=True).stdout.split()[0]
+    ino = subprocess.run(["debugfs", "-R", "stat /e/f/x", str(image)], capture_output=True,
+                         text=True).stdout.split()[1]
+    request, expected = DAMAGE[damage]
+    debugfs_w(image, request.format(block=block, ino=ino))
+    with pytest.raises(BuildError, match="e2fsck found problems in the root filesystem as mkfs.ext4 wrote it") as exc:
+        ext4.index_directories(image, 0, params)
+    assert re.search(expected.format(block=block, ino=ino), str(exc.value)), str(exc.value)
+
+
+def test_array_link_counts_give_the_same_bytes(mkfs_tree: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """e2fsck -E inode_count_fullmap (up to FULLMAP_INODES) changes e2fsck's memory, not what it writes."""
+    made = tmp_path / "made.img"
+    params = mkfs_image(mkfs_tree, made, fake_time=1_000_000_000)  # also e2fsck's clock: the same bytes twice
+    images = []
+    for cap in (ext4.FULLMAP_INODES, 0):
+        monkeypatch.setattr(ext4, "FULLMAP_INODES", cap)
+        image = tmp_path / f"root-{cap}.img"
+        shutil.copyfile(made, image)
+        ext4.index_directories(image, 0, params)
+        ext4.check(image, 0, params.inodes)
+        images.append(image.read_bytes())
+    assert images[0] == images[1]

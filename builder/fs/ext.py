@@ -113,21 +113,80 @@ def overhead_blocks(size_bytes: int, params: Ext4Params, scratch: Path) -> int:
     return int(sb["Block count"]) - int(sb["Free blocks"])
 
 
+# What `e2fsck -fyD` prints on a filesystem it finds clean (LC_ALL=C): the pass headers (e2fsck/problem.c,
+# PR_1_PASS_HEADER to PR_5_PASS_HEADER, and PR_3A_PASS_HEADER before the rehash), blank lines, and unix.c's
+# "***** FILE SYSTEM WAS MODIFIED *****" and summary lines after the device name. Any other line is a problem
+# (problem.c fix_problem prints each one, then its "Fix? yes") or a warning.
+CLEAN_FSCK_LINES = frozenset({
+    "Pass 1: Checking inodes, blocks, and sizes",
+    "Pass 2: Checking directory structure",
+    "Pass 3: Checking directory connectivity",
+    "Pass 3A: Optimizing directories",
+    "Pass 4: Checking reference counts",
+    "Pass 5: Checking group summary information",
+})
+
+# Up to this many inodes, e2fsck counts links in plain arrays (-E inode_count_fullmap: 4 bytes per inode, here
+# at most 64 MiB) instead of its sorted lists: the same bytes, in less CPU time (docs/directories.md).
+FULLMAP_INODES = 1 << 24
+
+# Lines of an e2fsck report shown in a failure message.
+SHOWN_LINES = 20
+
+
+def _fsck_options(inodes: int) -> list[str]:
+    """e2fsck's -E options: no readahead (the image was just written and sits in the page cache; the fadvise
+    calls only cost system calls), and array link counts for filesystems of up to FULLMAP_INODES inodes."""
+    fullmap = 0 < inodes <= FULLMAP_INODES
+    return ["-E", "readahead_kb=0,inode_count_fullmap" if fullmap else "readahead_kb=0"]
+
+
+def fsck_problems(stdout: str, stderr: str, device: str) -> list[str]:
+    """The lines of an `e2fsck -fyD` run (LC_ALL=C) that a clean run does not print: the problems it found.
+
+    device: the name e2fsck puts before its closing lines, the volume label when there is one (e2fsck/unix.c).
+    Not the version banner on stderr, nor the dynamic loader's notice that a preloaded library (the checksum
+    library) was ignored: e2fsck then ran with libext2fs' own checksums.
+    """
+    summary = re.compile(re.escape(device) + r": \d+/\d+ files \(\d+\.\d% non-contiguous\), \d+/\d+ blocks")
+    modified = f"{device}: ***** FILE SYSTEM WAS MODIFIED *****"
+    out = [ln for ln in stdout.splitlines()
+           if ln.strip() and ln not in CLEAN_FSCK_LINES and ln != modified and not summary.fullmatch(ln)]
+    err = [ln for ln in stderr.splitlines()
+           if ln.strip() and not re.fullmatch(r"e2fsck \d[\w.-]* \([\w-]+\)", ln)
+           and not (ln.startswith("ERROR: ld.so: ") and "LD_PRELOAD" in ln)]
+    return out + err
+
+
 def index_directories(image: Path, offset: int, params: Ext4Params) -> None:
-    """Rewrite every directory with e2fsck -fyD: hash-indexed where it has more than one block.
+    """One e2fsck -fyD: checks what mkfs wrote, and rewrites every directory, hash-indexed if of 2+ blocks.
 
     mkfs.ext4 -d (e2fsprogs 1.47) writes every directory linear, and the kernel indexes a directory only
     while it has one block (fs/ext4/namei.c make_indexed_dir), so a big one would stay linear for life:
     linear lookups, and no more than 65000 subdirectories. e2fsck's rehash (e2fsck/rehash.c) indexes a
     directory of two blocks or more, entries sorted by the superblock's hash seed, so the bytes follow
-    from the tree and the seed. No e2fsck.conf: its indexed_dir_slack_percentage would change them.
+    from the tree and the seed. No e2fsck.conf: its indexed_dir_slack_percentage would change the bytes, and
+    its [problems] settings could silence a problem.
+
+    -y repairs whatever else e2fsck finds, so its report is the check of what mkfs wrote: the build fails
+    unless e2fsck exits 0 (1 once it fixed a problem: E2F_FLAG_PROBLEMS_FIXED, or a superblock not marked
+    clean; e2fsck/unix.c) and prints nothing but a clean run's lines (fsck_problems).
     """
-    env = dict(_env(params), E2FSCK_CONFIG="/dev/null")
+    target = f"{image}?offset={offset}"
+    env = dict(_env(params), E2FSCK_CONFIG="/dev/null", LC_ALL="C")  # C: the report is read, untranslated
     if params.fake_time is not None:  # e2fsck's clock (e2fsck/e2fsck.c), stamped as last check and write time
         env["E2FSCK_TIME"] = str(params.fake_time)
-    # Status 1: the filesystem was modified, as every rehash does.
-    run(["e2fsck", "-fyD", "-E", "readahead_kb=0", f"{image}?offset={offset}"], "e2fsck -fyD (indexing directories) "
-        "failed", ok=(0, 1), env=env)
+    res = run(["e2fsck", "-fyD", *_fsck_options(params.inodes), target], env=env, ok=None)
+    # e2fsck names the filesystem by its label, else by its file name without the "?offset" io options
+    # (e2fsck/unix.c), as bytes: decoded as the runner decodes them.
+    device = params.label or os.fsencode(image).decode("utf-8", "backslashreplace")
+    problems = fsck_problems(res.stdout, res.stderr, device)
+    if res.returncode != 0 or problems:
+        shown = "\n".join(problems[:SHOWN_LINES]) or (
+            "the superblock's state was not clean" if res.returncode == 1 else "nothing printed")
+        more = f"\n... and {len(problems) - SHOWN_LINES} more lines" if len(problems) > SHOWN_LINES else ""
+        raise BuildError(f"e2fsck found problems in the root filesystem as mkfs.ext4 wrote it (e2fsck -fyD, which "
+                         f"repairs them while it indexes the directories, exited {res.returncode}):\n{shown}{more}")
 
 
 def _inode_times(target: str, ino: int) -> tuple[int, int, int, int]:
@@ -260,16 +319,12 @@ def debugfs_errors(stderr: str) -> list[str]:
             if ln and not ln.startswith("debugfs ") and not (ln.startswith("ERROR: ld.so: ") and "LD_PRELOAD" in ln)]
 
 
-def check(image: Path, offset: int, before_indexing: bool = False) -> None:
+def check(image: Path, offset: int, inodes: int = 0) -> None:
     """e2fsck -fn must find the filesystem clean; the build fails otherwise.
 
-    before_indexing: the check of what mkfs wrote, before e2fsck -fyD, which would repair it silently
-    (spelled `-f -n`, so that a test can hold one check or the other).
+    inodes: the filesystem's inode count when known, for array link counts up to FULLMAP_INODES.
     """
-    # No readahead: the image was just written and sits in the page cache; e2fsck's fadvise calls (one per
-    # inode table chunk) only cost system calls.
-    flags = ["-f", "-n"] if before_indexing else ["-fn"]
-    run(["e2fsck", *flags, "-E", "readahead_kb=0", f"{image}?offset={offset}"],
+    run(["e2fsck", "-fn", *_fsck_options(inodes), f"{image}?offset={offset}"],
         "e2fsck found problems in the root filesystem", env=with_crc_library(dict(os.environ)))
 
 
@@ -377,9 +432,7 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
         started = False
     store_modes, store_xattrs = store_fixes(spec, size.usage.store_fixes, labels_hidden=stamped)
     try:
-        # e2fsck -fyD repairs whatever else it finds, without saying so: what mkfs wrote is checked first.
-        with step("check root filesystem before indexing (e2fsck)"):
-            check(image, root.start, before_indexing=True)
+        # Also the check of what mkfs wrote: e2fsck -fyD's report must be a clean run's.
         with step("index directories (e2fsck -fyD)"):
             index_directories(image, root.start, params)
         with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
@@ -388,7 +441,7 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
     finally:
         if started:
             remover.join()
-    run_side_by_side(_checks(spec, image, plan, size.usage))
+    run_side_by_side(_checks(spec, image, plan, size.usage, size.inodes))
     return plan
 
 
@@ -440,7 +493,8 @@ def refuse_changed_store(usage: measure.Usage, what: str) -> None:
                          f"replaced, added or removed), so {what}; build again once the store is left alone")
 
 
-def _checks(spec: Spec, image: Path, plan: layout.Layout, usage: measure.Usage) -> list[tuple[str, Callable[[], None]]]:
+def _checks(spec: Spec, image: Path, plan: layout.Layout, usage: measure.Usage,
+            inodes: int = 0) -> list[tuple[str, Callable[[], None]]]:
     """The root ext4 clean (e2fsck -fn), auto sizing's free space reached, and each FAT partition clean."""
     root = plan.root
 
@@ -455,7 +509,7 @@ def _checks(spec: Spec, image: Path, plan: layout.Layout, usage: measure.Usage) 
                              f"{human(spec.additional_space)} (estimate too low; please report)")
 
     checks: list[tuple[str, Callable[[], None]]] = [
-        ("check root filesystem (e2fsck)", partial(check, image, root.start)),
+        ("check root filesystem (e2fsck)", partial(check, image, root.start, inodes)),
         ("root filesystem free space", free_space),
     ]
     checks += [(f"check {p.label} (fsck.vfat)", partial(fat.check, image, p)) for p in plan.partitions
