@@ -290,3 +290,16 @@ def test_array_link_counts_give_the_same_bytes(mkfs_tree: Path, tmp_path: Path,
         ext4.check(image, 0, params.inodes)
         images.append(image.read_bytes())
     assert images[0] == images[1]
+
+
+def test_a_source_date_after_the_clock_builds_when_not_deterministic(make_spec: SpecFactory, tmp_path: Path) -> None:
+    """deterministic = false: mkfs stamps sourceDateEpoch (stat shim), e2fsck the real clock unless that is
+    earlier; a superblock written "in the future" would otherwise be a problem e2fsck -fyD reports."""
+    future = 4102444800  # 2100-01-01
+    spec = make_spec(deterministic=False, sourceDateEpoch=future)
+    res = subprocess.run([sys.executable, "-m", "builder", "prepare", str(spec), "--image", str(tmp_path / "x.img")],
+                         capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert res.returncode == 0, res.stderr
+    offset = part_offset(tmp_path / "x.img", 2)
+    assert subprocess.run(["e2fsck", "-fn", f"{tmp_path / 'x.img'}?offset={offset}"], capture_output=True,
+                          env={**os.environ, "E2FSCK_TIME": str(future)}).returncode == 0

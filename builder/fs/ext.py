@@ -22,6 +22,7 @@ import re
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -158,7 +159,7 @@ def fsck_problems(stdout: str, stderr: str, device: str) -> list[str]:
     return out + err
 
 
-def index_directories(image: Path, offset: int, params: Ext4Params) -> None:
+def index_directories(image: Path, offset: int, params: Ext4Params, epoch: int | None = None) -> None:
     """One e2fsck -fyD: checks what mkfs wrote, and rewrites every directory, hash-indexed if of 2+ blocks.
 
     mkfs.ext4 -d (e2fsprogs 1.47) writes every directory linear, and the kernel indexes a directory only
@@ -176,6 +177,10 @@ def index_directories(image: Path, offset: int, params: Ext4Params) -> None:
     env = dict(_env(params), E2FSCK_CONFIG="/dev/null", LC_ALL="C")  # C: the report is read, untranslated
     if params.fake_time is not None:  # e2fsck's clock (e2fsck/e2fsck.c), stamped as last check and write time
         env["E2FSCK_TIME"] = str(params.fake_time)
+    elif epoch is not None and epoch > time.time():
+        # mkfs wrote with the stat shim's clock, the epoch (populate); a later real clock is fine, an earlier
+        # one would read the superblock's write time as "in the future", a problem to e2fsck.
+        env["E2FSCK_TIME"] = str(epoch)
     res = run(["e2fsck", "-fyD", *_fsck_options(params.inodes), target], env=env, ok=None)
     # e2fsck names the filesystem by its label, else by its file name without the "?offset" io options
     # (e2fsck/unix.c), as bytes: decoded as the runner decodes them.
@@ -434,7 +439,7 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
     try:
         # Also the check of what mkfs wrote: e2fsck -fyD's report must be a clean run's.
         with step("index directories (e2fsck -fyD)"):
-            index_directories(image, root.start, params)
+            index_directories(image, root.start, params, epoch)
         with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
             normalize(image, root.start, staged.owner_fixes, epoch, scratch, params, every_inode=not stamped,
                       modes=[*staged.mode_fixes, *store_modes], xattrs=store_xattrs)
