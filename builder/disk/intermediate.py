@@ -35,6 +35,7 @@ from pathlib import Path
 from ..errors import OutOfHostSpace, UserError
 from ..log import info
 from ..output import Output
+from ..sandbox.e2fsdata import clones
 from ..signals import TERMINATING
 from ..spec import Spec
 from ..units import MiB, human
@@ -144,23 +145,13 @@ def _choice() -> str:
     return choice
 
 
-# linux/fs.h: FICLONE = _IOW(0x94, 9, int).
-FICLONE = 0x40049409
-
-
 def shares_store_blocks(spec: Spec, directory: Path) -> bool:
-    """Whether a file in directory can share blocks with the store's files: the same filesystem, and one that
-    clones (FICLONE on two files of a probe: XFS with reflink, btrfs, bcachefs)."""
+    """Whether a file in directory can share blocks with the store's files: the same filesystem, one that clones."""
     try:
-        if os.stat(directory).st_dev != os.stat(spec.store_dir).st_dev:
-            return False
-        with tempfile.TemporaryFile(dir=directory) as a, tempfile.TemporaryFile(dir=directory) as b:
-            a.write(b"\1" * 4096)
-            a.flush()
-            fcntl.ioctl(b.fileno(), FICLONE, a.fileno())
-        return True
+        same = os.stat(directory).st_dev == os.stat(spec.store_dir).st_dev
     except OSError:
         return False
+    return same and clones(directory)
 
 
 def intermediate_parent(spec: Spec, scratch: Path, output: Output | None = None) -> Path:

@@ -34,7 +34,7 @@ from ..errors import BuildError, OutOfHostSpace, UserError
 from ..log import info, step
 from ..process import run
 from ..sandbox.e2fscrc import with_crc_library
-from ..sandbox.e2fsdata import data_library, data_settings, describe, read_report
+from ..sandbox.e2fsdata import data_plan, describe, read_report
 from ..sandbox.e2fsdir import dir_library
 from ..sandbox.namespace import run_with_binds, userns_available
 from ..sandbox.preload import preload_list
@@ -219,12 +219,11 @@ def populate(
     # Through env(1), so only mkfs is preloaded, not the namespace helper that execs it. The directory
     # library only there: it adds entries where libext2fs would, without scanning (builder/sandbox/e2fsdir.c);
     # and the data library: file data into the image in the kernel (builder/sandbox/e2fsdata.c).
-    data = data_library()
     report = scratch / "data-report"
     report.unlink(missing_ok=True)
+    settings, data = data_plan(image, offset, report)
     preload = preload_list(env.pop("LD_PRELOAD", None), dir_library(), data) or None
-    if data:
-        argv = [*data_settings(image, offset, report), *argv]
+    argv = [*settings, *argv]
     shim = stat_shim()
     if shim:
         preload = preload_list(preload, shim)

@@ -24,13 +24,16 @@
    or changed fails mkfs with a line naming it.
 
    Configured by MDI_DATA_IMAGE (the image as mkfs opens it), MDI_DATA_OFFSET (the filesystem's byte offset
-   in it: mkfs' -E offset) and MDI_DATA_REPORT (a file the counts are written to at exit). Without them,
+   in it: mkfs' -E offset), MDI_DATA_REPORT (a file the counts are written to at exit) and MDI_DATA_SAME_FS
+   (set: only sources on the image's own filesystem, whose blocks it can share; the others go mkfs' way,
+   which on this machine's ext4 costs less than the per-file work of an in-kernel copy). Without them,
    on filesystems with inline data, or elsewhere than x86-64 (struct_ext2_filsys is read as laid out
    there), every call goes to e2fsprogs as without this library. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdint.h>
@@ -63,6 +66,7 @@ static const uint64_t TAG_MAGIC = 0x6d64692d64617461ULL;
 
 typedef errcode_t file_open_fn(filsys, uint32_t, int, e2file *);
 typedef errcode_t file_close_fn(e2file);
+typedef errcode_t close2_fn(filsys, int);
 typedef errcode_t write_blk_fn(void *, unsigned long long, int, const void *);
 typedef ssize_t pread_fn(int, void *, size_t, off_t);
 typedef ssize_t pwrite_fn(int, const void *, size_t, off_t);
@@ -70,6 +74,7 @@ typedef ssize_t pwrite_fn(int, const void *, size_t, off_t);
 static struct {
     file_open_fn *file_open;
     file_close_fn *file_close;
+    close2_fn *close2;
     write_blk_fn *write_blk;
     pread_fn *pread;
     pwrite_fn *pwrite;
@@ -96,8 +101,9 @@ static struct {
     size_t placed_words;
     struct device devices[16];
     unsigned ndevices;
-    unsigned long files;
-    unsigned long long cloned, ranged, sent, copied, by_mkfs;
+    int same_fs_only;         /* MDI_DATA_SAME_FS: only sources on the image's filesystem */
+    unsigned long files, other_files;
+    unsigned long long other_bytes, cloned, ranged, sent, copied, by_mkfs;
 } g = {.img = -1};
 
 /* The file mkfs has open for writing, its source once read (-1 before; -2: it goes mkfs' own way), and
@@ -112,6 +118,10 @@ static struct {
     struct run *runs;
     size_t nruns, cap;
 } cur = {.src = -1};
+
+static void add(unsigned long long *counter, uint64_t n) {
+    __atomic_fetch_add(counter, (unsigned long long)n, __ATOMIC_RELAXED);
+}
 
 static sigjmp_buf bus_jump;
 static volatile sig_atomic_t scanning;
@@ -131,6 +141,7 @@ static void resolve(void) {
     lib.file_open = (file_open_fn *)dlsym(RTLD_NEXT, "ext2fs_file_open");
     lib.file_close = (file_close_fn *)dlsym(RTLD_NEXT, "ext2fs_file_close");
     lib.write_blk = (write_blk_fn *)dlsym(RTLD_NEXT, "io_channel_write_blk64");
+    lib.close2 = (close2_fn *)dlsym(RTLD_NEXT, "ext2fs_close2");
     lib.pwrite = (pwrite_fn *)dlsym(RTLD_NEXT, "pwrite64");
     lib.pread = (pread_fn *)dlsym(RTLD_NEXT, "pread64");
 }
@@ -143,7 +154,7 @@ static int raw_fstat(int fd, struct stat *st) {
 __attribute__((constructor)) static void setup(void) {
     resolve();
     const char *image = getenv("MDI_DATA_IMAGE"), *offset = getenv("MDI_DATA_OFFSET");
-    if (!image || !offset || !*offset || !lib.file_open || !lib.file_close || !lib.write_blk || !lib.pwrite ||
+    if (!image || !offset || !*offset || !lib.file_open || !lib.file_close || !lib.close2 || !lib.write_blk || !lib.pwrite ||
         !lib.pread)
         return;
     char *end;
@@ -159,6 +170,7 @@ __attribute__((constructor)) static void setup(void) {
     g.img_dev = st.st_dev;
     g.img_ino = st.st_ino;
     g.report = getenv("MDI_DATA_REPORT");
+    g.same_fs_only = getenv("MDI_DATA_SAME_FS") != NULL;
     struct sigaction sa = {.sa_sigaction = on_bus, .sa_flags = SA_SIGINFO};
     sigemptyset(&sa.sa_mask);
     g.ready = sigaction(SIGBUS, &sa, NULL) == 0;
@@ -176,6 +188,7 @@ __attribute__((destructor)) static void report(void) {
         re = re ? re : g.devices[i].range_errno;
         se = se ? se : g.devices[i].sendfile_errno;
     }
+    fprintf(f, "other_files %lu\nother_bytes %llu\n", g.other_files, g.other_bytes);
     fprintf(f, "files %lu\ncloned %llu\ncopy_file_range %llu\nsendfile %llu\nread_write %llu\nmkfs %llu\n"
                "clone_errno %d\ncopy_file_range_errno %d\nsendfile_errno %d\n",
             g.files, g.cloned, g.ranged, g.sent, g.copied, g.by_mkfs, ce, re, se);
@@ -224,6 +237,11 @@ static int adopt(int fd) {
     cur.src = -2;
     if (st.st_size <= 0)
         return 1;
+    if (g.same_fs_only && st.st_dev != g.img_dev) { /* no blocks to share: mkfs' own way costs less */
+        g.other_files++;
+        g.other_bytes += (unsigned long long)st.st_size;
+        return 1;
+    }
     void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0);
     if (map == MAP_FAILED)
         return 1;
@@ -423,7 +441,7 @@ static int copy_run(struct device *dev, int src, const struct run *r) {
         struct file_clone_range fcr = {
             .src_fd = src, .src_offset = r->src, .src_length = whole, .dest_offset = r->dst};
         if (ioctl(g.img, FICLONERANGE, &fcr) == 0) {
-            g.cloned += whole;
+            add(&g.cloned, whole);
             done = whole;
         } else if (errno != EINVAL) { /* another filesystem, no reflinks, ...; EINVAL: this range's alignment */
             dev->clone_errno = errno;
@@ -435,7 +453,7 @@ static int copy_run(struct device *dev, int src, const struct run *r) {
         ssize_t n = copy_file_range(src, &in, g.img, &out, left, 0);
         if (n > 0) {
             left -= (uint64_t)n;
-            g.ranged += (uint64_t)n;
+            add(&g.ranged, (uint64_t)n);
         } else if (n == 0) {
             return ENODATA; /* the source ended early */
         } else if (errno == EXDEV || errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) {
@@ -451,7 +469,7 @@ static int copy_run(struct device *dev, int src, const struct run *r) {
         if (n > 0) {
             left -= (uint64_t)n;
             out += n;
-            g.sent += (uint64_t)n;
+            add(&g.sent, (uint64_t)n);
         } else if (n == 0) {
             return ENODATA;
         } else if (errno == EINVAL || errno == ENOSYS) {
@@ -460,26 +478,173 @@ static int copy_run(struct device *dev, int src, const struct run *r) {
             return errno;
         }
     }
-    static unsigned char buf[1 << 20];
-    while (left) {
-        ssize_t n = lib.pread(src, buf, left < sizeof buf ? left : sizeof buf, in);
+    unsigned char *buf = left ? malloc(1 << 20) : NULL;
+    if (left && !buf)
+        return ENOMEM;
+    int err = 0;
+    while (left && !err) {
+        ssize_t n = lib.pread(src, buf, left < (1 << 20) ? left : (1 << 20), in);
         if (n <= 0) {
             if (n < 0 && errno == EINTR)
                 continue;
-            return n == 0 ? ENODATA : errno;
+            err = n == 0 ? ENODATA : errno;
+            break;
         }
-        for (ssize_t done = 0; done < n;) {
+        for (ssize_t done = 0; done < n && !err;) {
             ssize_t w = lib.pwrite(g.img, buf + done, (size_t)(n - done), out + done);
             if (w < 0 && errno != EINTR)
-                return errno;
+                err = errno;
             done += w > 0 ? w : 0;
         }
         in += n;
         out += n;
         left -= (uint64_t)n;
-        g.copied += (uint64_t)n;
+        add(&g.copied, (uint64_t)n);
     }
-    return 0;
+    free(buf);
+    return err;
+}
+
+/* Copying off mkfs' thread: mkfs goes on with the next file while a worker thread puts this one's data in
+   and starts writing it back (sync_file_range, SYNC_FILE_RANGE_WRITE), so the image's writeback runs
+   beside mkfs' work instead of after it, at its final fsync. The source is a dup of mkfs' descriptor
+   (mkfs closes its own after the file). Without a thread or a descriptor, the copy is made in mkfs'
+   thread as the file closes. ext2fs_close2 waits for every copy before the filesystem is closed, and the
+   first failure fails mkfs: at the next file's close, or at ext2fs_close2. */
+struct job {
+    int fd;
+    struct device *dev;
+    struct stat st;
+    struct run *runs;
+    size_t nruns;
+};
+
+#define QUEUE 256
+#define KICK (8u << 20)
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t filled, drained;
+    struct job jobs[QUEUE];
+    unsigned head, count;
+    int started, busy, stopping, error;
+    pthread_t thread;
+    uint64_t kick_lo, kick_hi; /* written since the last writeback start (the worker's own) */
+} q = {.lock = PTHREAD_MUTEX_INITIALIZER, .filled = PTHREAD_COND_INITIALIZER, .drained = PTHREAD_COND_INITIALIZER};
+
+static void kick(int force) {
+    if (q.kick_hi > q.kick_lo && (force || q.kick_hi - q.kick_lo >= KICK))
+        sync_file_range(g.img, (off64_t)q.kick_lo, (off64_t)(q.kick_hi - q.kick_lo), SYNC_FILE_RANGE_WRITE);
+    if (force || q.kick_hi - q.kick_lo >= KICK)
+        q.kick_lo = q.kick_hi = 0;
+}
+
+/* A file's runs copied, then checked to be the file that was read; 0 or the errno (message printed). */
+static int copy_file_data(int fd, struct device *dev, const struct stat *st, const struct run *runs, size_t nruns,
+                          int writeback) {
+    int failed = 0;
+    for (size_t i = 0; i < nruns && !failed; i++) {
+        failed = copy_run(dev, fd, &runs[i]);
+        if (writeback && !failed) {
+            if (q.kick_hi && runs[i].dst != q.kick_hi)
+                kick(1); /* not contiguous with what is pending: start that now */
+            if (!q.kick_hi)
+                q.kick_lo = runs[i].dst;
+            q.kick_hi = runs[i].dst + runs[i].len;
+            kick(0);
+        }
+    }
+    struct stat now;
+    if (!failed && (raw_fstat(fd, &now) != 0 || now.st_size != st->st_size ||
+                    now.st_mtim.tv_sec != st->st_mtim.tv_sec || now.st_mtim.tv_nsec != st->st_mtim.tv_nsec ||
+                    now.st_ctim.tv_sec != st->st_ctim.tv_sec || now.st_ctim.tv_nsec != st->st_ctim.tv_nsec))
+        failed = ESTALE;
+    if (failed) {
+        char path[4096];
+        name_source(fd, path, sizeof path);
+        fprintf(stderr, "mkfs.ext4 -d (builder/sandbox/e2fsdata.c): %s: %s\n", path,
+                failed == ESTALE || failed == ENODATA ? "the file changed while the image was being made"
+                                                      : strerror(failed));
+    }
+    return failed;
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    pthread_mutex_lock(&q.lock);
+    for (;;) {
+        while (!q.count && !q.stopping)
+            pthread_cond_wait(&q.filled, &q.lock);
+        if (!q.count)
+            break;
+        struct job job = q.jobs[q.head];
+        q.head = (q.head + 1) % QUEUE;
+        q.count--;
+        q.busy = 1;
+        int skip = q.error != 0;
+        pthread_cond_broadcast(&q.drained);
+        pthread_mutex_unlock(&q.lock);
+        int failed = skip ? 0 : copy_file_data(job.fd, job.dev, &job.st, job.runs, job.nruns, 1);
+        close(job.fd);
+        free(job.runs);
+        pthread_mutex_lock(&q.lock);
+        q.busy = 0;
+        if (failed && !q.error)
+            q.error = failed;
+        pthread_cond_broadcast(&q.drained);
+    }
+    kick(1);
+    pthread_mutex_unlock(&q.lock);
+    return NULL;
+}
+
+/* Hand the current file's runs to the worker (1), or say it must be copied here (0). */
+static int hand_over(int src, struct device *dev) {
+    int fd = fcntl(src, F_DUPFD_CLOEXEC, 3);
+    if (fd < 0)
+        return 0;
+    pthread_mutex_lock(&q.lock);
+    if (!q.started) {
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old); /* signals stay mkfs' thread's */
+        q.started = pthread_create(&q.thread, NULL, worker, NULL) == 0 ? 1 : -1;
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+    }
+    if (q.started < 0) {
+        pthread_mutex_unlock(&q.lock);
+        close(fd);
+        return 0;
+    }
+    while (q.count == QUEUE)
+        pthread_cond_wait(&q.drained, &q.lock);
+    q.jobs[(q.head + q.count) % QUEUE] = (struct job){fd, dev, cur.st, cur.runs, cur.nruns};
+    q.count++;
+    pthread_cond_signal(&q.filled);
+    pthread_mutex_unlock(&q.lock);
+    cur.runs = NULL; /* the worker frees them */
+    cur.cap = cur.nruns = 0;
+    return 1;
+}
+
+/* Every handed-over copy done; the first failure's errno, or 0. */
+static int drain(void) {
+    pthread_mutex_lock(&q.lock);
+    int started = q.started > 0;
+    q.stopping = 1;
+    pthread_cond_signal(&q.filled);
+    pthread_mutex_unlock(&q.lock);
+    if (started)
+        pthread_join(q.thread, NULL);
+    q.started = 0;
+    q.stopping = 0;
+    return q.error;
+}
+
+static int pending_error(void) {
+    pthread_mutex_lock(&q.lock);
+    int err = q.error;
+    pthread_mutex_unlock(&q.lock);
+    return err;
 }
 
 errcode_t ext2fs_file_close(e2file file) {
@@ -487,29 +652,22 @@ errcode_t ext2fs_file_close(e2file file) {
     if (!cur.active || file != cur.file)
         return lib.file_close(file);
     errcode_t err = lib.file_close(file); /* writes the last block, noted as the others */
-    int src = cur.src, failed = 0;
-    if (!err && src >= 0) {
+    int src = cur.src;
+    if (!err && src >= 0 && cur.nruns) {
         struct device *dev = device_of(cur.st.st_dev);
-        for (size_t i = 0; i < cur.nruns && !failed; i++)
-            failed = copy_run(dev, src, &cur.runs[i]);
-        struct stat now;
-        if (!failed && (raw_fstat(src, &now) != 0 || now.st_size != cur.st.st_size ||
-                        now.st_mtim.tv_sec != cur.st.st_mtim.tv_sec ||
-                        now.st_mtim.tv_nsec != cur.st.st_mtim.tv_nsec ||
-                        now.st_ctim.tv_sec != cur.st.st_ctim.tv_sec ||
-                        now.st_ctim.tv_nsec != cur.st.st_ctim.tv_nsec))
-            failed = ESTALE;
-        if (failed) {
-            char path[4096];
-            name_source(src, path, sizeof path);
-            fprintf(stderr, "mkfs.ext4 -d (builder/sandbox/e2fsdata.c): %s: %s\n", path,
-                    failed == ESTALE || failed == ENODATA ? "the file changed while the image was being made"
-                                                          : strerror(failed));
-            err = failed;
-        }
+        err = pending_error();
+        if (!err && !hand_over(src, dev))
+            err = copy_file_data(src, dev, &cur.st, cur.runs, cur.nruns, 0);
     }
     end_file();
     return err;
+}
+
+errcode_t ext2fs_close2(filsys fs, int flags) {
+    resolve();
+    int failed = drain(); /* every copy in before mkfs' last writes and its fsync */
+    errcode_t err = lib.close2(fs, flags);
+    return failed ? failed : err;
 }
 
 #endif

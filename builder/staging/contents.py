@@ -14,6 +14,7 @@ from pathlib import Path
 from ..chmod import ChmodRules
 from ..errors import UserError
 from ..inputfile import host_only_problem, host_view_devices, host_view_problem
+from ..sandbox.e2fsdata import FICLONE
 from ..spec import Content, Spec
 
 
@@ -97,9 +98,6 @@ def _copy(source: Path, dest: Path, index: int, target: str) -> None:
     else:
         shutil.copytree(source, dest, symlinks=True, copy_function=_copy2)
 
-
-# linux/fs.h: FICLONE = _IOW(0x94, 9, int): the whole file, sharing the source's blocks.
-FICLONE = 0x40049409
 
 
 def _copy2(source: str | Path, dest: str | Path, *, follow_symlinks: bool = True) -> None:
