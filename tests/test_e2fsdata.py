@@ -307,8 +307,9 @@ def test_a_library_that_is_not_a_file_is_named(make_spec: SpecFactory, tmp_path:
 
 def test_the_report_reads_back_and_says_why_blocks_were_not_shared(tmp_path: Path) -> None:
     report = tmp_path / "r"
-    report.write_text("other_files 2\nother_bytes 3072\nfiles 3\ncloned 0\ncopy_file_range 0\nsendfile 8192\n"
-                      "read_write 0\nmkfs 5\nclone_errno 18\ncopy_file_range_errno 18\nsendfile_errno 0\n")
+    report.write_text("other_files 2\nother_bytes 3072\nsmall_files 0\nsmall_bytes 0\nfiles 3\ncloned 0\n"
+                      "copy_file_range 0\nsendfile 8192\nread_write 0\nmkfs 5\nclone_errno 18\n"
+                      "copy_file_range_errno 18\nsendfile_errno 0\n")
     got = e2fsdata.read_report(report)
     assert got is not None and got.sendfile == 8192
     assert e2fsdata.describe(got) == ("file data of 3 files, 8.0 KiB: 8.0 KiB copied in the kernel (sendfile); not "

@@ -83,10 +83,12 @@ def data_plan(image: Path, offset: int, report: Path) -> tuple[list[str], str | 
 @dataclass(frozen=True)
 class DataReport:
     """What the library did: files taken over, bytes by each way, and the errno of each way refused (0: none);
-    files left to mkfs because they are on another filesystem than the image's."""
+    files left to mkfs because they are on another filesystem than the image's, or small."""
 
     other_files: int
     other_bytes: int
+    small_files: int
+    small_bytes: int
     files: int
     cloned: int
     copy_file_range: int
@@ -130,6 +132,8 @@ def describe(report: DataReport | None, loaded: bool = True) -> str:
     if report.clone_errno and moved > report.cloned:
         why = _NO_CLONE.get(report.clone_errno, os.strerror(report.clone_errno))
         line += f"; not shared: {why}"
+    if report.small_files:
+        line += f"; {report.small_files} files under 64 KiB ({human(report.small_bytes)}) written by mkfs"
     if report.other_files:
         line += (f"; {report.other_files} files ({human(report.other_bytes)}) on other filesystems than the "
                  "image's written by mkfs")
