@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..concurrent import alongside, run_side_by_side
 from ..disk import layout, table
+from ..disk.writeback import written_back
 from ..errors import BuildError, OutOfHostSpace, UserError
 from ..log import info, step
 from ..process import run
@@ -417,7 +418,7 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
     root = plan.root
     params = ext_params(spec, size.inodes)
     epoch = spec.source_date_epoch
-    with alongside("boot filesystems", partial(_make_boot_filesystems, spec, image, plan)):
+    with alongside("boot filesystems", partial(_make_boot_filesystems, spec, image, plan)), written_back(image):
         with step("root filesystem (mkfs.ext4 -d)"):
             binds = closure_binds(staged, epoch)
             try:
