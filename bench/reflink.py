@@ -99,7 +99,9 @@ def teardown(work: Path) -> list[str]:
     if backing.exists():
         for device in _loops_on(backing):
             _detach(device)
-        busy = _loops_on(backing)
+        deadline = time.monotonic() + 5
+        while (busy := _loops_on(backing)) and time.monotonic() < deadline:
+            time.sleep(0.1)  # right after umount the kernel may still hold the device: losetup -d left autoclear
         if busy:
             notes.append(f"{', '.join(busy)} on {backing} still in use: set to detach itself when released")
         backing.unlink()
