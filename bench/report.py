@@ -46,6 +46,7 @@ def _method_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         out["xfs_used"] = {"before": _median([u["before"] for u in used]), "after": _median([u["after"] for u in used]),
                            "growth": _median([u["after"] - u["before"] for u in used]),
                            "shared": _median([u["shared"] for u in used])}
+    out["said"] = list(dict.fromkeys(line for r in ok for line in r.get("said", [])))
     steps: dict[str, list[float]] = {}
     for r in ok:
         for name, seconds in r["steps"]:
@@ -237,6 +238,9 @@ def render(machine: dict[str, str], config: dict[str, Any], sizes: list[dict[str
             if ms.get("steps"):
                 out.append(f"- {m} steps (median s): " +
                            ", ".join(f"{k} {v:.2f}" for k, v in ms["steps"].items()))
+            if ms.get("said"):
+                out.append(f"- {m} log (every run's lines but its steps, once each): " +
+                           " / ".join(f"`{line}`" for line in ms["said"]))
         f = size["seed_formula"]
         b = s["methods"].get("builder", {}).get("facts")
         sd = s["methods"].get("seed", {}).get("facts")

@@ -62,6 +62,9 @@ def test_reflink_run_puts_store_and_output_on_the_xfs_and_leaves_nothing(tmp_pat
         assert used["before"] >= du, "the closure the methods read is the copy on the XFS"
         # the image was written on the XFS: it grew by at least the image's allocated blocks not shared
         assert used["after"] - used["before"] >= r["facts"]["allocated"] - used["shared"] - MiB, r
+    builder = next(r for r in size["records"] if r["method"] == "builder")
+    assert any(line.startswith("root filesystem free:") for line in builder["said"]), "the builder's log is kept"
+    assert not [line for line in builder["said"] if "user namespaces unavailable" in line], "it binds the store"
     floor = next(r for r in size["records"] if r["method"] == "floor")
     assert floor["xfs_used"]["shared"] == 0, "mkfs.ext4 -d writes its own copy of every block"
     assert "| floor | " in out.read_text().split("XFS holding store copy and output")[1]
