@@ -147,7 +147,8 @@ def test_store_view_lets_the_builder_bind_the_store(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parent.parent
     (tmp_path / "store").mkdir()
     (tmp_path / "view").mkdir()
-    probe = "import sys; from builder.sandbox.namespace import userns_available; sys.exit(0 if userns_available() else 3)"
+    probe = ("import sys; from builder.sandbox.namespace import userns_available; "
+             "sys.exit(0 if userns_available() else 3)")
     done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", str(repo / "bench/storeview.sh"),
                            str(tmp_path / "store"), str(tmp_path / "view"), "--", sys.executable, "-c", probe],
                           cwd=repo, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(repo)})
