@@ -31,7 +31,7 @@ from .methods import (
     stat_shim,
 )
 from .reflink import LABEL as REFLINK_LABEL
-from .reflink import ReflinkUnavailable, copy_closure, mounted_xfs, preflight, shared_bytes, used_bytes
+from .reflink import ReflinkUnavailable, copy_closure, mounted_xfs, preflight, shared_bytes, terminate, used_bytes
 from .report import DIRS_LABELS, render, summarise
 from .seedsize import seed_auto_size
 
@@ -273,6 +273,8 @@ def time_closure(label: str, closure: Closure, work: Path, args: argparse.Namesp
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write bench/results.md and results.json."""
     args = _parser().parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # as exceptions: the running method is stopped, the XFS removed
+        signal.signal(sig, terminate)
     args.out = args.out or REPO / ("bench/results-reflink.md" if args.reflink else "bench/results.md")
     if args.render:
         data = json.loads(args.render.read_text())
