@@ -89,7 +89,8 @@ def test_terminated_reflink_run_stops_its_method_unmounts_and_detaches(tmp_path:
     which keeps the XFS busy while it lives): the bench stops the method's processes, unmounts, detaches
     and exits 143."""
     hung = tmp_path / "python"
-    hung.write_text(f'#!/bin/sh\nif [ "$1 $2" = "-m builder" ]; then sleep 600; exit 1; fi\nexec {sys.executable} "$@"\n')
+    hung.write_text('#!/bin/sh\nif [ "$1 $2" = "-m builder" ]; then sleep 600; exit 1; fi\n'
+                    f'exec {sys.executable} "$@"\n')
     hung.chmod(0o755)
     bench = subprocess.Popen([*BENCH, "--python", str(hung), "--work", str(tmp_path / "work"),
                               "--out", str(tmp_path / "results.md")],
