@@ -99,7 +99,9 @@ def teardown(work: Path) -> list[str]:
     if backing.exists():
         for device in _loops_on(backing):
             _detach(device)
-        busy = _loops_on(backing)
+        deadline = time.monotonic() + 5
+        while (busy := _loops_on(backing)) and time.monotonic() < deadline:
+            time.sleep(0.1)  # right after umount the kernel may still hold the device: losetup -d left autoclear
         if busy:
             notes.append(f"{', '.join(busy)} on {backing} still in use: set to detach itself when released")
         backing.unlink()
@@ -115,8 +117,9 @@ _pending: list[int] = []  # a signal that came while the XFS was being torn down
 _tearing_down = False
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM/SIGHUP as an exception, so the finally clauses unmount and detach before the bench exits."""
+def terminate(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM/SIGHUP as an exception, so the finally clauses stop the running method and unmount and detach
+    before the bench exits (a signal during the XFS's teardown is raised once it is done)."""
     if _tearing_down:
         _pending.append(signum)
         return
@@ -131,7 +134,7 @@ def mounted_xfs(work: Path, size: int) -> Iterator[Xfs]:
     global _tearing_down
     for note in teardown(work):  # what a killed earlier run left
         print(f"note: earlier reflink run: {note}", file=sys.stderr, flush=True)
-    previous = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {s: signal.signal(s, terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
     mnt, backing = work / MOUNT, work / BACKING
     try:
         t0 = time.monotonic()

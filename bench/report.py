@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from .reflink import LABEL as REFLINK
+
 MiB = 1 << 20
 ADDITIONAL = 512 * MiB
 TARGET_SIZES = ("1G", "4G")  # where the builder/floor target applies
@@ -12,6 +14,7 @@ TARGET_SIZES = ("1G", "4G")  # where the builder/floor target applies
 DIRS_LABELS = {"20000 in one directory": "dirs-one", "20000 in 100 directories": "dirs-spread"}
 DIRS_RATIO = 1.5  # one directory at most this many times the spread one
 DEBIAN_REPART = 1.5  # a `debian` closure: builder at most this many times systemd-repart
+REFLINK_FLOOR = 0.25  # issue 25: on reflink XFS, 4 GiB raw at most this many times the floor's time
 
 
 def _median(values: list[float]) -> float:
@@ -38,6 +41,12 @@ def _method_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     )
     if "output" in ok[0]:
         out["output"] = ok[0]["output"]
+    if all("xfs_used" in r for r in ok):  # --reflink: the XFS holding store and output, before and after each build
+        used = [r["xfs_used"] for r in ok]
+        out["xfs_used"] = {"before": _median([u["before"] for u in used]), "after": _median([u["after"] for u in used]),
+                           "growth": _median([u["after"] - u["before"] for u in used]),
+                           "shared": _median([u["shared"] for u in used])}
+    out["said"] = list(dict.fromkeys(line for r in ok for line in r.get("said", [])))
     steps: dict[str, list[float]] = {}
     for r in ok:
         for name, seconds in r["steps"]:
@@ -80,6 +89,11 @@ def targets(summary: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                          f"{r['builder/floor']:.2f}x", r["builder/floor"] <= 1.10 if label in TARGET_SIZES else None))
             rows.append(("  cross-check on CPU time (insensitive to other load)", label,
                          f"{cr['builder/floor']:.2f}x", cr["builder/floor"] <= 1.10 if label in TARGET_SIZES else None))
+        if label.endswith(f" {REFLINK}") and "builder/floor" in r:
+            judged = label == f"4G {REFLINK}"
+            rows.append((f"reflink XFS: builder wall <= {REFLINK_FLOOR}x floor (issue 25)" + ("" if judged else
+                         " (info only)"), label, f"{r['builder/floor']:.2f}x",
+                         r["builder/floor"] <= REFLINK_FLOOR if judged else None))
         if label.endswith(" debian") and "builder/repart" in r:
             rows.append((f"builder wall <= {DEBIAN_REPART}x systemd-repart (big directories)", label,
                          f"{r['builder/repart']:.2f}x", r["builder/repart"] <= DEBIAN_REPART))
@@ -143,6 +157,25 @@ def _fmt_method(name: str, s: dict[str, Any]) -> str:
             f"| {used_inodes} | {fsck} |")
 
 
+def _xfs_section(size: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    """--reflink: how the XFS was made, and what each method's build added to it (medians): sharing the
+    store's blocks shows as growth by the image's metadata only and data extents flagged shared."""
+    if "xfs" not in size:
+        return []
+    data = size["manifest"]["counts"]["file_bytes"]
+    out = ["XFS holding store copy and output: " + "; ".join(f"{k} {v}" for k, v in size["xfs"].items()) + ".", "",
+           "| method | XFS used before MiB | after MiB | growth MiB | image on disk MiB | of it shared MiB "
+           "| growth / closure file data |", "|---|---|---|---|---|---|---|"]
+    for m, ms in s["methods"].items():
+        u = ms.get("xfs_used")
+        if not u:
+            continue
+        on_disk = ms["output"]["allocated"] if ms.get("output") else ms["facts"]["allocated"]
+        out.append(f"| {m} | {u['before'] / MiB:.1f} | {u['after'] / MiB:.1f} | {u['growth'] / MiB:.1f} "
+                   f"| {on_disk / MiB:.1f} | {u['shared'] / MiB:.1f} | {u['growth'] / max(1, data):.2f} |")
+    return [*out, ""]
+
+
 def render(machine: dict[str, str], config: dict[str, Any], sizes: list[dict[str, Any]],
            summary: dict[str, Any]) -> str:
     """The results as markdown: machine, method, per-size tables, ratios, auto size and targets."""
@@ -170,7 +203,14 @@ def render(machine: dict[str, str], config: dict[str, Any], sizes: list[dict[str
             "/proc/pressure/cpu), load = 1-min load average at its start: other work on the machine shows "
             "there, and CPU-time ratios are given beside wall-time ratios because they are insensitive to it",
             "- layout: efi (ESP 8 MiB-256 MiB, ext4 root), additionalSpace 512M; the floor and repart get the "
-            "builder's disk size (repart grown by 10% steps of the tree when its copy does not fit)", ""]
+            "builder's disk size (repart grown by 10% steps of the tree when its copy does not fit)"]
+    if config.get("reflink"):
+        out.append("- --reflink: each closure copied (untimed) onto a fresh XFS (`mkfs.xfs -m reflink=1` in a sparse "
+                   "file in the work dir, loop-mounted), which also holds every method's scratch and output; XFS "
+                   "used space (statvfs) read before each build and after it (its steps end with sync); shared = "
+                   "the image's extents flagged shared (filefrag -v)")
+    out += [f"- skipped: {reason}" for reason in config.get("skipped", [])]
+    out.append("")
     for size in sizes:
         label = size["label"]
         s = summary[label]
@@ -193,10 +233,14 @@ def render(machine: dict[str, str], config: dict[str, Any], sizes: list[dict[str
         if outputs:
             out += [f"Output files ({config.get('format')}): " + ", ".join(outputs) + "; the table's image columns "
                     "are the raw image each converted from (the builder's: read back from its output)", ""]
+        out += _xfs_section(size, s)
         for m, ms in s["methods"].items():
             if ms.get("steps"):
                 out.append(f"- {m} steps (median s): " +
                            ", ".join(f"{k} {v:.2f}" for k, v in ms["steps"].items()))
+            if ms.get("said"):
+                out.append(f"- {m} log (every run's lines but its steps, once each): " +
+                           " / ".join(f"`{line}`" for line in ms["said"]))
         f = size["seed_formula"]
         b = s["methods"].get("builder", {}).get("facts")
         sd = s["methods"].get("seed", {}).get("facts")

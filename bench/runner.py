@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any
 
+BUILDER_LOG = "[makeDiskImage] "
 BUILDER_STEP = re.compile(r"^\[makeDiskImage\] (?P<name>.+) done in (?P<seconds>[0-9.]+)s$")
 
 
@@ -31,6 +32,7 @@ def pressure_stall_us(resource_name: str) -> int:
 def run_steps(steps: list[dict[str, Any]]) -> dict[str, Any]:
     """Run each step in order; stop at the first failure and say which and why."""
     timings: list[tuple[str, float]] = []
+    said: list[str] = []
     load = float(open("/proc/loadavg").read().split()[0])
     stall = {r: pressure_stall_us(r) for r in ("cpu", "io")}
     started = time.monotonic()
@@ -51,10 +53,12 @@ def run_steps(steps: list[dict[str, Any]]) -> dict[str, Any]:
                 timings.append((f"{s['name']}/{name}", float(seconds)))
             elif m := BUILDER_STEP.match(line):
                 timings.append((f"{s['name']}/{m['name']}", float(m["seconds"])))
+            elif line.startswith(BUILDER_LOG) and not line.endswith(" ...") and len(said) < 40:
+                said.append(line.removeprefix(BUILDER_LOG))  # what the builder says it did (e.g. which copy path)
     wall = time.monotonic() - started
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime, "maxrss_kib": ru.ru_maxrss,
-            "steps": timings, "error": error, "load_before": load,
+            "steps": timings, "said": said, "error": error, "load_before": load,
             "cpu_stall": (pressure_stall_us("cpu") - stall["cpu"]) / 1e6 / wall,
             "io_stall": (pressure_stall_us("io") - stall["io"]) / 1e6 / wall}
 
