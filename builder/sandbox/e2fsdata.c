@@ -158,8 +158,8 @@ static int raw_fstat(int fd, struct stat *st) {
 __attribute__((constructor)) static void setup(void) {
     resolve();
     const char *image = getenv("MDI_DATA_IMAGE"), *offset = getenv("MDI_DATA_OFFSET");
-    if (!image || !offset || !*offset || !lib.file_open || !lib.file_close || !lib.close2 || !lib.write_blk || !lib.pwrite ||
-        !lib.pread)
+    if (!image || !offset || !*offset || !lib.file_open || !lib.file_close || !lib.close2 || !lib.write_blk ||
+        !lib.pwrite || !lib.pread)
         return;
     char *end;
     g.offset = strtoull(offset, &end, 10);
