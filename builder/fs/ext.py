@@ -307,8 +307,11 @@ def normalize(
         out.writelines(f"ea_rm {_quote(path)} {_quote(name)}\n" for path, name in xattrs)
         out.write("ssv kbytes_written 0\n")
     # Not through process.run: debugfs -f echoes every request on stdout (one line per inode), which is dropped.
+    # With the directory library: a path's lookup in a big directory without a scan of it (e2fsdir.c).
+    env = _env(params)
+    env["LD_PRELOAD"] = preload_list(env.get("LD_PRELOAD"), dir_library())
     res = subprocess.run(["debugfs", "-w", "-f", str(cmd_file), target], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True, errors="replace", env=_env(params))
+                         stderr=subprocess.PIPE, text=True, errors="replace", env=env)
     errors = debugfs_errors(res.stderr)
     if res.returncode != 0 or errors:
         raise BuildError(f"debugfs could not set owners, modes and times: {'; '.join(errors[:5]) or res.returncode}")
@@ -437,12 +440,14 @@ def write_image(spec: Spec, staged: StagedRoot, size: Sizing, image: Path, scrat
         started = False
     store_modes, store_xattrs = store_fixes(spec, size.usage.store_fixes, labels_hidden=stamped)
     try:
-        # Also the check of what mkfs wrote: e2fsck -fyD's report must be a clean run's.
-        with step("index directories (e2fsck -fyD)"):
-            index_directories(image, root.start, params, epoch)
+        # Before the rehash: debugfs finds each path it fixes in directories still linear, with the directory
+        # library's hash of their names (libext2fs' own lookup scans a directory, indexed or not).
         with step("owners and times (debugfs)" if not stamped else "contents owners (debugfs)"):
             normalize(image, root.start, staged.owner_fixes, epoch, scratch, params, every_inode=not stamped,
                       modes=[*staged.mode_fixes, *store_modes], xattrs=store_xattrs)
+        # Also the check of what mkfs and debugfs wrote: e2fsck -fyD's report must be a clean run's.
+        with step("index directories (e2fsck -fyD)"):
+            index_directories(image, root.start, params, epoch)
     finally:
         if started:
             remover.join()
