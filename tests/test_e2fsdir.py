@@ -4,9 +4,11 @@ without it, without scanning directories, and it really takes libext2fs' calls (
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
+import stat
 import subprocess
 from pathlib import Path
 
@@ -127,3 +129,45 @@ def test_mkfs_and_libext2fs_call_the_library(library: str, tree: Path, tmp_path:
             pattern = (rf"binding file \S*{re.escape(caller)} \[0\] to {re.escape(library)} \[0\]: "
                        rf"normal symbol `{symbol}'")
             assert re.search(pattern, res.stderr), f"{caller} does not call the library's {symbol}"
+
+
+def test_the_debugfs_pass_finds_paths_without_scanning(library: str, tree: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The builder's debugfs pass (builder/fs/ext.py normalize) sets a mode on every entry of the big
+    directory by path: with the library debugfs reads fewer blocks than there are entries, where libext2fs'
+    lookup alone reads the directory again for each; the same bytes either way, e2fsck -fn clean."""
+    from builder.fs import ext
+    from builder.sandbox import e2fsdir
+    from builder.staging.contents import ModeFix
+
+    names = sorted(os.listdir(tree / "big"))
+    fixes = [ModeFix(f"/big/{name}", stat.S_IFMT(os.lstat(tree / "big" / name).st_mode) | 0o750) for name in names]
+    params = ext.Ext4Params(label="x", uuid=UUID, hash_seed=UUID, inodes=4096, fake_time=int(FAKE_TIME))
+    counts, digests = [], []
+    real_run = subprocess.run
+    for setting in (None, "none"):
+        image = tmp_path / f"{setting}.img"
+        mkfs(tree, image, library)
+        e2fsdir.dir_library.cache_clear()
+        if setting:
+            monkeypatch.setenv(DIR_ENV, setting)
+        trace = tmp_path / f"{setting}.trace"
+
+        def traced(argv: list[str], *args: object, trace: Path = trace, **kwargs: object) -> object:
+            if argv[:1] == ["debugfs"]:
+                argv = ["strace", "-f", "-c", "-e", "trace=pread64", "-o", str(trace), *argv]
+            return real_run(argv, *args, **kwargs)  # type: ignore[call-overload]
+
+        monkeypatch.setattr(subprocess, "run", traced)
+        ext.normalize(image, 0, [], int(FAKE_TIME), tmp_path, params, every_inode=False, modes=fixes)
+        monkeypatch.setattr(subprocess, "run", real_run)
+        monkeypatch.delenv(DIR_ENV, raising=False)
+        e2fsdir.dir_library.cache_clear()
+        counts.append(preads(trace))
+        digests.append(hashlib.sha256(image.read_bytes()).hexdigest())
+        modes = subprocess.run(["debugfs", "-R", f"stat /big/{names[-1]}", str(image)], capture_output=True,
+                               text=True).stdout
+        assert "Mode:  0750" in modes, modes  # debugfs prints the permission bits
+        assert subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True).returncode == 0
+    assert counts[0] < ENTRIES < 20 * ENTRIES < counts[1], counts
+    assert digests[0] == digests[1]
