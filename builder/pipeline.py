@@ -38,7 +38,7 @@ from .log import info, step
 from .output import Output, output_dir
 from .resources import template_dir
 from .sandbox.e2fscrc import crc_library
-from .sandbox.e2fsdata import copy_mode, data_library
+from .sandbox.e2fsdata import data_library, files_mode
 from .sandbox.e2fsdir import dir_library
 from .sandbox.statshim import stat_shim
 from .signals import reaping_descendants
@@ -367,7 +367,7 @@ def check_environment(spec: Spec) -> None:
     crc_library()
     dir_library()
     data_library()
-    copy_mode()
+    files_mode()
     if spec.format == "qcow2-compressed":
         from .disk.convert import qcow2_writer
         qcow2_writer()

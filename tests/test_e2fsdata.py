@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -69,15 +70,15 @@ def contents_spec(make_spec: SpecFactory, tree: Path, **overrides: object) -> Pa
     return make_spec(contents=[*doc["contents"], entry], **overrides)
 
 
-def prepare(spec: Path, image: Path, work: Path, data: str | None, copy: str | None = None,
+def prepare(spec: Path, image: Path, work: Path, data: str | None, files: str | None = None,
             ) -> subprocess.CompletedProcess[str]:
     """`python -m builder prepare`, with the data library (data None) or with MDI_E2FS_DATA=data, and
-    MDI_E2FS_DATA_COPY=copy (None: the default, only where blocks can be shared)."""
-    env = {k: v for k, v in os.environ.items() if k not in (e2fsdata.DATA_ENV, e2fsdata.COPY_ENV)}
+    MDI_E2FS_DATA_FILES=files (None: the default, files of 64 KiB or more)."""
+    env = {k: v for k, v in os.environ.items() if k not in (e2fsdata.DATA_ENV, e2fsdata.FILES_ENV)}
     if data is not None:
         env[e2fsdata.DATA_ENV] = data
-    if copy is not None:
-        env[e2fsdata.COPY_ENV] = copy
+    if files is not None:
+        env[e2fsdata.FILES_ENV] = files
     res = subprocess.run([sys.executable, "-m", "builder", "prepare", str(spec), "--image", str(image), "--work",
                           str(work)], capture_output=True, text=True, cwd=REPO, env=env)
     assert res.returncode == 0, res.stderr
@@ -105,7 +106,7 @@ def test_images_are_the_bytes_of_mkfs_writing_the_data_itself(library: str, make
         spec = make_spec(partitionTableType=layout, fsType=fs_type, **extra)
     else:
         spec = contents_spec(make_spec, tree, partitionTableType=layout, fsType=fs_type, **extra)
-    with_library = prepare(spec, tmp_path / "data.img", tmp_path / "w1", None, copy="kernel")
+    with_library = prepare(spec, tmp_path / "data.img", tmp_path / "w1", None, files="all")
     prepare(spec, tmp_path / "stock.img", tmp_path / "w2", "none")
     assert sha256(tmp_path / "data.img") == sha256(tmp_path / "stock.img")
     # The build directory and the store are both on this machine's one ext4: copy_file_range copies in the kernel.
@@ -238,8 +239,8 @@ def test_on_a_reflink_filesystem_the_image_shares_the_sources_blocks(library: st
         grown = used_bytes(mnt) - before
         line = data_line(res.stderr)
         assert "shared with the source files' blocks (reflink)" in line, line
-        # The fixture's store is on this machine's ext4, not the XFS: its files are left to mkfs.
-        assert "on other filesystems than the image's written by mkfs" in line, line
+        # The fixture's store is on this machine's ext4, not the XFS: its large files are copied.
+        assert "not shared: the store and the image are on different filesystems" in line, line
         frag = subprocess.run(["filefrag", "-v", str(mnt / "data.img")], capture_output=True, text=True, check=True)
         assert "shared" in frag.stdout, (line, frag.stdout[-600:])
         src = subprocess.run(["filefrag", "-v", str(tree / "d" / "big")], capture_output=True, text=True, check=True)
@@ -264,7 +265,7 @@ def test_across_filesystems_the_kernel_copies_and_the_log_says_why(library: str,
     spec = contents_spec(make_spec, tree, partitionTableType="efi")
     image = Path(os.environ.get("MDI_MEMORY_DIR") or shm) / f"mdi-test-e2fsdata-{os.getpid()}.img"
     try:
-        res = prepare(spec, image, tmp_path / "work", None, copy="kernel")
+        res = prepare(spec, image, tmp_path / "work", None, files="all")
         line = data_line(res.stderr)
         assert "copied in the kernel (sendfile)" in line and "copy_file_range" not in line, line
         assert "not shared: the store and the image are on different filesystems" in line, line
@@ -274,20 +275,27 @@ def test_across_filesystems_the_kernel_copies_and_the_log_says_why(library: str,
         image.unlink(missing_ok=True)
 
 
-def test_where_no_blocks_can_be_shared_mkfs_writes_the_data_and_the_log_says_why(make_spec: SpecFactory,
-                                                                                 tmp_path: Path) -> None:
-    res = prepare(make_spec(), tmp_path / "x.img", tmp_path / "work", None)  # this machine's ext4 clones nothing
-    assert data_line(res.stderr).endswith("file data: read and written by mkfs.ext4 itself (the image's filesystem "
-                                          "does not share blocks, and an in-kernel copy costs more here than it "
-                                          f"saves; {e2fsdata.COPY_ENV}=kernel copies anyway)")
+@x86_64_only
+def test_by_default_large_files_are_copied_in_the_kernel_and_small_ones_by_mkfs(library: str, make_spec: SpecFactory,
+                                                                                tmp_path: Path) -> None:
+    tree = awkward_tree(tmp_path / "tree")  # one file of 6 MiB, the others under 64 KiB
+    spec = contents_spec(make_spec, tree)
+    res = prepare(spec, tmp_path / "data.img", tmp_path / "w1", None)
+    line = data_line(res.stderr)
+    # This machine's ext4 shares no blocks: copy_file_range copies in the kernel.
+    assert "copied in the kernel (copy_file_range)" in line and "files under 64 KiB" in line, line
+    got = re.search(r"file data of (\d+) files", line)
+    assert got and int(got[1]) >= 1, line
+    prepare(spec, tmp_path / "stock.img", tmp_path / "w2", "none")
+    assert sha256(tmp_path / "data.img") == sha256(tmp_path / "stock.img")
 
 
-def test_a_copy_mode_not_known_is_named(make_spec: SpecFactory, tmp_path: Path) -> None:
+def test_a_files_setting_not_known_is_named(make_spec: SpecFactory, tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "builder", "prepare", str(make_spec()), "--image",
                           str(tmp_path / "x.img")], capture_output=True, text=True, cwd=REPO,
-                         env={**os.environ, e2fsdata.COPY_ENV: "always"})
+                         env={**os.environ, e2fsdata.FILES_ENV: "some"})
     assert res.returncode == 2, res.stderr
-    assert f"{e2fsdata.COPY_ENV}='always'" in res.stderr and "Traceback" not in res.stderr
+    assert f"{e2fsdata.FILES_ENV}='some'" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "x.img").exists()
 
 
@@ -307,15 +315,15 @@ def test_a_library_that_is_not_a_file_is_named(make_spec: SpecFactory, tmp_path:
 
 def test_the_report_reads_back_and_says_why_blocks_were_not_shared(tmp_path: Path) -> None:
     report = tmp_path / "r"
-    report.write_text("other_files 2\nother_bytes 3072\nsmall_files 0\nsmall_bytes 0\nfiles 3\ncloned 0\n"
+    report.write_text("small_files 2\nsmall_bytes 3072\nfiles 3\ncloned 0\n"
                       "copy_file_range 0\nsendfile 8192\nread_write 0\nmkfs 5\nclone_errno 18\n"
                       "copy_file_range_errno 18\nsendfile_errno 0\n")
     got = e2fsdata.read_report(report)
     assert got is not None and got.sendfile == 8192
     assert e2fsdata.describe(got) == ("file data of 3 files, 8.0 KiB: 8.0 KiB copied in the kernel (sendfile); not "
                                       "shared: the store and the image are on different filesystems; 2 files "
-                                      "(3.0 KiB) on other filesystems than the image's written by mkfs; 5 B of "
-                                      "file ends under 16 bytes written by mkfs")
+                                      "under 64 KiB (3.0 KiB) written by mkfs; 5 B of file ends under 16 bytes "
+                                      "written by mkfs")
     report.write_text("files 3\n")
     assert e2fsdata.read_report(report) is None
 

@@ -25,8 +25,8 @@
 
    Configured by MDI_DATA_IMAGE (the image as mkfs opens it), MDI_DATA_OFFSET (the filesystem's byte offset
    in it: mkfs' -E offset), MDI_DATA_REPORT (a file the counts are written to at exit) and MDI_DATA_SAME_FS
-   (set: only sources of SMALL bytes or more on the image's own filesystem, whose blocks it can share; the
-   others go mkfs' way, which costs less than the per-file work of a clone or an in-kernel copy). Without them,
+   (sources smaller than this many bytes go mkfs' way, which costs less for them than the library's
+   per-file work: builder/sandbox/e2fsdata.py sets 64 KiB). Without them,
    on filesystems with inline data, or elsewhere than x86-64 (struct_ext2_filsys is read as laid out
    there), every call goes to e2fsprogs as without this library. */
 #define _GNU_SOURCE
@@ -62,10 +62,7 @@ typedef void *e2file;
 #define FILE_WRITE 1 /* EXT2_FILE_WRITE */
 
 #define TAG_LEN 16
-/* With MDI_DATA_SAME_FS, files smaller than this go mkfs' way: for them one clone (an XFS transaction) and
-   the library's per-file work cost more than mkfs' own writes (measured on a 1 GiB closure on XFS:
-   40000 files cloned took longer than stock mkfs; 78% of its bytes are in the 1560 files of 64 KiB or more). */
-#define SMALL (64 * 1024)
+
 static const uint64_t TAG_MAGIC = 0x6d64692d64617461ULL;
 
 typedef errcode_t file_open_fn(filsys, uint32_t, int, e2file *);
@@ -105,9 +102,9 @@ static struct {
     size_t placed_words;
     struct device devices[16];
     unsigned ndevices;
-    int same_fs_only;         /* MDI_DATA_SAME_FS: only sources on the image's filesystem */
-    unsigned long files, other_files, small_files;
-    unsigned long long other_bytes, small_bytes, cloned, ranged, sent, copied, by_mkfs;
+    off_t min_size; /* MDI_DATA_MIN_SIZE: smaller sources go mkfs' way */
+    unsigned long files, small_files;
+    unsigned long long small_bytes, cloned, ranged, sent, copied, by_mkfs;
 } g = {.img = -1};
 
 /* The file mkfs has open for writing, its source once read (-1 before; -2: it goes mkfs' own way), and
@@ -174,7 +171,8 @@ __attribute__((constructor)) static void setup(void) {
     g.img_dev = st.st_dev;
     g.img_ino = st.st_ino;
     g.report = getenv("MDI_DATA_REPORT");
-    g.same_fs_only = getenv("MDI_DATA_SAME_FS") != NULL;
+    const char *min_size = getenv("MDI_DATA_MIN_SIZE");
+    g.min_size = min_size ? (off_t)strtoull(min_size, NULL, 10) : 0;
     struct sigaction sa = {.sa_sigaction = on_bus, .sa_flags = SA_SIGINFO};
     sigemptyset(&sa.sa_mask);
     g.ready = sigaction(SIGBUS, &sa, NULL) == 0;
@@ -192,8 +190,7 @@ __attribute__((destructor)) static void report(void) {
         re = re ? re : g.devices[i].range_errno;
         se = se ? se : g.devices[i].sendfile_errno;
     }
-    fprintf(f, "other_files %lu\nother_bytes %llu\nsmall_files %lu\nsmall_bytes %llu\n", g.other_files,
-            g.other_bytes, g.small_files, g.small_bytes);
+    fprintf(f, "small_files %lu\nsmall_bytes %llu\n", g.small_files, g.small_bytes);
     fprintf(f, "files %lu\ncloned %llu\ncopy_file_range %llu\nsendfile %llu\nread_write %llu\nmkfs %llu\n"
                "clone_errno %d\ncopy_file_range_errno %d\nsendfile_errno %d\n",
             g.files, g.cloned, g.ranged, g.sent, g.copied, g.by_mkfs, ce, re, se);
@@ -242,12 +239,7 @@ static int adopt(int fd) {
     cur.src = -2;
     if (st.st_size <= 0)
         return 1;
-    if (g.same_fs_only && st.st_dev != g.img_dev) { /* no blocks to share: mkfs' own way costs less */
-        g.other_files++;
-        g.other_bytes += (unsigned long long)st.st_size;
-        return 1;
-    }
-    if (g.same_fs_only && st.st_size < SMALL) { /* sharing saves less than its per-file work costs */
+    if (st.st_size < g.min_size) { /* a clone or copy here saves less than its per-file work costs */
         g.small_files++;
         g.small_bytes += (unsigned long long)st.st_size;
         return 1;

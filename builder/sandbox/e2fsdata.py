@@ -1,11 +1,11 @@
 """The data library (e2fsdata.c, built with the package as builder.sandbox._e2fsdata) mkfs.ext4 -d runs with.
 
-Preloaded into mkfs.ext4 only, it puts the file data into the image in the kernel while mkfs writes the
-metadata, so the image's bytes are the same. Where the image's filesystem shares blocks (XFS with reflink,
-btrfs) the data of the sources on that filesystem is cloned, not copied (FICLONERANGE). Elsewhere mkfs
-writes the data itself, as it costs less on this machine's ext4 than the library's per-file work
-(docs/file-data.md); MDI_E2FS_DATA_COPY=kernel makes the library copy every file in the kernel anyway
-(copy_file_range, else sendfile), which the tests use. MDI_E2FS_DATA=none leaves mkfs as it is.
+Preloaded into mkfs.ext4 only, it puts the data of every file of 64 KiB or more into the image in the
+kernel, on a thread of its own beside mkfs, while mkfs writes the metadata, so the image's bytes are the
+same: shared blocks (FICLONERANGE) where the image's filesystem shares them with the source (XFS with
+reflink, btrfs), else copy_file_range, else sendfile. Smaller files go mkfs' own way, which costs less for
+them (docs/file-data.md). MDI_E2FS_DATA_FILES=all takes every file (the tests use it to put tails, tiny
+and sparse files through the library); MDI_E2FS_DATA=none leaves mkfs as it is.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from .preload import built_library
 
 # Path of the library to preload into mkfs.ext4, or "none"; default: the one built with the package.
 DATA_ENV = "MDI_E2FS_DATA"
-# "clone" (default): the library only where the image's filesystem shares blocks; "kernel": always.
-COPY_ENV = "MDI_E2FS_DATA_COPY"
+# "large" (default): files of LARGE bytes or more through the library; "all": every file.
+FILES_ENV = "MDI_E2FS_DATA_FILES"
+# Below this a clone or an in-kernel copy costs more than mkfs' own writes (measured: docs/file-data.md).
+LARGE = 64 * 1024
 # linux/fs.h: FICLONE = _IOW(0x94, 9, int): the whole file, sharing the source's blocks.
 FICLONE = 0x40049409
 
@@ -44,12 +46,12 @@ def data_library() -> str | None:
     return built_library(DATA_ENV, "_e2fsdata", "e2fsdata")
 
 
-def copy_mode() -> str:
-    """MDI_E2FS_DATA_COPY, checked: "clone" (default) or "kernel"."""
-    mode = os.environ.get(COPY_ENV) or "clone"
-    if mode not in ("clone", "kernel"):
-        raise UserError(f"{COPY_ENV}={mode!r}: expected 'clone' (the data library only where the image's "
-                        "filesystem shares blocks) or 'kernel' (every file copied in the kernel)")
+def files_mode() -> str:
+    """MDI_E2FS_DATA_FILES, checked: "large" (default) or "all"."""
+    mode = os.environ.get(FILES_ENV) or "large"
+    if mode not in ("large", "all"):
+        raise UserError(f"{FILES_ENV}={mode!r}: expected 'large' (the files of 64 KiB or more through the data "
+                        "library) or 'all' (every file)")
     return mode
 
 
@@ -67,26 +69,21 @@ def clones(directory: Path) -> bool:
 
 
 def data_plan(image: Path, offset: int, report: Path) -> tuple[list[str], str | None]:
-    """(env(1) words for mkfs, the library to preload) or ([], None); the words say which file is the image,
-    where the filesystem starts, where to report, and whether only sources on its filesystem are taken."""
+    """(env(1) words for mkfs, the library to preload) or ([], None): which file is the image, where the
+    filesystem starts, where to report, and the smallest file the library takes."""
     library = data_library()
     if library is None:
         return [], None
-    words = [f"MDI_DATA_IMAGE={os.path.abspath(image)}", f"MDI_DATA_OFFSET={offset}", f"MDI_DATA_REPORT={report}"]
-    if copy_mode() == "kernel":
-        return words, library
-    if not clones(image.parent):
-        return [], None
-    return [*words, "MDI_DATA_SAME_FS=1"], library
+    smallest = 0 if files_mode() == "all" else LARGE
+    return [f"MDI_DATA_IMAGE={os.path.abspath(image)}", f"MDI_DATA_OFFSET={offset}", f"MDI_DATA_REPORT={report}",
+            f"MDI_DATA_MIN_SIZE={smallest}"], library
 
 
 @dataclass(frozen=True)
 class DataReport:
-    """What the library did: files taken over, bytes by each way, and the errno of each way refused (0: none);
-    files left to mkfs because they are on another filesystem than the image's, or small."""
+    """What the library did: files left to mkfs for their size, files taken over, bytes by each way, and the
+    errno of each way refused (0: none)."""
 
-    other_files: int
-    other_bytes: int
     small_files: int
     small_bytes: int
     files: int
@@ -112,13 +109,7 @@ def read_report(path: Path) -> DataReport | None:
 def describe(report: DataReport | None, loaded: bool = True) -> str:
     """One log line: how the file data went into the image, and why not shared when it was not."""
     if not loaded:
-        if os.environ.get(DATA_ENV) == "none":
-            why = f"{DATA_ENV}=none"
-        elif data_library() is None:
-            why = "the data library is not built"
-        else:
-            why = ("the image's filesystem does not share blocks, and an in-kernel copy costs more here than it "
-                   f"saves; {COPY_ENV}=kernel copies anyway")
+        why = f"{DATA_ENV}=none" if os.environ.get(DATA_ENV) == "none" else "the data library is not built"
         return f"file data: read and written by mkfs.ext4 itself ({why})"
     if report is None:
         return "file data: read and written by mkfs.ext4 itself (the data library did not load)"
@@ -134,9 +125,6 @@ def describe(report: DataReport | None, loaded: bool = True) -> str:
         line += f"; not shared: {why}"
     if report.small_files:
         line += f"; {report.small_files} files under 64 KiB ({human(report.small_bytes)}) written by mkfs"
-    if report.other_files:
-        line += (f"; {report.other_files} files ({human(report.other_bytes)}) on other filesystems than the "
-                 "image's written by mkfs")
     if report.mkfs:
         line += f"; {report.mkfs} B of file ends under 16 bytes written by mkfs"
     return line
