@@ -62,6 +62,7 @@ typedef void *e2file;
 #define FILE_WRITE 1 /* EXT2_FILE_WRITE */
 
 #define TAG_LEN 16
+#define WINDOW ((size_t)8 << 20) /* the source mapped 8 MiB at a time to look for zero blocks */
 
 static const uint64_t TAG_MAGIC = 0x6d64692d64617461ULL;
 
@@ -114,8 +115,9 @@ static struct {
     int active, src;
     uint32_t gen;
     struct stat st;
-    const unsigned char *map;
-    size_t map_len;
+    size_t size;
+    const unsigned char *map; /* a window of the source: map_len bytes from map_off */
+    size_t map_off, map_len;
     struct run *runs;
     size_t nruns, cap;
 } cur = {.src = -1};
@@ -244,12 +246,8 @@ static int adopt(int fd) {
         g.small_bytes += (unsigned long long)st.st_size;
         return 1;
     }
-    void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0);
-    if (map == MAP_FAILED)
-        return 1;
     cur.st = st;
-    cur.map = map;
-    cur.map_len = (size_t)st.st_size;
+    cur.size = (size_t)st.st_size;
     cur.src = fd;
     g.files++;
     return 1;
@@ -279,11 +277,24 @@ static void name_source(int fd, char *out, size_t size) {
 /* A read of the source as mkfs is shown it: zeros, a short tail's own bytes, or each block's tag; -2 for a
    read not at a block boundary, which is made for real. */
 static ssize_t tagged_read(unsigned char *buf, size_t n, off_t off) {
-    if (off < 0 || (uint64_t)off % g.bs)
+    if (off < 0 || (uint64_t)off % g.bs || (uint64_t)off % (uint64_t)sysconf(_SC_PAGESIZE))
         return -2;
-    if ((uint64_t)off >= cur.map_len)
+    if ((uint64_t)off >= cur.size)
         return 0;
-    size_t got = cur.map_len - (size_t)off < n ? cur.map_len - (size_t)off : n;
+    size_t got = cur.size - (size_t)off < n ? cur.size - (size_t)off : n;
+    if (!cur.map || (size_t)off < cur.map_off || (size_t)off + got > cur.map_off + cur.map_len) {
+        /* The next WINDOW of the file mapped in place of the last: file pages mapped stay few (RSS). */
+        if (cur.map)
+            munmap((void *)cur.map, cur.map_len);
+        size_t len = got > WINDOW ? got : WINDOW;
+        len = cur.size - (size_t)off < len ? cur.size - (size_t)off : len;
+        void *map = mmap(NULL, len, PROT_READ, MAP_SHARED | MAP_POPULATE, cur.src, off);
+        cur.map = map == MAP_FAILED ? NULL : map;
+        if (!cur.map)
+            return -2;
+        cur.map_off = (size_t)off;
+        cur.map_len = len;
+    }
     scanning = 1;
     if (sigsetjmp(bus_jump, 1)) {
         scanning = 0;
@@ -296,7 +307,7 @@ static ssize_t tagged_read(unsigned char *buf, size_t n, off_t off) {
     }
     for (size_t pos = 0; pos < got; pos += g.bs) {
         size_t len = got - pos < g.bs ? got - pos : g.bs;
-        const unsigned char *src = cur.map + off + pos;
+        const unsigned char *src = cur.map + ((size_t)off - cur.map_off) + pos;
         if (all_zero(src, len)) {
             memset(buf + pos, 0, len);
         } else if (len < TAG_LEN) {
@@ -355,9 +366,9 @@ static int note_block(unsigned long long block, const unsigned char *data) {
     memcpy(&gen, data + 8, 4);
     memcpy(&index, data + 12, 4);
     uint64_t src = (uint64_t)index * g.bs;
-    if (magic != TAG_MAGIC || gen != cur.gen || src >= cur.map_len)
+    if (magic != TAG_MAGIC || gen != cur.gen || src >= cur.size)
         return 0;
-    uint64_t len = cur.map_len - src < g.bs ? cur.map_len - src : g.bs;
+    uint64_t len = cur.size - src < g.bs ? cur.size - src : g.bs;
     uint64_t dst = g.offset + (uint64_t)block * g.bs;
     if (place(block) != 0)
         return -1;
