@@ -6,7 +6,7 @@ mkfs runs, a thread of the builder asks the kernel every INTERVAL seconds to sta
 dirty so far (sync_file_range with SYNC_FILE_RANGE_WRITE only: it starts the writes and does not wait for
 them), on the other core, so the disk works while mkfs does. The bytes written are the same; on an image in
 memory (tmpfs) it does nothing. Measured on the 1 GiB benchmark closure, mkfs.ext4 -d alone: 2.01 s
-against 2.55-2.77 s (docs/benchmark.md).
+against 2.55-2.77 s (docs/file-data.md).
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ one debugfs pass over every inode sets owners and times instead: same result, sl
 the debugfs pass and e2fsck also run with the checksum library (builder/sandbox/e2fscrc.c): libext2fs'
 CRC-32C on the CPU's crc32 instruction, the same bytes in less time; mkfs also with the directory library
 (builder/sandbox/e2fsdir.c), which adds each entry where libext2fs would, without scanning the directory,
-and the data library (builder/sandbox/e2fsdata.c), which puts the file data into the image in the kernel
-(shared blocks where the filesystem can) while mkfs writes everything else.
+and the data library (builder/sandbox/e2fsdata.c), which puts the data of the files of 64 KiB or more into
+the image in the kernel on a thread of its own (shared blocks where the filesystem can) while mkfs writes
+everything else.
 mkfs -d writes every directory linear; e2fsck -fyD then rewrites each one, with a hash index where it has
 more than one block (docs/directories.md).
 """
@@ -161,7 +162,7 @@ def fsck_problems(stdout: str, stderr: str, device: str) -> list[str]:
 
 
 def index_directories(image: Path, offset: int, params: Ext4Params, epoch: int | None = None) -> None:
-    """One e2fsck -fyD: checks what mkfs wrote, and rewrites every directory, hash-indexed if of 2+ blocks.
+    """One e2fsck -fyD: checks what mkfs and debugfs wrote, and rewrites every directory, indexed if of 2+ blocks.
 
     mkfs.ext4 -d (e2fsprogs 1.47) writes every directory linear, and the kernel indexes a directory only
     while it has one block (fs/ext4/namei.c make_indexed_dir), so a big one would stay linear for life:
@@ -170,9 +171,9 @@ def index_directories(image: Path, offset: int, params: Ext4Params, epoch: int |
     from the tree and the seed. No e2fsck.conf: its indexed_dir_slack_percentage would change the bytes, and
     its [problems] settings could silence a problem.
 
-    -y repairs whatever else e2fsck finds, so its report is the check of what mkfs wrote: the build fails
-    unless e2fsck exits 0 (1 once it fixed a problem: E2F_FLAG_PROBLEMS_FIXED, or a superblock not marked
-    clean; e2fsck/unix.c) and prints nothing but a clean run's lines (fsck_problems).
+    -y repairs whatever else e2fsck finds, so its report is the check of what mkfs and the owners pass
+    (debugfs) wrote: the build fails unless e2fsck exits 0 (1 once it fixed a problem: E2F_FLAG_PROBLEMS_FIXED,
+    or a superblock not marked clean; e2fsck/unix.c) and prints nothing but a clean run's lines (fsck_problems).
     """
     target = f"{image}?offset={offset}"
     env = dict(_env(params), E2FSCK_CONFIG="/dev/null", LC_ALL="C")  # C: the report is read, untranslated
@@ -191,8 +192,9 @@ def index_directories(image: Path, offset: int, params: Ext4Params, epoch: int |
         shown = "\n".join(problems[:SHOWN_LINES]) or (
             "the superblock's state was not clean" if res.returncode == 1 else "nothing printed")
         more = f"\n... and {len(problems) - SHOWN_LINES} more lines" if len(problems) > SHOWN_LINES else ""
-        raise BuildError(f"e2fsck found problems in the root filesystem as mkfs.ext4 wrote it (e2fsck -fyD, which "
-                         f"repairs them while it indexes the directories, exited {res.returncode}):\n{shown}{more}")
+        raise BuildError(f"e2fsck found problems in the root filesystem as mkfs.ext4 and debugfs wrote it (e2fsck "
+                         f"-fyD, which repairs them while it indexes the directories, exited {res.returncode}):\n"
+                         f"{shown}{more}")
 
 
 def _inode_times(target: str, ino: int) -> tuple[int, int, int, int]:
