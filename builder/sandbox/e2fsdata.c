@@ -13,9 +13,10 @@
    read-only mapping, so the holes are the ones mkfs makes without this library), the source's own bytes
    where only a tail of under TAG_LEN bytes is left, and else a tag naming the file and block. The
    io_channel_write_blk64 of a tagged block notes the block (a run of the file, and a bit of `placed`);
-   once ext2fs_file_close has written the last one, the runs are copied from the source, still open
-   (create_inode closes it after copy_file), into the image at the blocks libext2fs chose, and the source
-   is checked to have kept its size and times since it was first read. Every pwrite to the image of a
+   once ext2fs_file_close has written the last one, the runs are copied from the source (a duplicate of
+   mkfs' descriptor, which create_inode closes after copy_file) into the image at the blocks libext2fs
+   chose, on a thread of the library's own beside mkfs (see `struct job`), and the source is checked to
+   have kept its size and times since it was first read. Every pwrite to the image of a
    placed block (the tag, or the zeros written at allocation) is left out and returns as if written, so
    unix_io's cache and its count of bytes written (the superblock's "Lifetime writes") are as without
    this library, and nothing lands on the data after it is copied. The image file is new and sparse
@@ -24,7 +25,7 @@
    or changed fails mkfs with a line naming it.
 
    Configured by MDI_DATA_IMAGE (the image as mkfs opens it), MDI_DATA_OFFSET (the filesystem's byte offset
-   in it: mkfs' -E offset), MDI_DATA_REPORT (a file the counts are written to at exit) and MDI_DATA_SAME_FS
+   in it: mkfs' -E offset), MDI_DATA_REPORT (a file the counts are written to at exit) and MDI_DATA_MIN_SIZE
    (sources smaller than this many bytes go mkfs' way, which costs less for them than the library's
    per-file work: builder/sandbox/e2fsdata.py sets 64 KiB). Without them,
    on filesystems with inline data, or elsewhere than x86-64 (struct_ext2_filsys is read as laid out
