@@ -114,7 +114,8 @@ def test_images_are_the_bytes_of_mkfs_writing_the_data_itself(library: str, make
     line = data_line(with_library.stderr)
     store = spec_doc(spec)["system"]["storeDir"]
     from_image_fs = "contents" not in extra or os.stat(store).st_dev == os.stat(tmp_path).st_dev
-    assert ("copied in the kernel (copy_file_range)" if from_image_fs else "copied in the kernel (sendfile)") in line, line
+    way = "copy_file_range" if from_image_fs else "sendfile"
+    assert f"copied in the kernel ({way})" in line, line
     assert "read and written" not in line, line
     offset = 0 if layout == "none" else part_offset(tmp_path / "data.img", {"efi": 2, "legacy": 1, "hybrid": 3}[layout])
     fsck = subprocess.run(["e2fsck", "-fn", f"{tmp_path / 'data.img'}?offset={offset}"], capture_output=True, text=True)
