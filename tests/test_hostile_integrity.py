@@ -237,8 +237,11 @@ def debugfs_w(image: Path, request: str) -> str:
     return done.stdout
 
 
+# Labels e2fsck prints otherwise than given (e2fsck/unix.c): whitespace and ':' as '_', cut at 16 bytes (also
+# inside a UTF-8 character), shell metacharacters (tests/test_hostile_names.py's label).
 @pytest.mark.parametrize("fs_type,label", [("ext4", "nixos"), ("ext4", "nïxos-ü"), ("ext4", ""), ("ext3", "nixos"),
-                                           ("ext2", "nixos")])
+                                           ("ext2", "nixos"), ("ext4", "a b:c\td"), ("ext4", "l$(touch x)'\"`"),
+                                           ("ext4", "a-label-longer-than-16-bytes"), ("ext4", "ü" * 9)])
 def test_indexing_accepts_what_mkfs_wrote_undamaged(fs_type: str, label: str, mkfs_tree: Path,
                                                    tmp_path: Path) -> None:
     """A clean run's report is read as clean whatever names the filesystem in it (label, else file name)."""

@@ -161,6 +161,14 @@ def fsck_problems(stdout: str, stderr: str, device: str) -> list[str]:
     return out + err
 
 
+def fsck_device_name(label: str, image: Path) -> str:
+    """The name e2fsck gives the filesystem in its report (e2fsck/unix.c): the superblock's label, at most its
+    16 bytes (mkfs truncates a longer one), else the file name without the "?offset" io options; each
+    whitespace byte and ':' replaced by '_'. Decoded as the runner decodes tools' output."""
+    name = label.encode()[:16].split(b"\0")[0] if label else os.fsencode(image)
+    return re.sub(rb"[ \t\n\v\f\r:]", b"_", name).decode("utf-8", "backslashreplace")
+
+
 def index_directories(image: Path, offset: int, params: Ext4Params, epoch: int | None = None) -> None:
     """One e2fsck -fyD: checks what mkfs and debugfs wrote, and rewrites every directory, indexed if of 2+ blocks.
 
@@ -184,9 +192,7 @@ def index_directories(image: Path, offset: int, params: Ext4Params, epoch: int |
         # one would read the superblock's write time as "in the future", a problem to e2fsck.
         env["E2FSCK_TIME"] = str(epoch)
     res = run(["e2fsck", "-fyD", *_fsck_options(params.inodes), target], env=env, ok=None)
-    # e2fsck names the filesystem by its label, else by its file name without the "?offset" io options
-    # (e2fsck/unix.c), as bytes: decoded as the runner decodes them.
-    device = params.label or os.fsencode(image).decode("utf-8", "backslashreplace")
+    device = fsck_device_name(params.label, image)
     problems = fsck_problems(res.stdout, res.stderr, device)
     if res.returncode != 0 or problems:
         shown = "\n".join(problems[:SHOWN_LINES]) or (
