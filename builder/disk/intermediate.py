@@ -35,10 +35,10 @@ from pathlib import Path
 from ..errors import OutOfHostSpace, UserError
 from ..log import info
 from ..output import Output
-from ..sandbox.e2fsdata import clones
 from ..signals import TERMINATING
 from ..spec import Spec
 from ..units import MiB, human
+from .sparse import clones
 
 # MDI_INTERMEDIATE=auto (default), memory or disk: where a converted format's raw intermediate goes.
 CHOICE_ENV = "MDI_INTERMEDIATE"

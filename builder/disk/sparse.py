@@ -74,16 +74,33 @@ FICLONERANGE = 0x4020940D
 NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS}
 
 
+def clone_range(s: int, d: int, length: int, dst_offset: int) -> bool:
+    """Share fd s's first length bytes (0: to its end) into fd d at dst_offset; False where it cannot be done."""
+    try:
+        fcntl.ioctl(d, FICLONERANGE, struct.pack("=qQQQ", s, 0, length, dst_offset))
+    except OSError as exc:
+        if exc.errno in NO_REFLINK:
+            return False
+        raise
+    return True
+
+
 def reflink(src: Path, length: int, dst: Path, dst_offset: int) -> bool:
     """Share src's first length bytes into dst at dst_offset (both 4 KiB aligned); False where it cannot be done."""
     with open(src, "rb") as s, open(dst, "r+b") as d:
-        try:
-            fcntl.ioctl(d.fileno(), FICLONERANGE, struct.pack("=qQQQ", s.fileno(), 0, length, dst_offset))
-        except OSError as exc:
-            if exc.errno in NO_REFLINK:
-                return False
-            raise
-    return True
+        return clone_range(s.fileno(), d.fileno(), length, dst_offset)
+
+
+def clones(directory: Path) -> bool:
+    """Whether files in directory can share blocks (XFS with reflink, btrfs, bcachefs): a probe of two files
+    without names (O_TMPFILE), so nothing is left even if the build is killed."""
+    try:
+        with tempfile.TemporaryFile(dir=directory) as a, tempfile.TemporaryFile(dir=directory) as b:
+            a.write(b"\1" * 4096)
+            a.flush()
+            return clone_range(a.fileno(), b.fileno(), 0, 0)
+    except OSError:
+        return False
 
 
 def place(fs_file: Path, image: Path, offset: int, limit: int) -> str:

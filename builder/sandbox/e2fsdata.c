@@ -520,8 +520,8 @@ static int copy_run(struct device *dev, int src, const struct run *r) {
 }
 
 /* Copying off mkfs' thread: mkfs goes on with the next file while a worker thread puts this one's data in
-   and starts writing it back (sync_file_range, SYNC_FILE_RANGE_WRITE), so the image's writeback runs
-   beside mkfs' work instead of after it, at its final fsync. The source is a dup of mkfs' descriptor
+   (the builder starts the image's writeback beside both: builder/disk/writeback.py). The source is a dup
+   of mkfs' descriptor
    (mkfs closes its own after the file). Without a thread or a descriptor, the copy is made in mkfs'
    thread as the file closes. ext2fs_close2 waits for every copy before the filesystem is closed, and the
    first failure fails mkfs: at the next file's close, or at ext2fs_close2. */
@@ -534,39 +534,20 @@ struct job {
 };
 
 #define QUEUE 256
-#define KICK (8u << 20)
 static struct {
     pthread_mutex_t lock;
     pthread_cond_t filled, drained;
     struct job jobs[QUEUE];
     unsigned head, count;
-    int started, busy, stopping, error;
+    int started, stopping, error;
     pthread_t thread;
-    uint64_t kick_lo, kick_hi; /* written since the last writeback start (the worker's own) */
 } q = {.lock = PTHREAD_MUTEX_INITIALIZER, .filled = PTHREAD_COND_INITIALIZER, .drained = PTHREAD_COND_INITIALIZER};
 
-static void kick(int force) {
-    if (q.kick_hi > q.kick_lo && (force || q.kick_hi - q.kick_lo >= KICK))
-        sync_file_range(g.img, (off64_t)q.kick_lo, (off64_t)(q.kick_hi - q.kick_lo), SYNC_FILE_RANGE_WRITE);
-    if (force || q.kick_hi - q.kick_lo >= KICK)
-        q.kick_lo = q.kick_hi = 0;
-}
-
 /* A file's runs copied, then checked to be the file that was read; 0 or the errno (message printed). */
-static int copy_file_data(int fd, struct device *dev, const struct stat *st, const struct run *runs, size_t nruns,
-                          int writeback) {
+static int copy_file_data(int fd, struct device *dev, const struct stat *st, const struct run *runs, size_t nruns) {
     int failed = 0;
-    for (size_t i = 0; i < nruns && !failed; i++) {
+    for (size_t i = 0; i < nruns && !failed; i++)
         failed = copy_run(dev, fd, &runs[i]);
-        if (writeback && !failed) {
-            if (q.kick_hi && runs[i].dst != q.kick_hi)
-                kick(1); /* not contiguous with what is pending: start that now */
-            if (!q.kick_hi)
-                q.kick_lo = runs[i].dst;
-            q.kick_hi = runs[i].dst + runs[i].len;
-            kick(0);
-        }
-    }
     struct stat now;
     if (!failed && (raw_fstat(fd, &now) != 0 || now.st_size != st->st_size ||
                     now.st_mtim.tv_sec != st->st_mtim.tv_sec || now.st_mtim.tv_nsec != st->st_mtim.tv_nsec ||
@@ -593,20 +574,17 @@ static void *worker(void *arg) {
         struct job job = q.jobs[q.head];
         q.head = (q.head + 1) % QUEUE;
         q.count--;
-        q.busy = 1;
         int skip = q.error != 0;
         pthread_cond_broadcast(&q.drained);
         pthread_mutex_unlock(&q.lock);
-        int failed = skip ? 0 : copy_file_data(job.fd, job.dev, &job.st, job.runs, job.nruns, 1);
+        int failed = skip ? 0 : copy_file_data(job.fd, job.dev, &job.st, job.runs, job.nruns);
         close(job.fd);
         free(job.runs);
         pthread_mutex_lock(&q.lock);
-        q.busy = 0;
         if (failed && !q.error)
             q.error = failed;
         pthread_cond_broadcast(&q.drained);
     }
-    kick(1);
     pthread_mutex_unlock(&q.lock);
     return NULL;
 }
@@ -671,7 +649,7 @@ errcode_t ext2fs_file_close(e2file file) {
         struct device *dev = device_of(cur.st.st_dev);
         err = pending_error();
         if (!err && !hand_over(src, dev))
-            err = copy_file_data(src, dev, &cur.st, cur.runs, cur.nruns, 0);
+            err = copy_file_data(src, dev, &cur.st, cur.runs, cur.nruns);
     }
     end_file();
     return err;

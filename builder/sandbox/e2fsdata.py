@@ -11,9 +11,7 @@ and sparse files through the library); MDI_E2FS_DATA=none leaves mkfs as it is.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -28,8 +26,6 @@ DATA_ENV = "MDI_E2FS_DATA"
 FILES_ENV = "MDI_E2FS_DATA_FILES"
 # Below this a clone or an in-kernel copy costs more than mkfs' own writes (measured: docs/file-data.md).
 LARGE = 64 * 1024
-# linux/fs.h: FICLONE = _IOW(0x94, 9, int): the whole file, sharing the source's blocks.
-FICLONE = 0x40049409
 
 # Why the kernel would not share blocks, in words, by the errno FICLONERANGE gave.
 _NO_CLONE = {
@@ -53,19 +49,6 @@ def files_mode() -> str:
         raise UserError(f"{FILES_ENV}={mode!r}: expected 'large' (the files of 64 KiB or more through the data "
                         "library) or 'all' (every file)")
     return mode
-
-
-def clones(directory: Path) -> bool:
-    """Whether files in directory can share blocks (FICLONE between two files of a probe: XFS with reflink,
-    btrfs, bcachefs). The probe files have no name (O_TMPFILE), so nothing is left even if killed."""
-    try:
-        with tempfile.TemporaryFile(dir=directory) as a, tempfile.TemporaryFile(dir=directory) as b:
-            a.write(b"\1" * 4096)
-            a.flush()
-            fcntl.ioctl(b.fileno(), FICLONE, a.fileno())
-        return True
-    except OSError:
-        return False
 
 
 def data_plan(image: Path, offset: int, report: Path) -> tuple[list[str], str | None]:

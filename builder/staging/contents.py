@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import glob
 import os
 import shutil
@@ -12,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..chmod import ChmodRules
+from ..disk.sparse import clone_range
 from ..errors import UserError
 from ..inputfile import host_only_problem, host_view_devices, host_view_problem
-from ..sandbox.e2fsdata import FICLONE
 from ..spec import Content, Spec
 
 
@@ -108,8 +107,10 @@ def _copy2(source: str | Path, dest: str | Path, *, follow_symlinks: bool = True
         return
     try:
         with open(source, "rb") as src, open(dest, "wb") as dst:
-            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
-    except OSError:  # another filesystem, or one that does not share blocks: copied as before
+            cloned = clone_range(src.fileno(), dst.fileno(), 0, 0)
+    except OSError:
+        cloned = False
+    if not cloned:  # another filesystem, or one that does not share blocks: copied as before
         shutil.copy2(source, dest, follow_symlinks=follow_symlinks)
         return
     shutil.copystat(source, dest, follow_symlinks=follow_symlinks)
