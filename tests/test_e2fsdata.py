@@ -109,32 +109,40 @@ def test_images_are_the_bytes_of_mkfs_writing_the_data_itself(library: str, make
     with_library = prepare(spec, tmp_path / "data.img", tmp_path / "w1", None, files="all")
     prepare(spec, tmp_path / "stock.img", tmp_path / "w2", "none")
     assert sha256(tmp_path / "data.img") == sha256(tmp_path / "stock.img")
-    # In the kernel: copy_file_range from a file on the image's filesystem (the staged tree, and the store where
-    # it is on that filesystem too), sendfile from another (a store on tmpfs, as a fresh machine's /nix may be).
+    # On a disk: written past the image's page cache. In memory (tmpfs): copy_file_range from a file on the
+    # image's filesystem (the staged tree, and the store where it is on that filesystem too), sendfile from
+    # another (a store on disk).
     line = data_line(with_library.stderr)
     store = spec_doc(spec)["system"]["storeDir"]
     from_image_fs = "contents" not in extra or os.stat(store).st_dev == os.stat(tmp_path).st_dev
-    way = "copy_file_range" if from_image_fs else "sendfile"
-    assert f"copied in the kernel ({way})" in line, line
+    way = ("written past the image's page cache (O_DIRECT)" if not in_memory(tmp_path) else
+           "copied in the kernel (copy_file_range)" if from_image_fs else "copied in the kernel (sendfile)")
+    assert way in line, line
     assert "read and written" not in line, line
     offset = 0 if layout == "none" else part_offset(tmp_path / "data.img", {"efi": 2, "legacy": 1, "hybrid": 3}[layout])
     fsck = subprocess.run(["e2fsck", "-fn", f"{tmp_path / 'data.img'}?offset={offset}"], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
-def mkfs(library: str | None, source: Path, image: Path, report: Path | None = None,
-         **settings: str) -> subprocess.CompletedProcess[str]:
-    """Stock mkfs.ext4 -d at a 1 MiB offset of a new sparse file, with the library (and its settings) or not."""
+def in_memory(path: Path) -> bool:
+    """Whether path is on tmpfs (the library then copies in the kernel rather than write past a page cache)."""
+    kind = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=True)
+    return kind.stdout.strip() in ("tmpfs", "ramfs")
+
+
+def mkfs(library: str | None, source: Path, image: Path, report: Path | None = None, offset: int = MiB,
+         block: int = 4096, **settings: str) -> subprocess.CompletedProcess[str]:
+    """Stock mkfs.ext4 -d at offset (1 MiB) of a new sparse file, with the library (and its settings) or not."""
     image.unlink(missing_ok=True)
     with open(image, "wb") as f:
         f.truncate(96 * MiB)
     env = {**os.environ, "E2FSPROGS_FAKE_TIME": "1000000000", **settings}
-    argv = ["mkfs.ext4", "-q", "-F", "-b", "4096", "-N", "2000", "-U", "6f0a44a8-2a4a-4f45-9b8e-61a0c5b1e3a1",
-            "-E", "offset=1048576,nodiscard,hash_seed=6f0a44a8-2a4a-4f45-9b8e-61a0c5b1e3a1", "-d", str(source),
+    argv = ["mkfs.ext4", "-q", "-F", "-b", str(block), "-N", "2000", "-U", "6f0a44a8-2a4a-4f45-9b8e-61a0c5b1e3a1",
+            "-E", f"offset={offset},nodiscard,hash_seed=6f0a44a8-2a4a-4f45-9b8e-61a0c5b1e3a1", "-d", str(source),
             str(image), "90000k"]
     if library:
         env["LD_PRELOAD"] = library
-        env.update(MDI_DATA_IMAGE=str(image), MDI_DATA_OFFSET=str(MiB),
+        env.update(MDI_DATA_IMAGE=str(image), MDI_DATA_OFFSET=str(offset),
                    MDI_DATA_REPORT=str(report or image.with_suffix(".rep")))
     return subprocess.run(argv, capture_output=True, text=True, env=env)
 
@@ -151,11 +159,66 @@ def test_raw_mkfs_output_is_the_same_bytes(library: str, tmp_path: Path) -> None
     got = e2fsdata.read_report(report)
     assert got is not None
     blocks = [block for block in _blocks(tree) if block.strip(b"\0")]  # all-zero ones are holes
-    moved = got.cloned + got.copy_file_range + got.sendfile + got.read_write
+    moved = got.cloned + got.direct + got.copy_file_range + got.sendfile + got.read_write
     short = [b for b in blocks if len(b) < 16]
     assert (moved, got.mkfs) == (sum(map(len, blocks)) - sum(map(len, short)), sum(map(len, short)))
     assert got.mkfs >= 5 + 5 + 15  # tiny, tail5, tail15: ends under 16 bytes, which mkfs writes itself
     assert got.files == len({p.stat().st_ino for p in tree.rglob("*") if p.is_file() and p.stat().st_size})
+
+
+@x86_64_only
+def test_the_data_does_not_pass_through_the_images_page_cache(library: str, tmp_path: Path) -> None:
+    """On a disk, a big file's data is written past the image's page cache: after mkfs (which fsyncs), the
+    image's pages in memory (fincore) are its metadata and small files, not the 32 MiB of data."""
+    if in_memory(tmp_path):
+        pytest.skip(f"{tmp_path} is on tmpfs: the library copies in the kernel there")
+    tree = awkward_tree(tmp_path / "tree", big=32 * MiB)
+    image, report = tmp_path / "data.img", tmp_path / "report"
+    res = mkfs(library, tree, image, report)
+    assert res.returncode == 0, res.stderr
+    got = e2fsdata.read_report(report)
+    assert got is not None and got.direct >= 32 * MiB, got
+    resident = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(image)],
+                              capture_output=True, text=True, check=True)
+    assert int(resident.stdout) < 8 * MiB, f"{int(resident.stdout)} bytes of the image in the page cache"
+
+
+@x86_64_only
+@pytest.mark.parametrize(("offset", "block"), [(MiB + 512, 4096), (MiB, 1024)])
+def test_blocks_that_are_not_whole_pages_are_copied_in_the_kernel(library: str, tmp_path: Path, offset: int,
+                                                                  block: int) -> None:
+    """A filesystem at an offset that is no multiple of 4 KiB, or of 1 KiB blocks: a direct write would cover
+    other blocks' bytes in the page, so the data goes by copy_file_range (sendfile on tmpfs), same bytes."""
+    tree = awkward_tree(tmp_path / "tree")
+    report = tmp_path / "report"
+    res = mkfs(library, tree, tmp_path / "data.img", report, offset=offset, block=block)
+    assert res.returncode == 0, res.stderr
+    assert mkfs(None, tree, tmp_path / "stock.img", offset=offset, block=block).returncode == 0
+    assert sha256(tmp_path / "data.img") == sha256(tmp_path / "stock.img")
+    got = e2fsdata.read_report(report)
+    assert got is not None and got.direct == 0 and got.copy_file_range + got.sendfile >= 6 * MiB, got
+
+
+@x86_64_only
+def test_mkfs_reads_the_image_without_readahead(library: str, tmp_path: Path) -> None:
+    """Each of mkfs' descriptors of the image gets POSIX_FADV_RANDOM (strace): its reads then make no large
+    page-cache folio reaching into blocks a direct write fills, which the kernel could not drop after it."""
+    tree = awkward_tree(tmp_path / "tree", big=4096)
+    image = tmp_path / "x.img"
+    trace = tmp_path / "trace"
+    with open(image, "wb") as f:
+        f.truncate(96 * MiB)
+    env = {**os.environ, "LD_PRELOAD": library, "MDI_DATA_IMAGE": str(image), "MDI_DATA_OFFSET": str(MiB),
+           "MDI_DATA_REPORT": str(tmp_path / "report")}
+    res = subprocess.run(["strace", "-f", "-e", "trace=openat,fadvise64", "-o", str(trace), "mkfs.ext4", "-q", "-F",
+                          "-b", "4096", "-E", "offset=1048576,nodiscard", "-d", str(tree), str(image), "90000k"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    lines = trace.read_text().splitlines()
+    opened = {m[1] for ln in lines if (m := re.search(rf'openat\(AT_FDCWD, "{re.escape(str(image))}", (?!.*O_DIRECT)'
+                                                      r'.*\) = (\d+)$', ln))}
+    random_fds = {m[1] for ln in lines if (m := re.search(r"fadvise64\((\d+), 0, 0, POSIX_FADV_RANDOM\) = 0", ln))}
+    assert opened and opened <= random_fds, (opened, random_fds)
 
 
 def _blocks(tree: Path) -> Iterator[bytes]:
@@ -287,8 +350,9 @@ def test_by_default_large_files_are_copied_in_the_kernel_and_small_ones_by_mkfs(
     spec = contents_spec(make_spec, tree)
     res = prepare(spec, tmp_path / "data.img", tmp_path / "w1", None)
     line = data_line(res.stderr)
-    # This machine's ext4 shares no blocks: copy_file_range copies in the kernel.
-    assert "copied in the kernel (copy_file_range)" in line and "files under 64 KiB" in line, line
+    # This machine's ext4 shares no blocks: the data is written past the image's page cache (on a disk).
+    way = "copied in the kernel" if in_memory(tmp_path) else "written past the image's page cache (O_DIRECT)"
+    assert way in line and "files under 64 KiB" in line, line
     got = re.search(r"file data of (\d+) files", line)
     assert got and int(got[1]) >= 1, line
     prepare(spec, tmp_path / "stock.img", tmp_path / "w2", "none")
@@ -320,15 +384,22 @@ def test_a_library_that_is_not_a_file_is_named(make_spec: SpecFactory, tmp_path:
 
 def test_the_report_reads_back_and_says_why_blocks_were_not_shared(tmp_path: Path) -> None:
     report = tmp_path / "r"
-    report.write_text("small_files 2\nsmall_bytes 3072\nfiles 3\ncloned 0\n"
-                      "copy_file_range 0\nsendfile 8192\nread_write 0\nmkfs 5\nclone_errno 18\n"
+    report.write_text("small_files 2\nsmall_bytes 3072\nfiles 3\ncloned 0\ndirect 0\n"
+                      "copy_file_range 0\nsendfile 8192\nread_write 0\nmkfs 5\nclone_errno 18\ndirect_errno 95\n"
                       "copy_file_range_errno 18\nsendfile_errno 0\n")
     got = e2fsdata.read_report(report)
     assert got is not None and got.sendfile == 8192
     assert e2fsdata.describe(got) == ("file data of 3 files, 8.0 KiB: 8.0 KiB copied in the kernel (sendfile); not "
-                                      "shared: the store and the image are on different filesystems; 2 files "
-                                      "under 64 KiB (3.0 KiB) written by mkfs; 5 B of file ends under 16 bytes "
-                                      "written by mkfs")
+                                      "shared: the store and the image are on different filesystems; not written "
+                                      "directly: the image is in memory (tmpfs), where there is no page cache to "
+                                      "pass by; 2 files under 64 KiB (3.0 KiB) written by mkfs; 5 B of file ends "
+                                      "under 16 bytes written by mkfs")
+    report.write_text("small_files 0\nsmall_bytes 0\nfiles 1\ncloned 0\ndirect 4096\ncopy_file_range 0\n"
+                      "sendfile 0\nread_write 0\nmkfs 0\nclone_errno 95\ndirect_errno 0\ncopy_file_range_errno 0\n"
+                      "sendfile_errno 0\n")
+    assert e2fsdata.describe(e2fsdata.read_report(report)) == (
+        "file data of 1 files, 4.0 KiB: 4.0 KiB written past the image's page cache (O_DIRECT); not shared: the "
+        "image's filesystem does not share blocks (reflinks need XFS with reflink=1 or btrfs)")
     report.write_text("files 3\n")
     assert e2fsdata.read_report(report) is None
 
@@ -379,5 +450,5 @@ def test_a_big_file_is_mapped_a_window_at_a_time(library: str, tmp_path: Path) -
     res = subprocess.run([sys.executable, "-c", measure, *argv], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     report = e2fsdata.read_report(tmp_path / "report")
-    assert report is not None and report.copy_file_range + report.cloned >= 128 * MiB
+    assert report is not None and report.direct + report.copy_file_range + report.cloned >= 128 * MiB
     assert int(res.stdout) < 48 * 1024, f"peak RSS {res.stdout.strip()} KiB"

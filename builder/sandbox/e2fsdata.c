@@ -45,9 +45,13 @@
 #include <sys/mman.h>
 #include <sys/sendfile.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <linux/aio_abi.h>
 #include <linux/fs.h>
+#include <linux/magic.h>
+#include <stdarg.h>
 
 #if defined(__x86_64__)
 
@@ -73,6 +77,8 @@ typedef errcode_t close2_fn(filsys, int);
 typedef errcode_t write_blk_fn(void *, unsigned long long, int, const void *);
 typedef ssize_t pread_fn(int, void *, size_t, off_t);
 typedef ssize_t pwrite_fn(int, const void *, size_t, off_t);
+typedef int open_fn(const char *, int, ...);
+typedef int open2_fn(const char *, int);
 
 static struct {
     file_open_fn *file_open;
@@ -81,6 +87,8 @@ static struct {
     write_blk_fn *write_blk;
     pread_fn *pread;
     pwrite_fn *pwrite;
+    open_fn *open, *open64;
+    open2_fn *open_2, *open64_2; /* _FORTIFY_SOURCE's open without a mode (libext2fs' unix_io calls these) */
 } lib;
 
 struct run {
@@ -93,10 +101,15 @@ struct device {
     int clone_errno, range_errno, sendfile_errno;
 };
 
+#define DIRECT_CHUNK ((size_t)1 << 20) /* bytes read from a source and written past the page cache at a time */
+#define DIRECT_ALIGN 4096
+
 static struct {
     int ready, img;
+    int direct, direct_errno; /* the image opened O_DIRECT (-1: it cannot be), and the errno that ended its use */
     dev_t img_dev;
     ino_t img_ino;
+    const char *img_base; /* the image's file name: only a file opened by that name is looked at as the image */
     uint64_t offset;
     uint32_t bs;
     const char *report;
@@ -106,8 +119,8 @@ static struct {
     unsigned ndevices;
     off_t min_size; /* MDI_DATA_MIN_SIZE: smaller sources go mkfs' way */
     unsigned long files, small_files;
-    unsigned long long small_bytes, cloned, ranged, sent, copied, by_mkfs;
-} g = {.img = -1};
+    unsigned long long small_bytes, cloned, direct_bytes, ranged, sent, copied, by_mkfs;
+} g = {.img = -1, .direct = -1};
 
 /* The file mkfs has open for writing, its source once read (-1 before; -2: it goes mkfs' own way), and
    the runs of its blocks noted so far. */
@@ -148,6 +161,10 @@ static void resolve(void) {
     lib.close2 = (close2_fn *)dlsym(RTLD_NEXT, "ext2fs_close2");
     lib.pwrite = (pwrite_fn *)dlsym(RTLD_NEXT, "pwrite64");
     lib.pread = (pread_fn *)dlsym(RTLD_NEXT, "pread64");
+    lib.open = (open_fn *)dlsym(RTLD_NEXT, "open");
+    lib.open64 = (open_fn *)dlsym(RTLD_NEXT, "open64");
+    lib.open_2 = (open2_fn *)dlsym(RTLD_NEXT, "__open_2");
+    lib.open64_2 = (open2_fn *)dlsym(RTLD_NEXT, "__open64_2");
 }
 
 /* The kernel's fstat, not a preloaded one's (the stat shim rewrites owners and times for mkfs). */
@@ -159,12 +176,12 @@ __attribute__((constructor)) static void setup(void) {
     resolve();
     const char *image = getenv("MDI_DATA_IMAGE"), *offset = getenv("MDI_DATA_OFFSET");
     if (!image || !offset || !*offset || !lib.file_open || !lib.file_close || !lib.close2 || !lib.write_blk ||
-        !lib.pwrite || !lib.pread)
+        !lib.pwrite || !lib.pread || !lib.open || !lib.open64 || !lib.open_2 || !lib.open64_2)
         return;
     char *end;
     g.offset = strtoull(offset, &end, 10);
     struct stat st;
-    g.img = open(image, O_RDWR | O_CLOEXEC);
+    g.img = lib.open(image, O_RDWR | O_CLOEXEC);
     if (*end || g.img < 0 || raw_fstat(g.img, &st) != 0 || !S_ISREG(st.st_mode)) {
         if (g.img >= 0)
             close(g.img);
@@ -173,6 +190,16 @@ __attribute__((constructor)) static void setup(void) {
     }
     g.img_dev = st.st_dev;
     g.img_ino = st.st_ino;
+    posix_fadvise(g.img, 0, 0, POSIX_FADV_RANDOM); /* as mkfs' own descriptors of it (see opened) */
+    const char *base = strrchr(image, '/');
+    g.img_base = base ? base + 1 : image;
+    struct statfs sfs;
+    if (fstatfs(g.img, &sfs) == 0 && (sfs.f_type == TMPFS_MAGIC || sfs.f_type == RAMFS_MAGIC)) {
+        g.direct_errno = EOPNOTSUPP; /* an image in memory has no page cache to spare: the copy goes in the kernel */
+    } else {
+        g.direct = lib.open(image, O_WRONLY | O_DIRECT | O_CLOEXEC);
+        g.direct_errno = g.direct < 0 ? errno : 0;
+    }
     g.report = getenv("MDI_DATA_REPORT");
     const char *min_size = getenv("MDI_DATA_MIN_SIZE");
     g.min_size = min_size ? (off_t)strtoull(min_size, NULL, 10) : 0;
@@ -194,9 +221,9 @@ __attribute__((destructor)) static void report(void) {
         se = se ? se : g.devices[i].sendfile_errno;
     }
     fprintf(f, "small_files %lu\nsmall_bytes %llu\n", g.small_files, g.small_bytes);
-    fprintf(f, "files %lu\ncloned %llu\ncopy_file_range %llu\nsendfile %llu\nread_write %llu\nmkfs %llu\n"
-               "clone_errno %d\ncopy_file_range_errno %d\nsendfile_errno %d\n",
-            g.files, g.cloned, g.ranged, g.sent, g.copied, g.by_mkfs, ce, re, se);
+    fprintf(f, "files %lu\ncloned %llu\ndirect %llu\ncopy_file_range %llu\nsendfile %llu\nread_write %llu\n"
+               "mkfs %llu\nclone_errno %d\ndirect_errno %d\ncopy_file_range_errno %d\nsendfile_errno %d\n",
+            g.files, g.cloned, g.direct_bytes, g.ranged, g.sent, g.copied, g.by_mkfs, ce, g.direct_errno, re, se);
     fclose(f);
 }
 
@@ -325,6 +352,52 @@ static ssize_t tagged_read(unsigned char *buf, size_t n, off_t off) {
     return (ssize_t)got;
 }
 
+/* mkfs' own descriptors of the image read without readahead (POSIX_FADV_RANDOM): a read then brings in the
+   blocks asked for in pages of their own, never a large folio reaching into blocks a direct write fills,
+   which mkfs could dirty beside the write and so keep from being dropped after it (the kernel then reports
+   stale page cache and fails the image's fsync). */
+static int opened(const char *path, int fd) {
+    struct stat st;
+    const char *base = strrchr(path, '/');
+    if (fd >= 0 && g.direct >= 0 && !strcmp(base ? base + 1 : path, g.img_base) && raw_fstat(fd, &st) == 0 && st.st_dev == g.img_dev && st.st_ino == g.img_ino)
+        posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
+    return fd;
+}
+
+int open64(const char *path, int flags, ...) {
+    resolve();
+    mode_t mode = 0;
+    if (flags & (O_CREAT | O_TMPFILE)) {
+        va_list ap;
+        va_start(ap, flags);
+        mode = va_arg(ap, mode_t);
+        va_end(ap);
+    }
+    return opened(path, lib.open64(path, flags, mode));
+}
+
+int open(const char *path, int flags, ...) {
+    resolve();
+    mode_t mode = 0;
+    if (flags & (O_CREAT | O_TMPFILE)) {
+        va_list ap;
+        va_start(ap, flags);
+        mode = va_arg(ap, mode_t);
+        va_end(ap);
+    }
+    return opened(path, lib.open(path, flags, mode));
+}
+
+int __open_2(const char *path, int flags) {
+    resolve();
+    return opened(path, lib.open_2(path, flags));
+}
+
+int __open64_2(const char *path, int flags) {
+    resolve();
+    return opened(path, lib.open64_2(path, flags));
+}
+
 ssize_t pread64(int fd, void *buf, size_t n, off_t off) {
     resolve();
     if (cur.active && cur.src == -1)
@@ -446,6 +519,144 @@ static struct device *device_of(dev_t dev) {
     return NULL;
 }
 
+/* Writes to the image past its page cache (O_DIRECT), from DIRECT_SLOTS buffers of DIRECT_CHUNK bytes each:
+   the image's pages are neither allocated, filled nor written back later (on a busy page cache these cost more
+   than the copy). They are submitted with Linux AIO, so that the image's inode lock, which a synchronous
+   direct write keeps until the disk has the data, is free for mkfs' own writes while the disk works. The first
+   write is made synchronously: an image whose filesystem refuses O_DIRECT, or these alignments, is seen there
+   and the runs go another way. One writer per thread that copies. */
+#define DIRECT_SLOTS 8
+struct direct_writer {
+    int ready;
+    aio_context_t ctx; /* 0: no AIO here, every write is synchronous */
+    unsigned char *buf[DIRECT_SLOTS];
+    struct iocb cb[DIRECT_SLOTS];
+    size_t len[DIRECT_SLOTS];
+    int busy[DIRECT_SLOTS];
+    unsigned next, inflight;
+    int proven, error;
+};
+static __thread struct direct_writer dw;
+
+static int direct_setup(void) {
+    if (dw.ready)
+        return dw.buf[0] ? 0 : ENOMEM;
+    dw.ready = 1;
+    for (int i = 0; i < DIRECT_SLOTS; i++) {
+        void *b = NULL;
+        if (posix_memalign(&b, DIRECT_ALIGN, DIRECT_CHUNK) != 0) {
+            for (int j = 0; j < i; j++)
+                free(dw.buf[j]);
+            dw.buf[0] = NULL;
+            return ENOMEM;
+        }
+        dw.buf[i] = b;
+    }
+    if (syscall(SYS_io_setup, DIRECT_SLOTS, &dw.ctx) != 0)
+        dw.ctx = 0;
+    return 0;
+}
+
+/* Collect at least min finished writes; a write that failed or fell short is the writer's error. */
+static void direct_reap(long min) {
+    struct io_event ev[DIRECT_SLOTS];
+    long n = syscall(SYS_io_getevents, dw.ctx, min, (long)DIRECT_SLOTS, ev, NULL);
+    if (n < 0 && errno != EINTR) { /* none can be collected: what is in flight counts as failed */
+        dw.error = dw.error ? dw.error : errno;
+        memset(dw.busy, 0, sizeof dw.busy);
+        dw.inflight = 0;
+    }
+    for (long i = 0; i < n; i++) {
+        unsigned slot = (unsigned)ev[i].data;
+        dw.busy[slot] = 0;
+        dw.inflight--;
+        if (ev[i].res != (long long)dw.len[slot] && !dw.error)
+            dw.error = ev[i].res < 0 ? (int)-ev[i].res : EIO;
+    }
+}
+
+/* Every write of this thread finished; the first failure's errno, or 0. */
+static int direct_finish(void) {
+    while (dw.inflight)
+        direct_reap(1);
+    return dw.error;
+}
+
+static int direct_write(unsigned slot, size_t len, off_t out) {
+    if (!dw.proven || !dw.ctx) {
+        for (;;) {
+            ssize_t w = lib.pwrite(g.direct, dw.buf[slot], len, out);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w != (ssize_t)len)
+                return w < 0 ? errno : EIO;
+            dw.proven = 1;
+            return 0;
+        }
+    }
+    struct iocb *cb = &dw.cb[slot];
+    *cb = (struct iocb){.aio_data = slot, .aio_lio_opcode = IOCB_CMD_PWRITE, .aio_fildes = (uint32_t)g.direct,
+                        .aio_buf = (uint64_t)(uintptr_t)dw.buf[slot], .aio_nbytes = len, .aio_offset = out};
+    dw.len[slot] = len;
+    for (;;) {
+        if (syscall(SYS_io_submit, dw.ctx, 1L, &cb) == 1) {
+            dw.busy[slot] = 1;
+            dw.inflight++;
+            return 0;
+        }
+        if (errno != EINTR && errno != EAGAIN)
+            return errno;
+        direct_reap(dw.inflight ? 1 : 0);
+    }
+}
+
+/* Part of a run from the source into the image with direct writes (above). The run's last block, which the
+   file may fill only in part, is written whole, with zeros after the file's end, as libext2fs leaves it.
+   Returns 0 with *in, *out and *left moved on; -1 when the image's first direct write was refused (the
+   caller goes another way, as for every run after); else an errno: ENODATA if the source ended early. */
+static int direct_run(int src, off_t *in, off_t *out, uint64_t *left) {
+    int err = direct_setup();
+    while (*left && !err) {
+        unsigned slot = dw.next;
+        while (dw.busy[slot] && !dw.error)
+            direct_reap(1);
+        if (dw.error)
+            return dw.error;
+        unsigned char *buf = dw.buf[slot];
+        size_t want = *left < DIRECT_CHUNK ? (size_t)*left : DIRECT_CHUNK;
+        ssize_t n = lib.pread(src, buf, want, *in);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n == 0 ? ENODATA : errno;
+        size_t len = (size_t)n;
+        if ((uint64_t)n == *left && len % g.bs) { /* the file's end: its block's rest is zeros */
+            size_t whole = len + g.bs - len % g.bs;
+            memset(buf + len, 0, whole - len);
+            len = whole;
+        } else if (len % DIRECT_ALIGN) { /* a short read inside the run: the next read starts aligned */
+            len -= len % DIRECT_ALIGN;
+            if (!len)
+                continue;
+            n = (ssize_t)len;
+        }
+        int proven = dw.proven;
+        err = direct_write(slot, len, *out);
+        if (err && !proven && (err == EINVAL || err == EOPNOTSUPP || err == ENOTSUP)) {
+            __atomic_store_n(&g.direct_errno, err, __ATOMIC_RELAXED);
+            return -1;
+        }
+        if (!err) {
+            dw.next = (slot + 1) % DIRECT_SLOTS;
+            *in += n;
+            *out += n;
+            *left -= (uint64_t)n;
+            add(&g.direct_bytes, (uint64_t)n);
+        }
+    }
+    return err;
+}
+
 /* One run from the source into the image: shared blocks, else an in-kernel copy, else through a buffer.
    A last block the file fills only in part is copied, not shared: the kernel refuses to clone a source's
    end of file into the middle of another file (generic_remap_check_len, fs/remap_range.c). */
@@ -463,6 +674,12 @@ static int copy_run(struct device *dev, int src, const struct run *r) {
     }
     off_t in = (off_t)(r->src + done), out = (off_t)(r->dst + done);
     uint64_t left = r->len - done;
+    if (left && g.direct >= 0 && !__atomic_load_n(&g.direct_errno, __ATOMIC_RELAXED) && g.bs % DIRECT_ALIGN == 0 &&
+        in % DIRECT_ALIGN == 0 && out % DIRECT_ALIGN == 0) { /* whole pages of the image: no other block shares them */
+        int err = direct_run(src, &in, &out, &left);
+        if (err > 0)
+            return err;
+    }
     while (left && dev && !dev->range_errno) {
         ssize_t n = copy_file_range(src, &in, g.img, &out, left, 0);
         if (n > 0) {
@@ -586,6 +803,14 @@ static void *worker(void *arg) {
         pthread_cond_broadcast(&q.drained);
     }
     pthread_mutex_unlock(&q.lock);
+    int failed = direct_finish();
+    if (failed)
+        fprintf(stderr, "mkfs.ext4 -d (builder/sandbox/e2fsdata.c): writing file data into the image: %s\n",
+                strerror(failed));
+    pthread_mutex_lock(&q.lock);
+    if (failed && !q.error)
+        q.error = failed;
+    pthread_mutex_unlock(&q.lock);
     return NULL;
 }
 
@@ -648,8 +873,14 @@ errcode_t ext2fs_file_close(e2file file) {
     if (!err && src >= 0 && cur.nruns) {
         struct device *dev = device_of(cur.st.st_dev);
         err = pending_error();
-        if (!err && !hand_over(src, dev))
+        if (!err && !hand_over(src, dev)) {
             err = copy_file_data(src, dev, &cur.st, cur.runs, cur.nruns);
+            int late = direct_finish(); /* copied in mkfs' thread: its writes finished before mkfs goes on */
+            if (late && !err)
+                fprintf(stderr, "mkfs.ext4 -d (builder/sandbox/e2fsdata.c): writing file data into the image: %s\n",
+                        strerror(late));
+            err = err ? err : late;
+        }
     }
     end_file();
     return err;

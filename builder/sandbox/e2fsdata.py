@@ -3,8 +3,9 @@
 Preloaded into mkfs.ext4 only, it puts the data of every file of 64 KiB or more into the image in the
 kernel, on a thread of its own beside mkfs, while mkfs writes the metadata, so the image's bytes are the
 same: shared blocks (FICLONERANGE) where the image's filesystem shares them with the source (XFS with
-reflink, btrfs), else copy_file_range, else sendfile. Smaller files go mkfs' own way, which costs less for
-them (docs/file-data.md). MDI_E2FS_DATA_FILES=all takes every file (the tests use it to put tails, tiny
+reflink, btrfs), else written past the image's page cache (O_DIRECT, from the source's), else
+copy_file_range, else sendfile. Smaller files go mkfs' own way, which costs less for them
+(docs/file-data.md). MDI_E2FS_DATA_FILES=all takes every file (the tests use it to put tails, tiny
 and sparse files through the library); MDI_E2FS_DATA=none leaves mkfs as it is.
 """
 
@@ -33,6 +34,14 @@ _NO_CLONE = {
     errno.EOPNOTSUPP: "the image's filesystem does not share blocks (reflinks need XFS with reflink=1 or btrfs)",
     errno.ENOTTY: "the image's filesystem does not share blocks",
     errno.EPERM: "sharing blocks was refused (EPERM)",
+}
+
+# Why the data was not written past the image's page cache, by the errno the library gave (0: the blocks
+# were not whole, 4 KiB-aligned pages of the image).
+_NOT_DIRECT = {
+    0: "the filesystem's blocks are not whole 4 KiB pages of the image",
+    errno.EOPNOTSUPP: "the image is in memory (tmpfs), where there is no page cache to pass by",
+    errno.EINVAL: "the image's filesystem refuses O_DIRECT writes",
 }
 
 
@@ -71,11 +80,13 @@ class DataReport:
     small_bytes: int
     files: int
     cloned: int
+    direct: int
     copy_file_range: int
     sendfile: int
     read_write: int
     mkfs: int
     clone_errno: int
+    direct_errno: int
     copy_file_range_errno: int
     sendfile_errno: int
 
@@ -96,8 +107,10 @@ def describe(report: DataReport | None, loaded: bool = True) -> str:
         return f"file data: read and written by mkfs.ext4 itself ({why})"
     if report is None:
         return "file data: read and written by mkfs.ext4 itself (the data library did not load)"
-    moved = report.cloned + report.copy_file_range + report.sendfile + report.read_write
+    copied = report.copy_file_range + report.sendfile + report.read_write
+    moved = report.cloned + report.direct + copied
     ways = [(report.cloned, "shared with the source files' blocks (reflink)"),
+            (report.direct, "written past the image's page cache (O_DIRECT)"),
             (report.copy_file_range, "copied in the kernel (copy_file_range)"),
             (report.sendfile, "copied in the kernel (sendfile)"),
             (report.read_write, "read and written through memory")]
@@ -106,6 +119,9 @@ def describe(report: DataReport | None, loaded: bool = True) -> str:
     if report.clone_errno and moved > report.cloned:
         why = _NO_CLONE.get(report.clone_errno, os.strerror(report.clone_errno))
         line += f"; not shared: {why}"
+    if copied:
+        why = _NOT_DIRECT.get(report.direct_errno, os.strerror(report.direct_errno))
+        line += f"; not written directly: {why}"
     if report.small_files:
         line += f"; {report.small_files} files under 64 KiB ({human(report.small_bytes)}) written by mkfs"
     if report.mkfs:
