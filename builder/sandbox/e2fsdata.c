@@ -101,7 +101,7 @@ struct device {
     int clone_errno, range_errno, sendfile_errno;
 };
 
-#define DIRECT_CHUNK ((size_t)1 << 20) /* bytes read from a source and written past the page cache at a time */
+#define DIRECT_CHUNK ((size_t)1 << 20) /* bytes of a source mapped and written past the page cache at a time */
 #define DIRECT_ALIGN 4096
 
 static struct {
@@ -519,56 +519,45 @@ static struct device *device_of(dev_t dev) {
     return NULL;
 }
 
-/* Writes to the image past its page cache (O_DIRECT), from DIRECT_SLOTS buffers of DIRECT_CHUNK bytes each:
-   the image's pages are neither allocated, filled nor written back later (on a busy page cache these cost more
-   than the copy). They are submitted with Linux AIO, so that the image's inode lock, which a synchronous
-   direct write keeps until the disk has the data, is free for mkfs' own writes while the disk works. The first
-   write is made synchronously: an image whose filesystem refuses O_DIRECT, or these alignments, is seen there
-   and the runs go another way. One writer per thread that copies. */
+/* Writes to the image past its page cache (O_DIRECT), straight from the source's page cache: each write's
+   buffer is a read-only mapping of DIRECT_CHUNK bytes of the source, so the disk is given the store's own
+   pages and the data is copied nowhere, in the kernel or out of it. The image's pages are neither
+   allocated, filled nor written back later: on a busy page cache those cost more than a copy. Writes are
+   submitted with Linux AIO, so that the image's inode lock, which a synchronous direct write keeps until the
+   disk has the data, is free for mkfs' own writes meanwhile; DIRECT_SLOTS are in flight at most, and all
+   of a file's are finished before its source is checked and closed. The first write is synchronous: an
+   image whose filesystem refuses O_DIRECT is seen there, and the runs go another way. One writer per thread
+   that copies. */
 #define DIRECT_SLOTS 8
 struct direct_writer {
     int ready;
     aio_context_t ctx; /* 0: no AIO here, every write is synchronous */
-    unsigned char *buf[DIRECT_SLOTS];
+    void *map[DIRECT_SLOTS];
+    size_t map_len[DIRECT_SLOTS], len[DIRECT_SLOTS];
     struct iocb cb[DIRECT_SLOTS];
-    size_t len[DIRECT_SLOTS];
-    int busy[DIRECT_SLOTS];
     unsigned next, inflight;
     int proven, error;
 };
 static __thread struct direct_writer dw;
 
-static int direct_setup(void) {
-    if (dw.ready)
-        return dw.buf[0] ? 0 : ENOMEM;
-    dw.ready = 1;
-    for (int i = 0; i < DIRECT_SLOTS; i++) {
-        void *b = NULL;
-        if (posix_memalign(&b, DIRECT_ALIGN, DIRECT_CHUNK) != 0) {
-            for (int j = 0; j < i; j++)
-                free(dw.buf[j]);
-            dw.buf[0] = NULL;
-            return ENOMEM;
-        }
-        dw.buf[i] = b;
-    }
-    if (syscall(SYS_io_setup, DIRECT_SLOTS, &dw.ctx) != 0)
-        dw.ctx = 0;
-    return 0;
+static void direct_release(unsigned slot) {
+    if (dw.map[slot])
+        munmap(dw.map[slot], dw.map_len[slot]);
+    dw.map[slot] = NULL;
 }
 
 /* Collect at least min finished writes; a write that failed or fell short is the writer's error. */
 static void direct_reap(long min) {
     struct io_event ev[DIRECT_SLOTS];
     long n = syscall(SYS_io_getevents, dw.ctx, min, (long)DIRECT_SLOTS, ev, NULL);
-    if (n < 0 && errno != EINTR) { /* none can be collected: what is in flight counts as failed */
+    if (n < 0 && errno != EINTR) { /* none can be collected: what is in flight counts as failed (and stays mapped) */
         dw.error = dw.error ? dw.error : errno;
-        memset(dw.busy, 0, sizeof dw.busy);
+        memset(dw.map, 0, sizeof dw.map);
         dw.inflight = 0;
     }
     for (long i = 0; i < n; i++) {
         unsigned slot = (unsigned)ev[i].data;
-        dw.busy[slot] = 0;
+        direct_release(slot);
         dw.inflight--;
         if (ev[i].res != (long long)dw.len[slot] && !dw.error)
             dw.error = ev[i].res < 0 ? (int)-ev[i].res : EIO;
@@ -582,12 +571,14 @@ static int direct_finish(void) {
     return dw.error;
 }
 
+/* The write of slot's mapping (len bytes) at out: synchronous until one has succeeded, then submitted. */
 static int direct_write(unsigned slot, size_t len, off_t out) {
     if (!dw.proven || !dw.ctx) {
         for (;;) {
-            ssize_t w = lib.pwrite(g.direct, dw.buf[slot], len, out);
+            ssize_t w = lib.pwrite(g.direct, dw.map[slot], len, out);
             if (w < 0 && errno == EINTR)
                 continue;
+            direct_release(slot);
             if (w != (ssize_t)len)
                 return w < 0 ? errno : EIO;
             dw.proven = 1;
@@ -596,65 +587,62 @@ static int direct_write(unsigned slot, size_t len, off_t out) {
     }
     struct iocb *cb = &dw.cb[slot];
     *cb = (struct iocb){.aio_data = slot, .aio_lio_opcode = IOCB_CMD_PWRITE, .aio_fildes = (uint32_t)g.direct,
-                        .aio_buf = (uint64_t)(uintptr_t)dw.buf[slot], .aio_nbytes = len, .aio_offset = out};
+                        .aio_buf = (uint64_t)(uintptr_t)dw.map[slot], .aio_nbytes = len, .aio_offset = out};
     dw.len[slot] = len;
     for (;;) {
         if (syscall(SYS_io_submit, dw.ctx, 1L, &cb) == 1) {
-            dw.busy[slot] = 1;
             dw.inflight++;
             return 0;
         }
-        if (errno != EINTR && errno != EAGAIN)
+        if (errno != EINTR && errno != EAGAIN) {
+            direct_release(slot);
             return errno;
+        }
         direct_reap(dw.inflight ? 1 : 0);
     }
 }
 
-/* Part of a run from the source into the image with direct writes (above). The run's last block, which the
-   file may fill only in part, is written whole, with zeros after the file's end, as libext2fs leaves it.
-   Returns 0 with *in, *out and *left moved on; -1 when the image's first direct write was refused (the
-   caller goes another way, as for every run after); else an errno: ENODATA if the source ended early. */
+#define DIRECT_REFUSED (-1) /* the image's first direct write was refused: no run goes this way any more */
+#define DIRECT_UNMAPPED (-2) /* the source cannot be mapped: this run goes another way */
+
+/* Part of a run from the source into the image with direct writes (above). The run's last page, which the
+   file may fill only in part, is written whole: a mapping reads zeros after the file's end, as libext2fs
+   leaves the block (the caller sees to it that blocks are pages). Returns 0 with *in, *out and *left moved
+   on, DIRECT_REFUSED, DIRECT_UNMAPPED, or an errno. */
 static int direct_run(int src, off_t *in, off_t *out, uint64_t *left) {
-    int err = direct_setup();
-    while (*left && !err) {
+    if (!dw.ready) {
+        dw.ready = 1;
+        if (syscall(SYS_io_setup, DIRECT_SLOTS, &dw.ctx) != 0)
+            dw.ctx = 0;
+    }
+    while (*left) {
         unsigned slot = dw.next;
-        while (dw.busy[slot] && !dw.error)
+        while (dw.map[slot] && !dw.error)
             direct_reap(1);
         if (dw.error)
             return dw.error;
-        unsigned char *buf = dw.buf[slot];
-        size_t want = *left < DIRECT_CHUNK ? (size_t)*left : DIRECT_CHUNK;
-        ssize_t n = lib.pread(src, buf, want, *in);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return n == 0 ? ENODATA : errno;
-        size_t len = (size_t)n;
-        if ((uint64_t)n == *left && len % g.bs) { /* the file's end: its block's rest is zeros */
-            size_t whole = len + g.bs - len % g.bs;
-            memset(buf + len, 0, whole - len);
-            len = whole;
-        } else if (len % DIRECT_ALIGN) { /* a short read inside the run: the next read starts aligned */
-            len -= len % DIRECT_ALIGN;
-            if (!len)
-                continue;
-            n = (ssize_t)len;
-        }
+        size_t n = *left < DIRECT_CHUNK ? (size_t)*left : DIRECT_CHUNK;
+        size_t len = (n + DIRECT_ALIGN - 1) / DIRECT_ALIGN * DIRECT_ALIGN;
+        void *map = mmap(NULL, len, PROT_READ, MAP_SHARED, src, *in);
+        if (map == MAP_FAILED)
+            return DIRECT_UNMAPPED;
+        dw.map[slot] = map;
+        dw.map_len[slot] = len;
         int proven = dw.proven;
-        err = direct_write(slot, len, *out);
+        int err = direct_write(slot, len, *out);
         if (err && !proven && (err == EINVAL || err == EOPNOTSUPP || err == ENOTSUP)) {
             __atomic_store_n(&g.direct_errno, err, __ATOMIC_RELAXED);
-            return -1;
+            return DIRECT_REFUSED;
         }
-        if (!err) {
-            dw.next = (slot + 1) % DIRECT_SLOTS;
-            *in += n;
-            *out += n;
-            *left -= (uint64_t)n;
-            add(&g.direct_bytes, (uint64_t)n);
-        }
+        if (err)
+            return err;
+        dw.next = (slot + 1) % DIRECT_SLOTS;
+        *in += (off_t)n;
+        *out += (off_t)n;
+        *left -= n;
+        add(&g.direct_bytes, n);
     }
-    return err;
+    return 0;
 }
 
 /* One run from the source into the image: shared blocks, else an in-kernel copy, else through a buffer.
@@ -674,8 +662,8 @@ static int copy_run(struct device *dev, int src, const struct run *r) {
     }
     off_t in = (off_t)(r->src + done), out = (off_t)(r->dst + done);
     uint64_t left = r->len - done;
-    if (left && g.direct >= 0 && !__atomic_load_n(&g.direct_errno, __ATOMIC_RELAXED) && g.bs % DIRECT_ALIGN == 0 &&
-        in % DIRECT_ALIGN == 0 && out % DIRECT_ALIGN == 0) { /* whole pages of the image: no other block shares them */
+    if (left && g.direct >= 0 && !__atomic_load_n(&g.direct_errno, __ATOMIC_RELAXED) && g.bs == DIRECT_ALIGN &&
+        in % DIRECT_ALIGN == 0 && out % DIRECT_ALIGN == 0) { /* blocks that are pages, of the image and the source */
         int err = direct_run(src, &in, &out, &left);
         if (err > 0)
             return err;
@@ -765,6 +753,8 @@ static int copy_file_data(int fd, struct device *dev, const struct stat *st, con
     int failed = 0;
     for (size_t i = 0; i < nruns && !failed; i++)
         failed = copy_run(dev, fd, &runs[i]);
+    int late = direct_finish(); /* the file's direct writes are done before it is checked and closed */
+    failed = failed ? failed : late == EFAULT ? ENODATA : late; /* EFAULT: its mapping outran a shrunk file */
     struct stat now;
     if (!failed && (raw_fstat(fd, &now) != 0 || now.st_size != st->st_size ||
                     now.st_mtim.tv_sec != st->st_mtim.tv_sec || now.st_mtim.tv_nsec != st->st_mtim.tv_nsec ||
@@ -802,14 +792,6 @@ static void *worker(void *arg) {
             q.error = failed;
         pthread_cond_broadcast(&q.drained);
     }
-    pthread_mutex_unlock(&q.lock);
-    int failed = direct_finish();
-    if (failed)
-        fprintf(stderr, "mkfs.ext4 -d (builder/sandbox/e2fsdata.c): writing file data into the image: %s\n",
-                strerror(failed));
-    pthread_mutex_lock(&q.lock);
-    if (failed && !q.error)
-        q.error = failed;
     pthread_mutex_unlock(&q.lock);
     return NULL;
 }
@@ -873,14 +855,8 @@ errcode_t ext2fs_file_close(e2file file) {
     if (!err && src >= 0 && cur.nruns) {
         struct device *dev = device_of(cur.st.st_dev);
         err = pending_error();
-        if (!err && !hand_over(src, dev)) {
+        if (!err && !hand_over(src, dev))
             err = copy_file_data(src, dev, &cur.st, cur.runs, cur.nruns);
-            int late = direct_finish(); /* copied in mkfs' thread: its writes finished before mkfs goes on */
-            if (late && !err)
-                fprintf(stderr, "mkfs.ext4 -d (builder/sandbox/e2fsdata.c): writing file data into the image: %s\n",
-                        strerror(late));
-            err = err ? err : late;
-        }
     }
     end_file();
     return err;
