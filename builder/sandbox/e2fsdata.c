@@ -1,6 +1,7 @@
 /* LD_PRELOAD library for mkfs.ext4 -d (builder/sandbox/e2fsdata.py): file data goes from each source file
-   into the image inside the kernel (FICLONERANGE, else copy_file_range, else sendfile), never through
-   mkfs' buffers; mkfs still allocates every block and writes every inode, extent, directory and bitmap.
+   into the image without passing through user space (FICLONERANGE, else O_DIRECT writes from a mapping of
+   the source, else copy_file_range, else sendfile), never through mkfs' buffers; mkfs still allocates every
+   block and writes every inode, extent, directory and bitmap.
 
    e2fsprogs 1.47.0's copy_file (misc/create_inode.c) opens the new inode with ext2fs_file_open, reads the
    source in 64 KiB chunks with pread64 (over the data ranges SEEK_DATA/SEEK_HOLE report), leaves a hole
@@ -359,7 +360,8 @@ static ssize_t tagged_read(unsigned char *buf, size_t n, off_t off) {
 static int opened(const char *path, int fd) {
     struct stat st;
     const char *base = strrchr(path, '/');
-    if (fd >= 0 && g.direct >= 0 && !strcmp(base ? base + 1 : path, g.img_base) && raw_fstat(fd, &st) == 0 && st.st_dev == g.img_dev && st.st_ino == g.img_ino)
+    if (fd >= 0 && g.direct >= 0 && !strcmp(base ? base + 1 : path, g.img_base) && raw_fstat(fd, &st) == 0 &&
+        st.st_dev == g.img_dev && st.st_ino == g.img_ino)
         posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
     return fd;
 }
