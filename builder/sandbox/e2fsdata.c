@@ -366,29 +366,24 @@ static int opened(const char *path, int fd) {
     return fd;
 }
 
-int open64(const char *path, int flags, ...) {
-    resolve();
-    mode_t mode = 0;
-    if (flags & (O_CREAT | O_TMPFILE)) {
-        va_list ap;
-        va_start(ap, flags);
-        mode = va_arg(ap, mode_t);
-        va_end(ap);
-    }
-    return opened(path, lib.open64(path, flags, mode));
+/* open's mode argument is there only with O_CREAT or O_TMPFILE. */
+static int open_with(open_fn *real, const char *path, int flags, va_list ap) {
+    mode_t mode = flags & (O_CREAT | O_TMPFILE) ? va_arg(ap, mode_t) : 0;
+    return opened(path, real(path, flags, mode));
 }
 
-int open(const char *path, int flags, ...) {
-    resolve();
-    mode_t mode = 0;
-    if (flags & (O_CREAT | O_TMPFILE)) {
-        va_list ap;
-        va_start(ap, flags);
-        mode = va_arg(ap, mode_t);
-        va_end(ap);
+/* open and open64, each taking its call to the next definition of the same name. */
+#define OPEN_WRAPPER(name)                                                                                   \
+    int name(const char *path, int flags, ...) {                                                             \
+        resolve();                                                                                           \
+        va_list ap;                                                                                          \
+        va_start(ap, flags);                                                                                 \
+        int fd = open_with(lib.name, path, flags, ap);                                                       \
+        va_end(ap);                                                                                          \
+        return fd;                                                                                           \
     }
-    return opened(path, lib.open(path, flags, mode));
-}
+OPEN_WRAPPER(open)
+OPEN_WRAPPER(open64)
 
 int __open_2(const char *path, int flags) {
     resolve();
