@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +61,16 @@ def awkward_tree(root: Path, big: int = 6 * MiB) -> Path:
     os.link(root / "d" / "big", root / "big-link")
     for i in range(200):
         (root / "d" / f"f{i}").write_bytes(rng.randbytes(rng.randrange(1, 20000)))
+    return settle_times(root)
+
+
+def settle_times(root: Path) -> Path:
+    """Times no read can change: mkfs copies each file's atime into the image, and the kernel (relatime) moves
+    an atime not after the mtime and ctime at the next read, so two mkfs runs over a new tree could record
+    different atimes. An atime ten days ahead is after both, and is not a day old."""
+    ahead = time.time_ns() + 10 * 86400 * 10**9
+    for path in [root, *root.rglob("*")]:
+        os.utime(path, ns=(ahead, 10**18), follow_symlinks=False)
     return root
 
 
@@ -197,6 +208,59 @@ def test_blocks_that_are_not_whole_pages_are_copied_in_the_kernel(library: str, 
     assert sha256(tmp_path / "data.img") == sha256(tmp_path / "stock.img")
     got = e2fsdata.read_report(report)
     assert got is not None and got.direct == 0 and got.copy_file_range + got.sendfile >= 6 * MiB, got
+
+
+@x86_64_only
+def test_what_follows_a_files_end_in_its_last_page_is_not_written(library: str, tmp_path: Path) -> None:
+    """A file's last page can hold bytes after its end (stored through a shared mapping); stock mkfs reads up to
+    the end and leaves zeros, and so must the direct writes, which give the disk whole pages."""
+    import ctypes
+    import mmap
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    victim = tree / "victim"
+    victim.write_bytes(random.Random(7).randbytes(100100))
+    settle_times(tree)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    with open(victim, "r+b") as f:
+        addr = libc.mmap(None, 25 * 4096, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, f.fileno(), 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        ctypes.memset(addr + 100100, ord("Z"), 25 * 4096 - 100100)  # past the end, inside the last page
+        report = tmp_path / "report"
+        res = mkfs(library, tree, tmp_path / "data.img", report)
+        assert res.returncode == 0, res.stderr
+        assert mkfs(None, tree, tmp_path / "stock.img").returncode == 0
+    got = e2fsdata.read_report(report)
+    assert got is not None and (got.direct or in_memory(tmp_path)), got
+    assert b"ZZZZ" not in (tmp_path / "data.img").read_bytes()
+    assert sha256(tmp_path / "data.img") == sha256(tmp_path / "stock.img")
+
+
+@x86_64_only
+def test_an_image_mkfs_opens_by_another_name_is_not_written_directly(library: str, tmp_path: Path) -> None:
+    """Readahead is turned off on the descriptors mkfs opens by the image's name; opened by another (a symlink),
+    the data goes by copy_file_range, the report says why, and the bytes are stock's."""
+    tree = awkward_tree(tmp_path / "tree")
+    image, report = tmp_path / "data.img", tmp_path / "report"
+    with open(image, "wb") as f:
+        f.truncate(96 * MiB)
+    (tmp_path / "other-name.img").symlink_to(image)
+    env = {**os.environ, "E2FSPROGS_FAKE_TIME": "1000000000", "LD_PRELOAD": library, "MDI_DATA_IMAGE": str(image),
+           "MDI_DATA_OFFSET": str(MiB), "MDI_DATA_REPORT": str(report)}
+    argv = ["mkfs.ext4", "-q", "-F", "-b", "4096", "-N", "2000", "-U", "6f0a44a8-2a4a-4f45-9b8e-61a0c5b1e3a1",
+            "-E", f"offset={MiB},nodiscard,hash_seed=6f0a44a8-2a4a-4f45-9b8e-61a0c5b1e3a1", "-d", str(tree),
+            str(tmp_path / "other-name.img"), "90000k"]
+    res = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    got = e2fsdata.read_report(report)
+    assert got is not None and got.direct == 0 and got.copy_file_range + got.sendfile >= 6 * MiB, got
+    if not in_memory(tmp_path):
+        assert "mkfs was not seen opening the image" in e2fsdata.describe(got)
+    assert mkfs(None, tree, tmp_path / "stock.img").returncode == 0
+    assert sha256(image) == sha256(tmp_path / "stock.img")
 
 
 @x86_64_only
@@ -385,7 +449,7 @@ def test_a_library_that_is_not_a_file_is_named(make_spec: SpecFactory, tmp_path:
 def test_the_report_reads_back_and_says_why_blocks_were_not_shared(tmp_path: Path) -> None:
     report = tmp_path / "r"
     report.write_text("small_files 2\nsmall_bytes 3072\nfiles 3\ncloned 0\ndirect 0\n"
-                      "copy_file_range 0\nsendfile 8192\nread_write 0\nmkfs 5\nclone_errno 18\ndirect_errno 95\n"
+                      "copy_file_range 0\nsendfile 8192\nread_write 0\nmkfs 5\nclone_errno 18\ndirect_skip 1\n"
                       "copy_file_range_errno 18\nsendfile_errno 0\n")
     got = e2fsdata.read_report(report)
     assert got is not None and got.sendfile == 8192
@@ -395,7 +459,7 @@ def test_the_report_reads_back_and_says_why_blocks_were_not_shared(tmp_path: Pat
                                       "pass by; 2 files under 64 KiB (3.0 KiB) written by mkfs; 5 B of file ends "
                                       "under 16 bytes written by mkfs")
     report.write_text("small_files 0\nsmall_bytes 0\nfiles 1\ncloned 0\ndirect 4096\ncopy_file_range 0\n"
-                      "sendfile 0\nread_write 0\nmkfs 0\nclone_errno 95\ndirect_errno 0\ncopy_file_range_errno 0\n"
+                      "sendfile 0\nread_write 0\nmkfs 0\nclone_errno 95\ndirect_skip 0\ncopy_file_range_errno 0\n"
                       "sendfile_errno 0\n")
     assert e2fsdata.describe(e2fsdata.read_report(report)) == (
         "file data of 1 files, 4.0 KiB: 4.0 KiB written past the image's page cache (O_DIRECT); not shared: the "

@@ -105,9 +105,23 @@ struct device {
 #define DIRECT_CHUNK ((size_t)1 << 20) /* bytes of a source mapped and written past the page cache at a time */
 #define DIRECT_ALIGN 4096
 
+/* Why data was not written directly (the report's direct_skip; builder/sandbox/e2fsdata.py words them). */
+enum skip {
+    SKIP_NONE,
+    SKIP_MEMORY,     /* the image is on tmpfs or ramfs */
+    SKIP_FILESYSTEM, /* the image's filesystem is none of ext4, XFS, btrfs */
+    SKIP_REFUSED,    /* opening the image O_DIRECT, or the first direct write, was refused */
+    SKIP_PAGES,      /* the filesystem's blocks are not whole 4 KiB pages of the image */
+    SKIP_UNMAPPED,   /* a source could not be mapped */
+    SKIP_UNADVISED,  /* mkfs was not seen opening the image for writing, so its readahead is not off */
+};
+
 static struct {
     int ready, img;
-    int direct, direct_errno; /* the image opened O_DIRECT (-1: it cannot be), and the errno that ended its use */
+    int direct;         /* the image opened O_DIRECT, or -1 */
+    int direct_off;     /* an enum skip that turned direct writes off for every run, or SKIP_NONE */
+    int direct_skip;    /* the first enum skip any run was not written directly for */
+    int advised;        /* mkfs' descriptors of the image opened for writing with readahead off (see opened) */
     dev_t img_dev;
     ino_t img_ino;
     const char *img_base; /* the image's file name: only a file opened by that name is looked at as the image */
@@ -154,18 +168,18 @@ static void on_bus(int sig, siginfo_t *info, void *ctx) {
 }
 
 static void resolve(void) {
-    if (lib.pread)
+    if (__atomic_load_n(&lib.pread, __ATOMIC_ACQUIRE))
         return;
     lib.file_open = (file_open_fn *)dlsym(RTLD_NEXT, "ext2fs_file_open");
     lib.file_close = (file_close_fn *)dlsym(RTLD_NEXT, "ext2fs_file_close");
     lib.write_blk = (write_blk_fn *)dlsym(RTLD_NEXT, "io_channel_write_blk64");
     lib.close2 = (close2_fn *)dlsym(RTLD_NEXT, "ext2fs_close2");
     lib.pwrite = (pwrite_fn *)dlsym(RTLD_NEXT, "pwrite64");
-    lib.pread = (pread_fn *)dlsym(RTLD_NEXT, "pread64");
     lib.open = (open_fn *)dlsym(RTLD_NEXT, "open");
     lib.open64 = (open_fn *)dlsym(RTLD_NEXT, "open64");
     lib.open_2 = (open2_fn *)dlsym(RTLD_NEXT, "__open_2");
     lib.open64_2 = (open2_fn *)dlsym(RTLD_NEXT, "__open64_2");
+    __atomic_store_n(&lib.pread, (pread_fn *)dlsym(RTLD_NEXT, "pread64"), __ATOMIC_RELEASE); /* the one checked */
 }
 
 /* The kernel's fstat, not a preloaded one's (the stat shim rewrites owners and times for mkfs). */
@@ -194,13 +208,17 @@ __attribute__((constructor)) static void setup(void) {
     posix_fadvise(g.img, 0, 0, POSIX_FADV_RANDOM); /* as mkfs' own descriptors of it (see opened) */
     const char *base = strrchr(image, '/');
     g.img_base = base ? base + 1 : image;
+    /* Direct writes beside mkfs' buffered ones only where that was reasoned about and measured: an image in
+       memory has no page cache to spare (the copy goes in the kernel), and on NFS or FUSE each switch between
+       the two ways flushes or waits. */
     struct statfs sfs;
-    if (fstatfs(g.img, &sfs) == 0 && (sfs.f_type == TMPFS_MAGIC || sfs.f_type == RAMFS_MAGIC)) {
-        g.direct_errno = EOPNOTSUPP; /* an image in memory has no page cache to spare: the copy goes in the kernel */
-    } else {
-        g.direct = lib.open(image, O_WRONLY | O_DIRECT | O_CLOEXEC);
-        g.direct_errno = g.direct < 0 ? errno : 0;
-    }
+    long type = fstatfs(g.img, &sfs) == 0 ? (long)sfs.f_type : 0;
+    if (type == TMPFS_MAGIC || type == RAMFS_MAGIC)
+        g.direct_off = SKIP_MEMORY;
+    else if (type != EXT4_SUPER_MAGIC && type != XFS_SUPER_MAGIC && type != BTRFS_SUPER_MAGIC)
+        g.direct_off = SKIP_FILESYSTEM;
+    else if ((g.direct = lib.open(image, O_WRONLY | O_DIRECT | O_CLOEXEC)) < 0)
+        g.direct_off = SKIP_REFUSED;
     g.report = getenv("MDI_DATA_REPORT");
     const char *min_size = getenv("MDI_DATA_MIN_SIZE");
     g.min_size = min_size ? (off_t)strtoull(min_size, NULL, 10) : 0;
@@ -223,8 +241,9 @@ __attribute__((destructor)) static void report(void) {
     }
     fprintf(f, "small_files %lu\nsmall_bytes %llu\n", g.small_files, g.small_bytes);
     fprintf(f, "files %lu\ncloned %llu\ndirect %llu\ncopy_file_range %llu\nsendfile %llu\nread_write %llu\n"
-               "mkfs %llu\nclone_errno %d\ndirect_errno %d\ncopy_file_range_errno %d\nsendfile_errno %d\n",
-            g.files, g.cloned, g.direct_bytes, g.ranged, g.sent, g.copied, g.by_mkfs, ce, g.direct_errno, re, se);
+               "mkfs %llu\nclone_errno %d\ndirect_skip %d\ncopy_file_range_errno %d\nsendfile_errno %d\n",
+            g.files, g.cloned, g.direct_bytes, g.ranged, g.sent, g.copied, g.by_mkfs, ce,
+            g.direct_off ? g.direct_off : g.direct_skip, re, se);
     fclose(f);
 }
 
@@ -357,19 +376,20 @@ static ssize_t tagged_read(unsigned char *buf, size_t n, off_t off) {
    blocks asked for in pages of their own, never a large folio reaching into blocks a direct write fills,
    which mkfs could dirty beside the write and so keep from being dropped after it (the kernel then reports
    stale page cache and fails the image's fsync). */
-static int opened(const char *path, int fd) {
+static int opened(const char *path, int flags, int fd) {
     struct stat st;
     const char *base = strrchr(path, '/');
     if (fd >= 0 && g.direct >= 0 && !strcmp(base ? base + 1 : path, g.img_base) && raw_fstat(fd, &st) == 0 &&
-        st.st_dev == g.img_dev && st.st_ino == g.img_ino)
-        posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
+        st.st_dev == g.img_dev && st.st_ino == g.img_ino && posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM) == 0 &&
+        (flags & O_ACCMODE) != O_RDONLY)
+        __atomic_store_n(&g.advised, 1, __ATOMIC_RELEASE);
     return fd;
 }
 
-/* open's mode argument is there only with O_CREAT or O_TMPFILE. */
+/* open's mode argument is there only with O_CREAT or O_TMPFILE (which includes O_DIRECTORY's bit). */
 static int open_with(open_fn *real, const char *path, int flags, va_list ap) {
-    mode_t mode = flags & (O_CREAT | O_TMPFILE) ? va_arg(ap, mode_t) : 0;
-    return opened(path, real(path, flags, mode));
+    mode_t mode = (flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE ? va_arg(ap, mode_t) : 0;
+    return opened(path, flags, real(path, flags, mode));
 }
 
 /* open and open64, each taking its call to the next definition of the same name. */
@@ -387,12 +407,12 @@ OPEN_WRAPPER(open64)
 
 int __open_2(const char *path, int flags) {
     resolve();
-    return opened(path, lib.open_2(path, flags));
+    return opened(path, flags, lib.open_2(path, flags));
 }
 
 int __open64_2(const char *path, int flags) {
     resolve();
-    return opened(path, lib.open64_2(path, flags));
+    return opened(path, flags, lib.open64_2(path, flags));
 }
 
 ssize_t pread64(int fd, void *buf, size_t n, off_t off) {
@@ -523,14 +543,25 @@ static struct device *device_of(dev_t dev) {
    submitted with Linux AIO, so that the image's inode lock, which a synchronous direct write keeps until the
    disk has the data, is free for mkfs' own writes meanwhile; DIRECT_SLOTS are in flight at most, and all
    of a file's are finished before its source is checked and closed. The first write is synchronous: an
-   image whose filesystem refuses O_DIRECT is seen there, and the runs go another way. One writer per thread
-   that copies. */
+   image whose filesystem refuses O_DIRECT is seen there, and the runs go another way. A file's last page,
+   when the file ends inside it, is read into a buffer of the slot's and zeroed after the end: past a file's
+   end a mapping shows what the page holds, which a writer through another mapping can have made non-zero.
+   One writer per thread that copies.
+
+   Why buffered and direct writes to one file agree here: mkfs writes only blocks that are not placed (see
+   pwrite64), a buffered write makes page-cache folios no larger than itself, and mkfs' reads of the image
+   make single pages (readahead off: see opened); so no folio holds both a block mkfs writes and one written
+   directly, and the kernel can drop any page a direct write covers. Other writers of the image meanwhile
+   (mkfs.vfat, for the ESP) stay in their partitions, which start on MiB boundaries, while a readahead
+   folio is at most the device's readahead size and aligned to it. */
 #define DIRECT_SLOTS 8
 struct direct_writer {
     int ready;
     aio_context_t ctx; /* 0: no AIO here, every write is synchronous */
-    void *map[DIRECT_SLOTS];
-    size_t map_len[DIRECT_SLOTS], len[DIRECT_SLOTS];
+    void *buf[DIRECT_SLOTS];        /* in flight: a mapping of map_len bytes, or the slot's tail page */
+    size_t map_len[DIRECT_SLOTS];   /* 0 for the tail page */
+    unsigned char *tail[DIRECT_SLOTS];
+    size_t len[DIRECT_SLOTS];
     struct iocb cb[DIRECT_SLOTS];
     unsigned next, inflight;
     int proven, error;
@@ -538,9 +569,9 @@ struct direct_writer {
 static __thread struct direct_writer dw;
 
 static void direct_release(unsigned slot) {
-    if (dw.map[slot])
-        munmap(dw.map[slot], dw.map_len[slot]);
-    dw.map[slot] = NULL;
+    if (dw.buf[slot] && dw.map_len[slot])
+        munmap(dw.buf[slot], dw.map_len[slot]);
+    dw.buf[slot] = NULL;
 }
 
 /* Collect at least min finished writes; a write that failed or fell short is the writer's error. */
@@ -549,7 +580,7 @@ static void direct_reap(long min) {
     long n = syscall(SYS_io_getevents, dw.ctx, min, (long)DIRECT_SLOTS, ev, NULL);
     if (n < 0 && errno != EINTR) { /* none can be collected: what is in flight counts as failed (and stays mapped) */
         dw.error = dw.error ? dw.error : errno;
-        memset(dw.map, 0, sizeof dw.map);
+        memset(dw.buf, 0, sizeof dw.buf);
         dw.inflight = 0;
     }
     for (long i = 0; i < n; i++) {
@@ -568,25 +599,14 @@ static int direct_finish(void) {
     return dw.error;
 }
 
-/* The write of slot's mapping (len bytes) at out: synchronous until one has succeeded, then submitted. */
+/* The write of slot's buffer (len bytes) at out: synchronous until one has succeeded, and whenever the
+   kernel has no room for another with none in flight; else submitted. */
 static int direct_write(unsigned slot, size_t len, off_t out) {
-    if (!dw.proven || !dw.ctx) {
-        for (;;) {
-            ssize_t w = lib.pwrite(g.direct, dw.map[slot], len, out);
-            if (w < 0 && errno == EINTR)
-                continue;
-            direct_release(slot);
-            if (w != (ssize_t)len)
-                return w < 0 ? errno : EIO;
-            dw.proven = 1;
-            return 0;
-        }
-    }
     struct iocb *cb = &dw.cb[slot];
     *cb = (struct iocb){.aio_data = slot, .aio_lio_opcode = IOCB_CMD_PWRITE, .aio_fildes = (uint32_t)g.direct,
-                        .aio_buf = (uint64_t)(uintptr_t)dw.map[slot], .aio_nbytes = len, .aio_offset = out};
+                        .aio_buf = (uint64_t)(uintptr_t)dw.buf[slot], .aio_nbytes = len, .aio_offset = out};
     dw.len[slot] = len;
-    for (;;) {
+    while (dw.proven && dw.ctx) {
         if (syscall(SYS_io_submit, dw.ctx, 1L, &cb) == 1) {
             dw.inflight++;
             return 0;
@@ -595,42 +615,71 @@ static int direct_write(unsigned slot, size_t len, off_t out) {
             direct_release(slot);
             return errno;
         }
+        if (errno == EAGAIN && !dw.inflight)
+            break;
         direct_reap(dw.inflight ? 1 : 0);
+    }
+    for (;;) {
+        ssize_t w = lib.pwrite(g.direct, dw.buf[slot], len, out);
+        if (w < 0 && errno == EINTR)
+            continue;
+        direct_release(slot);
+        if (w != (ssize_t)len)
+            return w < 0 ? errno : EIO;
+        dw.proven = 1;
+        return 0;
     }
 }
 
 #define DIRECT_REFUSED (-1) /* the image's first direct write was refused: no run goes this way any more */
 #define DIRECT_UNMAPPED (-2) /* the source cannot be mapped: this run goes another way */
 
-/* Part of a run from the source into the image with direct writes (above). The run's last page, which the
-   file may fill only in part, is written whole: a mapping reads zeros after the file's end, as libext2fs
-   leaves the block (the caller sees to it that blocks are pages). Returns 0 with *in, *out and *left moved
-   on, DIRECT_REFUSED, DIRECT_UNMAPPED, or an errno. */
+/* Part of a run from the source into the image with direct writes (above); a last page the file fills in
+   part is written whole, zeros after the file's end, as libext2fs leaves the block (the caller sees to it
+   that blocks are pages). Returns 0 with *in, *out and *left moved on, DIRECT_REFUSED, DIRECT_UNMAPPED, or
+   an errno (ENODATA: the source ended early). */
 static int direct_run(int src, off_t *in, off_t *out, uint64_t *left) {
     if (!dw.ready) {
         dw.ready = 1;
+        for (int i = 0; i < DIRECT_SLOTS; i++) {
+            void *page = NULL;
+            dw.tail[i] = posix_memalign(&page, DIRECT_ALIGN, DIRECT_ALIGN) == 0 ? page : NULL;
+        }
         if (syscall(SYS_io_setup, DIRECT_SLOTS, &dw.ctx) != 0)
             dw.ctx = 0;
     }
     while (*left) {
         unsigned slot = dw.next;
-        while (dw.map[slot] && !dw.error)
+        while (dw.buf[slot] && !dw.error)
             direct_reap(1);
         if (dw.error)
             return dw.error;
-        size_t n = *left < DIRECT_CHUNK ? (size_t)*left : DIRECT_CHUNK;
-        size_t len = (n + DIRECT_ALIGN - 1) / DIRECT_ALIGN * DIRECT_ALIGN;
-        void *map = mmap(NULL, len, PROT_READ, MAP_SHARED, src, *in);
-        if (map == MAP_FAILED)
-            return DIRECT_UNMAPPED;
-        dw.map[slot] = map;
-        dw.map_len[slot] = len;
+        size_t n = *left < DIRECT_CHUNK ? (size_t)*left : DIRECT_CHUNK, len = n;
+        if (n < DIRECT_ALIGN && n % DIRECT_ALIGN) { /* the file's last page, from the slot's own */
+            if (!dw.tail[slot])
+                return DIRECT_UNMAPPED;
+            ssize_t got;
+            while ((got = lib.pread(src, dw.tail[slot], n, *in)) < 0 && errno == EINTR)
+                ;
+            if (got != (ssize_t)n)
+                return got < 0 ? errno : ENODATA;
+            memset(dw.tail[slot] + n, 0, DIRECT_ALIGN - n);
+            dw.buf[slot] = dw.tail[slot];
+            dw.map_len[slot] = 0;
+            len = DIRECT_ALIGN;
+        } else {
+            n -= n % DIRECT_ALIGN; /* whole pages; a last part page goes next, as above */
+            len = n;
+            void *map = mmap(NULL, len, PROT_READ, MAP_SHARED, src, *in);
+            if (map == MAP_FAILED)
+                return DIRECT_UNMAPPED;
+            dw.buf[slot] = map;
+            dw.map_len[slot] = len;
+        }
         int proven = dw.proven;
         int err = direct_write(slot, len, *out);
-        if (err && !proven && (err == EINVAL || err == EOPNOTSUPP || err == ENOTSUP)) {
-            __atomic_store_n(&g.direct_errno, err, __ATOMIC_RELAXED);
+        if (err && !proven && (err == EINVAL || err == EOPNOTSUPP || err == ENOTSUP))
             return DIRECT_REFUSED;
-        }
         if (err)
             return err;
         dw.next = (slot + 1) % DIRECT_SLOTS;
@@ -639,6 +688,20 @@ static int direct_run(int src, off_t *in, off_t *out, uint64_t *left) {
         *left -= n;
         add(&g.direct_bytes, n);
     }
+    return 0;
+}
+
+/* Whether this run may go by direct writes; if not, the reason is noted for the report. */
+static int direct_allowed(off_t in, off_t out) {
+    if (__atomic_load_n(&g.direct_off, __ATOMIC_RELAXED))
+        return 0;
+    int why = g.direct < 0 ? SKIP_REFUSED
+              : !__atomic_load_n(&g.advised, __ATOMIC_ACQUIRE) ? SKIP_UNADVISED
+              : g.bs != DIRECT_ALIGN || in % DIRECT_ALIGN || out % DIRECT_ALIGN ? SKIP_PAGES : SKIP_NONE;
+    if (why == SKIP_NONE)
+        return 1;
+    int none = SKIP_NONE;
+    __atomic_compare_exchange_n(&g.direct_skip, &none, why, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
     return 0;
 }
 
@@ -659,11 +722,16 @@ static int copy_run(struct device *dev, int src, const struct run *r) {
     }
     off_t in = (off_t)(r->src + done), out = (off_t)(r->dst + done);
     uint64_t left = r->len - done;
-    if (left && g.direct >= 0 && !__atomic_load_n(&g.direct_errno, __ATOMIC_RELAXED) && g.bs == DIRECT_ALIGN &&
-        in % DIRECT_ALIGN == 0 && out % DIRECT_ALIGN == 0) { /* blocks that are pages, of the image and the source */
+    if (left && direct_allowed(in, out)) { /* blocks that are pages, of the image and the source */
         int err = direct_run(src, &in, &out, &left);
         if (err > 0)
             return err;
+        if (err == DIRECT_REFUSED)
+            __atomic_store_n(&g.direct_off, SKIP_REFUSED, __ATOMIC_RELAXED);
+        else if (err == DIRECT_UNMAPPED) {
+            int none = SKIP_NONE;
+            __atomic_compare_exchange_n(&g.direct_skip, &none, SKIP_UNMAPPED, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+        }
     }
     while (left && dev && !dev->range_errno) {
         ssize_t n = copy_file_range(src, &in, g.img, &out, left, 0);
@@ -751,11 +819,12 @@ static int copy_file_data(int fd, struct device *dev, const struct stat *st, con
     for (size_t i = 0; i < nruns && !failed; i++)
         failed = copy_run(dev, fd, &runs[i]);
     int late = direct_finish(); /* the file's direct writes are done before it is checked and closed */
-    failed = failed ? failed : late == EFAULT ? ENODATA : late; /* EFAULT: its mapping outran a shrunk file */
-    struct stat now;
-    if (!failed && (raw_fstat(fd, &now) != 0 || now.st_size != st->st_size ||
-                    now.st_mtim.tv_sec != st->st_mtim.tv_sec || now.st_mtim.tv_nsec != st->st_mtim.tv_nsec ||
-                    now.st_ctim.tv_sec != st->st_ctim.tv_sec || now.st_ctim.tv_nsec != st->st_ctim.tv_nsec))
+    failed = failed ? failed : late;
+    struct stat now; /* a changed file is named as such whatever failed (EFAULT: a mapping outran a shrunk file) */
+    if ((!failed || failed == EFAULT || failed == ENODATA || failed == EIO) &&
+        (raw_fstat(fd, &now) != 0 || now.st_size != st->st_size ||
+         now.st_mtim.tv_sec != st->st_mtim.tv_sec || now.st_mtim.tv_nsec != st->st_mtim.tv_nsec ||
+         now.st_ctim.tv_sec != st->st_ctim.tv_sec || now.st_ctim.tv_nsec != st->st_ctim.tv_nsec))
         failed = ESTALE;
     if (failed) {
         char path[4096];

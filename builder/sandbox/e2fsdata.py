@@ -36,12 +36,14 @@ _NO_CLONE = {
     errno.EPERM: "sharing blocks was refused (EPERM)",
 }
 
-# Why the data was not written past the image's page cache, by the errno the library gave (0: the blocks
-# were not whole, 4 KiB-aligned pages of the image).
+# Why data was not written past the image's page cache, by e2fsdata.c's enum skip (the report's direct_skip).
 _NOT_DIRECT = {
-    0: "the filesystem's blocks are not whole 4 KiB pages of the image",
-    errno.EOPNOTSUPP: "the image is in memory (tmpfs), where there is no page cache to pass by",
-    errno.EINVAL: "the image's filesystem refuses O_DIRECT writes",
+    1: "the image is in memory (tmpfs), where there is no page cache to pass by",
+    2: "the image's filesystem is not one they are used on (ext4, XFS, btrfs)",
+    3: "the image's filesystem refuses O_DIRECT writes",
+    4: "the filesystem's blocks are not whole 4 KiB pages of the image",
+    5: "a source file could not be mapped",
+    6: "mkfs was not seen opening the image, so its readahead could not be turned off",
 }
 
 
@@ -86,7 +88,7 @@ class DataReport:
     read_write: int
     mkfs: int
     clone_errno: int
-    direct_errno: int
+    direct_skip: int
     copy_file_range_errno: int
     sendfile_errno: int
 
@@ -119,9 +121,8 @@ def describe(report: DataReport | None, loaded: bool = True) -> str:
     if report.clone_errno and moved > report.cloned:
         why = _NO_CLONE.get(report.clone_errno, os.strerror(report.clone_errno))
         line += f"; not shared: {why}"
-    if copied:
-        why = _NOT_DIRECT.get(report.direct_errno, os.strerror(report.direct_errno))
-        line += f"; not written directly: {why}"
+    if copied and report.direct_skip:
+        line += f"; not written directly: {_NOT_DIRECT.get(report.direct_skip, f'reason {report.direct_skip}')}"
     if report.small_files:
         line += f"; {report.small_files} files under 64 KiB ({human(report.small_bytes)}) written by mkfs"
     if report.mkfs:
