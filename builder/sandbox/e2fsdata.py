@@ -1,12 +1,12 @@
 """The data library (e2fsdata.c, built with the package as builder.sandbox._e2fsdata) mkfs.ext4 -d runs with.
 
-Preloaded into mkfs.ext4 only, it puts the data of every file of 64 KiB or more into the image in the
-kernel, on a thread of its own beside mkfs, while mkfs writes the metadata, so the image's bytes are the
-same: shared blocks (FICLONERANGE) where the image's filesystem shares them with the source (XFS with
-reflink, btrfs), else written past the image's page cache (O_DIRECT, from the source's), else
-copy_file_range, else sendfile. Smaller files go mkfs' own way, which costs less for them
-(docs/file-data.md). MDI_E2FS_DATA_FILES=all takes every file (the tests use it to put tails, tiny
-and sparse files through the library); MDI_E2FS_DATA=none leaves mkfs as it is.
+Preloaded into mkfs.ext4 only, it puts the data of every file of 64 KiB or more into the image without
+passing it through user space, on a thread of its own beside mkfs, while mkfs writes the metadata, so the
+image's bytes are the same: shared blocks (FICLONERANGE) where the image's filesystem shares them with the
+source (XFS with reflink, btrfs), else written past the image's page cache (O_DIRECT, from the source's),
+else copy_file_range, else sendfile. Smaller files go mkfs' own way, which costs less for them
+(docs/file-data.md). MDI_E2FS_DATA_FILES=all takes every file (the tests use it to put tails, tiny and
+sparse files through the library); MDI_E2FS_DATA=none leaves mkfs as it is.
 """
 
 from __future__ import annotations
