@@ -229,10 +229,13 @@ def test_what_follows_a_files_end_in_its_last_page_is_not_written(library: str, 
         addr = libc.mmap(None, 25 * 4096, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, f.fileno(), 0)
         assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
         ctypes.memset(addr + 100100, ord("Z"), 25 * 4096 - 100100)  # past the end, inside the last page
-        report = tmp_path / "report"
-        res = mkfs(library, tree, tmp_path / "data.img", report)
-        assert res.returncode == 0, res.stderr
-        assert mkfs(None, tree, tmp_path / "stock.img").returncode == 0
+        try:
+            report = tmp_path / "report"
+            res = mkfs(library, tree, tmp_path / "data.img", report)
+            assert res.returncode == 0, res.stderr
+            assert mkfs(None, tree, tmp_path / "stock.img").returncode == 0
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(25 * 4096))
     got = e2fsdata.read_report(report)
     assert got is not None and (got.direct or in_memory(tmp_path)), got
     assert b"ZZZZ" not in (tmp_path / "data.img").read_bytes()
