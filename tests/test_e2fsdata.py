@@ -142,15 +142,18 @@ def in_memory(path: Path) -> bool:
 
 
 def mkfs(library: str | None, source: Path, image: Path, report: Path | None = None, offset: int = MiB,
-         block: int = 4096, **settings: str) -> subprocess.CompletedProcess[str]:
-    """Stock mkfs.ext4 -d at offset (1 MiB) of a new sparse file, with the library (and its settings) or not."""
+         block: int = 4096, name: Path | None = None, wrapper: tuple[str, ...] = (),
+         **settings: str) -> subprocess.CompletedProcess[str]:
+    """Stock mkfs.ext4 -d at offset (1 MiB) of a new sparse file, with the library (and its settings) or not;
+    mkfs given the image by name (default: its own path), run under wrapper (e.g. strace)."""
     image.unlink(missing_ok=True)
     with open(image, "wb") as f:
         f.truncate(96 * MiB)
     env = {**os.environ, "E2FSPROGS_FAKE_TIME": "1000000000", **settings}
-    argv = ["mkfs.ext4", "-q", "-F", "-b", str(block), "-N", "2000", "-U", "6f0a44a8-2a4a-4f45-9b8e-61a0c5b1e3a1",
-            "-E", f"offset={offset},nodiscard,hash_seed=6f0a44a8-2a4a-4f45-9b8e-61a0c5b1e3a1", "-d", str(source),
-            str(image), "90000k"]
+    argv = [*wrapper, "mkfs.ext4", "-q", "-F", "-b", str(block), "-N", "2000", "-U",
+            "6f0a44a8-2a4a-4f45-9b8e-61a0c5b1e3a1", "-E",
+            f"offset={offset},nodiscard,hash_seed=6f0a44a8-2a4a-4f45-9b8e-61a0c5b1e3a1", "-d", str(source),
+            str(name or image), "90000k"]
     if library:
         env["LD_PRELOAD"] = library
         env.update(MDI_DATA_IMAGE=str(image), MDI_DATA_OFFSET=str(offset),
@@ -248,15 +251,8 @@ def test_an_image_mkfs_opens_by_another_name_is_not_written_directly(library: st
     the data goes by copy_file_range, the report says why, and the bytes are stock's."""
     tree = awkward_tree(tmp_path / "tree")
     image, report = tmp_path / "data.img", tmp_path / "report"
-    with open(image, "wb") as f:
-        f.truncate(96 * MiB)
     (tmp_path / "other-name.img").symlink_to(image)
-    env = {**os.environ, "E2FSPROGS_FAKE_TIME": "1000000000", "LD_PRELOAD": library, "MDI_DATA_IMAGE": str(image),
-           "MDI_DATA_OFFSET": str(MiB), "MDI_DATA_REPORT": str(report)}
-    argv = ["mkfs.ext4", "-q", "-F", "-b", "4096", "-N", "2000", "-U", "6f0a44a8-2a4a-4f45-9b8e-61a0c5b1e3a1",
-            "-E", f"offset={MiB},nodiscard,hash_seed=6f0a44a8-2a4a-4f45-9b8e-61a0c5b1e3a1", "-d", str(tree),
-            str(tmp_path / "other-name.img"), "90000k"]
-    res = subprocess.run(argv, capture_output=True, text=True, env=env)
+    res = mkfs(library, tree, image, report, name=tmp_path / "other-name.img")
     assert res.returncode == 0, res.stderr
     got = e2fsdata.read_report(report)
     assert got is not None and got.direct == 0 and got.copy_file_range + got.sendfile >= 6 * MiB, got
@@ -273,13 +269,7 @@ def test_mkfs_reads_the_image_without_readahead(library: str, tmp_path: Path) ->
     tree = awkward_tree(tmp_path / "tree", big=4096)
     image = tmp_path / "x.img"
     trace = tmp_path / "trace"
-    with open(image, "wb") as f:
-        f.truncate(96 * MiB)
-    env = {**os.environ, "LD_PRELOAD": library, "MDI_DATA_IMAGE": str(image), "MDI_DATA_OFFSET": str(MiB),
-           "MDI_DATA_REPORT": str(tmp_path / "report")}
-    res = subprocess.run(["strace", "-f", "-e", "trace=openat,fadvise64", "-o", str(trace), "mkfs.ext4", "-q", "-F",
-                          "-b", "4096", "-E", "offset=1048576,nodiscard", "-d", str(tree), str(image), "90000k"],
-                         capture_output=True, text=True, env=env)
+    res = mkfs(library, tree, image, wrapper=("strace", "-f", "-e", "trace=openat,fadvise64", "-o", str(trace)))
     assert res.returncode == 0, res.stderr
     lines = trace.read_text().splitlines()
     opened = {m[1] for ln in lines if (m := re.search(rf'openat\(AT_FDCWD, "{re.escape(str(image))}", (?!.*O_DIRECT)'

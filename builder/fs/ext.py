@@ -10,8 +10,8 @@ the debugfs pass and e2fsck also run with the checksum library (builder/sandbox/
 CRC-32C on the CPU's crc32 instruction, the same bytes in less time; mkfs also with the directory library
 (builder/sandbox/e2fsdir.c), which adds each entry where libext2fs would, without scanning the directory,
 and the data library (builder/sandbox/e2fsdata.c), which puts the data of the files of 64 KiB or more into
-the image in the kernel on a thread of its own (shared blocks where the filesystem can) while mkfs writes
-everything else.
+the image without passing it through user space, on a thread of its own (shared blocks where the filesystem
+can, else direct writes from the store's pages) while mkfs writes everything else.
 mkfs -d writes every directory linear; e2fsck -fyD then rewrites each one, with a hash index where it has
 more than one block (docs/directories.md).
 """

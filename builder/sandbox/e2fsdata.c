@@ -558,8 +558,7 @@ static struct device *device_of(dev_t dev) {
 struct direct_writer {
     int ready;
     aio_context_t ctx; /* 0: no AIO here, every write is synchronous */
-    void *buf[DIRECT_SLOTS];        /* in flight: a mapping of map_len bytes, or the slot's tail page */
-    size_t map_len[DIRECT_SLOTS];   /* 0 for the tail page */
+    void *buf[DIRECT_SLOTS];          /* in flight: the slot's tail page, or a mapping of len bytes */
     unsigned char *tail[DIRECT_SLOTS];
     size_t len[DIRECT_SLOTS];
     struct iocb cb[DIRECT_SLOTS];
@@ -569,8 +568,8 @@ struct direct_writer {
 static __thread struct direct_writer dw;
 
 static void direct_release(unsigned slot) {
-    if (dw.buf[slot] && dw.map_len[slot])
-        munmap(dw.buf[slot], dw.map_len[slot]);
+    if (dw.buf[slot] && dw.buf[slot] != dw.tail[slot])
+        munmap(dw.buf[slot], dw.len[slot]);
     dw.buf[slot] = NULL;
 }
 
@@ -665,7 +664,6 @@ static int direct_run(int src, off_t *in, off_t *out, uint64_t *left) {
                 return got < 0 ? errno : ENODATA;
             memset(dw.tail[slot] + n, 0, DIRECT_ALIGN - n);
             dw.buf[slot] = dw.tail[slot];
-            dw.map_len[slot] = 0;
             len = DIRECT_ALIGN;
         } else {
             n -= n % DIRECT_ALIGN; /* whole pages; a last part page goes next, as above */
@@ -674,7 +672,6 @@ static int direct_run(int src, off_t *in, off_t *out, uint64_t *left) {
             if (map == MAP_FAILED)
                 return DIRECT_UNMAPPED;
             dw.buf[slot] = map;
-            dw.map_len[slot] = len;
         }
         int proven = dw.proven;
         int err = direct_write(slot, len, *out);
@@ -691,6 +688,12 @@ static int direct_run(int src, off_t *in, off_t *out, uint64_t *left) {
     return 0;
 }
 
+/* The first reason a run was not written directly, for the report. */
+static void note_skip(int why) {
+    int none = SKIP_NONE;
+    __atomic_compare_exchange_n(&g.direct_skip, &none, why, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+
 /* Whether this run may go by direct writes; if not, the reason is noted for the report. */
 static int direct_allowed(off_t in, off_t out) {
     if (__atomic_load_n(&g.direct_off, __ATOMIC_RELAXED))
@@ -700,8 +703,7 @@ static int direct_allowed(off_t in, off_t out) {
               : g.bs != DIRECT_ALIGN || in % DIRECT_ALIGN || out % DIRECT_ALIGN ? SKIP_PAGES : SKIP_NONE;
     if (why == SKIP_NONE)
         return 1;
-    int none = SKIP_NONE;
-    __atomic_compare_exchange_n(&g.direct_skip, &none, why, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+    note_skip(why);
     return 0;
 }
 
@@ -728,10 +730,8 @@ static int copy_run(struct device *dev, int src, const struct run *r) {
             return err;
         if (err == DIRECT_REFUSED)
             __atomic_store_n(&g.direct_off, SKIP_REFUSED, __ATOMIC_RELAXED);
-        else if (err == DIRECT_UNMAPPED) {
-            int none = SKIP_NONE;
-            __atomic_compare_exchange_n(&g.direct_skip, &none, SKIP_UNMAPPED, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
-        }
+        else if (err == DIRECT_UNMAPPED)
+            note_skip(SKIP_UNMAPPED);
     }
     while (left && dev && !dev->range_errno) {
         ssize_t n = copy_file_range(src, &in, g.img, &out, left, 0);
